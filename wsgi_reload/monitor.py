@@ -1,0 +1,243 @@
+"""Runs a scanner in a daemon thread and reports settled batches of changes.
+
+Two backends share one loop: ``poll`` scans every ``interval`` seconds; ``events`` sleeps
+until inotify (through ``watchfiles``) reports activity in a watched directory, with a
+slow safety rescan. ``auto`` picks events and falls back to polling with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from .scanner import Change, Scanner
+
+log = logging.getLogger("wsgi_reload.monitor")
+
+EVENTS_RESCAN_SECONDS = 10.0
+"""With events, a full rescan this often still picks up newly imported modules' directories."""
+
+MAX_SETTLE_SECONDS = 3.0
+"""A file that never stops changing (a log under a glob) must not hold a batch back forever."""
+
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph", "glusterfs", "lustre", "gpfs", "vboxsf"}
+)
+"""inotify starts on these but never hears changes made by other machines."""
+
+BatchHandler = Callable[[Sequence[Change]], object]
+
+
+class Monitor:
+    """Calls ``on_batch(changes)`` once per settled batch, from a daemon thread."""
+
+    def __init__(
+        self,
+        scanner: Scanner,
+        on_batch: BatchHandler,
+        *,
+        wake_dirs: Iterable[str] = (),
+        name: str = "wsgi_reload-monitor",
+    ) -> None:
+        self.scanner = scanner
+        self.settings = scanner.settings
+        self.on_batch = on_batch
+        self.backend = "poll"
+        self._wake_dirs = tuple(wake_dirs)
+        self._name = name
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._events: _EventWatcher | None = None
+
+    def start(self) -> Monitor:
+        """Record the baseline and start watching in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop watching and wait for the thread to end."""
+        self._stop.set()
+        self._wake.set()
+        if self._events is not None:
+            self._events.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Scan now instead of at the next tick."""
+        self._wake.set()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        first = self._safe_scan()
+        if self.settings.backend != "poll":
+            self._start_events()
+        if first:
+            self._report(first)
+        while not self._stop.is_set():
+            timeout = EVENTS_RESCAN_SECONDS if self._events is not None else self.settings.interval
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            changes = self._safe_scan()
+            if changes:
+                self._report(changes)
+            if self._events is not None:
+                self._events.set_dirs(self._dirs_to_watch())
+
+    def _safe_scan(self) -> list[Change]:
+        try:
+            return self.scanner.scan()
+        except Exception:
+            log.exception("wsgi_reload: scanning for changes failed; trying again at the next tick")
+            return []
+
+    def _report(self, changes: list[Change]) -> None:
+        try:
+            self.on_batch(self._settle(changes))
+        except Exception:
+            log.exception("wsgi_reload: handling a change failed")
+
+    def _settle(self, changes: list[Change]) -> list[Change]:
+        """Keep scanning until the files have been quiet for ``settle`` seconds."""
+        batch = {c.path: c for c in changes}
+        settle = self.settings.settle
+        deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * settle)
+        while settle > 0 and not self._stop.wait(settle):
+            more = self._safe_scan()
+            if not more:
+                break
+            for change in more:
+                earlier = batch.get(change.path)
+                if earlier is None or change.kind == "deleted" or earlier.kind == "deleted":
+                    batch[change.path] = change
+            if time.monotonic() > deadline:
+                log.warning("wsgi_reload: files are still changing after %.1f s; reporting them now",
+                            MAX_SETTLE_SECONDS)
+                break
+        return sorted(batch.values())
+
+    def _dirs_to_watch(self) -> set[str]:
+        dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
+        dirs.update(self._wake_dirs)
+        return {d for d in dirs if os.path.isdir(d)}
+
+    def _start_events(self) -> None:
+        wanted = self.settings.backend
+        reason = _events_unavailable(self._dirs_to_watch())
+        if reason is None:
+            watcher = _EventWatcher(self._wake, self._dirs_to_watch(), self._name + "-events")
+            reason = watcher.start()
+            if reason is None:
+                self._events = watcher
+                self.backend = "events"
+                return
+        level = logging.WARNING if wanted == "events" else logging.INFO
+        log.log(level, "wsgi_reload: file events unavailable (%s); polling every %s s", reason, self.settings.interval)
+
+
+def _events_unavailable(dirs: Iterable[str]) -> str | None:
+    try:
+        import watchfiles  # noqa: F401
+    except ImportError:
+        return "watchfiles is not installed: pip install 'wsgi_reload[fast]'"
+    network = _network_mount(dirs)
+    if network:
+        return f"{network[0]} is on a {network[1]} filesystem, where inotify misses remote changes"
+    return None
+
+
+def _network_mount(dirs: Iterable[str]) -> tuple[str, str] | None:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    mounts.sort(key=lambda m: len(m[0]), reverse=True)
+    for d in dirs:
+        for mount_point, fstype in mounts:
+            mount_point = mount_point.replace("\\040", " ")
+            if d == mount_point or d.startswith(mount_point.rstrip("/") + "/"):
+                if fstype in NETWORK_FILESYSTEMS:
+                    return d, fstype
+                break
+    return None
+
+
+class _EventWatcher:
+    """A watchfiles thread over the watched directories that only wakes the monitor."""
+
+    def __init__(self, wake: threading.Event, dirs: set[str], name: str) -> None:
+        self._wake = wake
+        self._dirs = dirs
+        self._name = name
+        self._stop = threading.Event()
+        self._restart = threading.Event()
+        self._lock = threading.Lock()
+        self._started = threading.Event()
+        self._error: str | None = None
+
+    def start(self) -> str | None:
+        """Start the thread; returns why it could not start, or None."""
+        threading.Thread(target=self._run, name=self._name, daemon=True).start()
+        self._started.wait(10)
+        return self._error
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def set_dirs(self, dirs: set[str]) -> None:
+        with self._lock:
+            if dirs != self._dirs:
+                self._dirs = dirs
+                self._restart.set()
+
+    def _run(self) -> None:
+        from watchfiles import watch
+
+        while not self._stop.is_set():
+            with self._lock:
+                dirs = sorted(self._dirs)
+                self._restart.clear()
+            if not dirs:
+                self._started.set()
+                while not (self._restart.is_set() or self._stop.wait(0.5)):
+                    pass
+                continue
+            try:
+                for changes in watch(
+                    *dirs,
+                    recursive=False,
+                    debounce=50,
+                    step=20,
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                    stop_event=self._stop,
+                    raise_interrupt=False,
+                    ignore_permission_denied=True,
+                ):
+                    self._started.set()
+                    if changes:
+                        self._wake.set()
+                    if self._restart.is_set() or self._stop.is_set():
+                        break
+            except Exception as exc:  # watch limit reached, inotify missing, a directory vanished
+                if not self._started.is_set():
+                    self._error = f"{type(exc).__name__}: {exc}"
+                    self._started.set()
+                    return
+                log.warning("wsgi_reload: file events failed (%s); restarting them", exc)
+                self._wake.set()
+                self._stop.wait(1.0)
