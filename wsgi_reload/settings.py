@@ -94,6 +94,15 @@ class Settings:
         return Settings.load({}, **{**dataclasses.asdict(self), **changes})
 
 
+def missing_extra_files(settings: Settings, base: str | None = None) -> list[str]:
+    """Extra files (not globs) that do not exist: worth a warning, since they are only watched for appearing."""
+    base = os.getcwd() if base is None else base
+    return [
+        p for p in settings.extra_files
+        if not any(c in p for c in "*?[") and not os.path.exists(os.path.join(base, os.path.expanduser(p)))
+    ]
+
+
 _FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 _LIST_FIELDS = ("extra_files", "include", "exclude")
 _FLOAT_FIELDS = ("interval", "check_timeout", "settle")

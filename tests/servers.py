@@ -1,0 +1,229 @@
+"""Helpers for the integration tests: real servers on 127.0.0.1, a real HTTP load, real file edits."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+APPS = HERE / "apps"
+BIN = Path(sys.executable).parent
+
+LIVENESS_TIMEOUT = 30.0
+"""Generous: only a hung server should ever hit it."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+    """One real HTTP request; returns (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def wait_for_body(port: int, expected: str, timeout: float = LIVENESS_TIMEOUT, path: str = "/") -> float:
+    """Poll until the body is ``expected``; returns the seconds it took."""
+    start = time.monotonic()
+    last: object = None
+    while time.monotonic() - start < timeout:
+        try:
+            last = get(port, path, timeout=5)
+            if last == (200, expected):
+                return time.monotonic() - start
+        except OSError as exc:
+            last = exc
+        time.sleep(0.02)
+    raise AssertionError(f"never served {expected!r} within {timeout} s; last answer {last!r}")
+
+
+def write(path: Path, text: str) -> None:
+    """Save a file the way an editor does: write and flush, bytes on disk."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_app(tmp_path: Path, name: str = "plain") -> Path:
+    """Copy a test app into a fresh directory."""
+    target = tmp_path / "app"
+    shutil.copytree(APPS / name, target)
+    return target
+
+
+def greeting(version: str, setup: str = "pass", head: str = "") -> str:
+    """The source of greeting.py answering ``version``."""
+    return f'{head}def setup():\n    {setup}\n\n\ndef text():\n    return "{version}"\n'
+
+
+BROKEN_SAVES = {
+    "syntax": greeting("broken").replace('"broken"', '"broken'),
+    "name_error": greeting("broken", head="undefined_name\n\n"),
+    "missing_import": greeting("broken", head="import no_such_module_here\n\n"),
+    "app_build_error": greeting("broken", setup='raise RuntimeError("cannot build the app")'),
+}
+"""Saves that break the app in each way the issue names; each must keep the old code serving."""
+
+
+class Load:
+    """Client threads sending requests in a loop, counting failures (errors or non-200)."""
+
+    def __init__(self, port: int, threads: int = 4) -> None:
+        self.port = port
+        self.threads = threads
+        self.ok = 0
+        self.failures: list[str] = []
+        self.bodies: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 600  # a bounded loop, whatever happens to the test
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, body = get(self.port, timeout=10)
+            except OSError as exc:
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                if status == 200:
+                    self.ok += 1
+                    self.bodies.add(body)
+                else:
+                    self.failures.append(f"HTTP {status}: {body[:200]}")
+
+    def __enter__(self) -> Load:
+        for _ in range(self.threads):
+            t = threading.Thread(target=self._run, daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(15)
+
+    def snapshot(self) -> tuple[int, list[str], set[str]]:
+        with self._lock:
+            return self.ok, list(self.failures), set(self.bodies)
+
+    def reset_bodies(self) -> None:
+        with self._lock:
+            self.bodies.clear()
+
+
+class Server:
+    """A real server process group with its log file."""
+
+    def __init__(self, argv: Sequence[str], port: int, cwd: Path, log: Path, env: dict[str, str]) -> None:
+        self.argv = list(argv)
+        self.port = port
+        self.cwd = cwd
+        self.log_path = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    ready_pattern: str | None = None
+    """A log line that says every worker has loaded the code, so a test's first edit races no boot."""
+
+    def start(self, expect: str | None = None, ready_timeout: float = LIVENESS_TIMEOUT) -> Server:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        if expect is not None:
+            wait_for_body(self.port, expect, ready_timeout)
+            if self.ready_pattern:
+                self.wait_for_log(self.ready_pattern, timeout=ready_timeout)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log()))
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = LIVENESS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(pattern) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"log never showed {pattern!r} x{count}:\n{self.log()[-4000:]}")
+
+    def alive(self) -> bool:
+        try:
+            return get(self.port, timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        # A re-executed gunicorn master (USR2) is in the same process group but not our child.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_RELOAD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({f"WSGI_RELOAD_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+@contextmanager
+def running(server: Server, expect: str | None) -> Iterator[Server]:
+    try:
+        yield server.start(expect)
+    except BaseException:
+        print(server.log()[-6000:])
+        raise
+    finally:
+        server.stop()
+
+
+def gunicorn(app_dir: Path, port: int, args: Sequence[str] = (), config: str | None = None,
+             env: dict[str, str] | None = None, app: str = "app:app") -> Server:
+    config = config or str(HERE.parent / "configs" / "reload_config.py")
+    argv = [str(BIN / "gunicorn"), "-c", config, "-b", f"127.0.0.1:{port}", "--no-control-socket",
+            "--graceful-timeout", "10", *args, app]
+    server = Server(argv, port, app_dir, app_dir.parent / "server.log", env or server_env())
+    server.ready_pattern = r"wsgi_reload: workers up|reloading is off"
+    return server

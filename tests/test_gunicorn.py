@@ -1,0 +1,266 @@
+"""Real gunicorn on 127.0.0.1, real HTTP, real file edits."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+from servers import (
+    BROKEN_SAVES,
+    HERE,
+    Load,
+    free_port,
+    get,
+    greeting,
+    gunicorn,
+    make_app,
+    running,
+    server_env,
+    wait_for_body,
+    write,
+)
+
+pytestmark = pytest.mark.slow
+
+MODES = {
+    "sync": ["-w", "2"],
+    "gthread": ["-w", "2", "-k", "gthread", "--threads", "4"],
+    "preload": ["-w", "2", "--preload"],
+}
+RELOADED = r"check passed .*; reloading gunicorn"
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> list[str]:
+    return MODES[request.param]
+
+
+def test_edit_is_served_within_two_seconds(tmp_path: Path, mode: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1"):
+        time.sleep(0.5)
+        write(app / "greeting.py", greeting("v2"))
+        took = wait_for_body(port, "v2")
+        assert took < 2.0, f"the edit took {took:.2f} s to be served with polling defaults"
+
+
+def test_ten_reloads_under_load_fail_no_request(tmp_path: Path, mode: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1") as server, Load(port, threads=4) as load:
+        for n in range(2, 12):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            wait_for_body(port, f"v{n}")
+            # Edits closer together than a reload merge into one batch; keep them apart.
+            server.wait_for_log("reload done", count=n - 1)
+        time.sleep(0.5)
+        ok, failures, bodies = load.snapshot()
+    assert failures == []
+    assert ok > 100
+    assert {f"v{n}" for n in range(2, 12)} <= bodies | {"v1"}
+    assert server.count(RELOADED) == 10
+
+
+def test_broken_saves_keep_the_old_code_serving(tmp_path: Path, mode: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1") as server, Load(port, threads=4) as load:
+        good = "v1"
+        for n, (kind, source) in enumerate(sorted(BROKEN_SAVES.items()), start=2):
+            load.reset_bodies()
+            write(app / "greeting.py", source)
+            time.sleep(5)
+            _, failures, bodies = load.snapshot()
+            assert failures == [], kind
+            assert bodies == {good}, f"{kind}: served {bodies} while the save was broken"
+            assert server.alive()
+            assert f"{app / 'greeting.py'}:" in server.log(), f"{kind}: the log does not name the file and line"
+            good = f"v{n}"
+            write(app / "greeting.py", greeting(good))
+            wait_for_body(port, good)
+            server.wait_for_log("reload done", count=n - 1)
+            time.sleep(0.5)  # the old workers finish their last requests
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    log = server.log()
+    assert "SyntaxError" in log and "NameError" in log and "ModuleNotFoundError" in log and "RuntimeError" in log
+    assert server.count(RELOADED) == len(BROKEN_SAVES)
+
+
+def test_a_burst_of_fifty_writes_gives_at_most_two_reloads(tmp_path: Path, mode: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1") as server:
+        time.sleep(0.5)
+        for n in range(50):
+            write(app / "greeting.py", greeting(f"burst-{n}"))
+            time.sleep(0.01)
+        wait_for_body(port, "burst-49")
+        time.sleep(3)
+        assert 1 <= server.count(RELOADED) <= 2
+        assert get(port) == (200, "burst-49")
+
+
+def test_a_new_module_is_picked_up_and_watched(tmp_path: Path, mode: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1"):
+        write(app / "extra.py", 'def text():\n    return "extra-1"\n')
+        importing = greeting("unused").replace('return "unused"', "return extra.text()")
+        write(app / "greeting.py", "import extra\n\n" + importing)
+        wait_for_body(port, "extra-1")
+        time.sleep(0.5)
+        write(app / "extra.py", 'def text():\n    return "extra-2"\n')
+        wait_for_body(port, "extra-2")
+
+
+@pytest.mark.parametrize("workers", ["1", "8"])
+def test_every_worker_serves_the_new_code(tmp_path: Path, workers: str) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", workers]), "v1") as server:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        server.wait_for_log(rf"reload done: {workers} new workers serving")
+        assert {get(port)[1] for _ in range(40)} == {"v2"}
+
+
+def test_chdir(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    server = gunicorn(app, port, ["--chdir", str(app)])
+    server.cwd = tmp_path
+    with running(server, "v1"):
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+
+
+MESSAGE_GREETING = (
+    "from pathlib import Path\n\nMESSAGE = (Path(__file__).parent / 'message.txt').read_text().strip()\n\n\n"
+    "def setup():\n    pass\n\n\ndef text():\n    return MESSAGE\n"
+)
+
+
+@pytest.mark.parametrize("how", ["env", "gunicorn-option"])
+def test_extra_files_reload(tmp_path: Path, how: str) -> None:
+    app = make_app(tmp_path)
+    write(app / "message.txt", "hello")
+    write(app / "greeting.py", MESSAGE_GREETING)
+    port = free_port()
+    if how == "env":
+        server = gunicorn(app, port, env=server_env(extra_files="*.txt"))
+    else:
+        server = gunicorn(app, port, ["--reload-extra-file", "message.txt"])
+    with running(server, "hello"):
+        time.sleep(0.5)
+        write(app / "message.txt", "bonjour")
+        wait_for_body(port, "bonjour")
+
+
+def test_a_config_change_reloads(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    config = app / "gunicorn_conf.py"
+    write(config, "from wsgi_reload.gunicorn import *  # noqa\nworkers = 1\n")
+    port = free_port()
+    with running(gunicorn(app, port, config=str(config)), "v1") as server:
+        time.sleep(0.5)
+        write(config, "from wsgi_reload.gunicorn import *  # noqa\nworkers = 3\n")
+        server.wait_for_log(rf"{config}")
+        server.wait_for_log(r"reload done: 3 new workers serving")
+
+
+def test_install_chains_the_configs_own_hooks(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    config = app / "gunicorn_conf.py"
+    marker = tmp_path / "marker"
+    write(config, f"""
+import wsgi_reload.gunicorn
+
+def when_ready(server):
+    open({str(marker)!r}, "a").write("ready\\n")
+
+def post_worker_init(worker):
+    open({str(marker)!r}, "a").write("worker\\n")
+
+wsgi_reload.gunicorn.install(globals(), interval=0.5)
+""")
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"], config=str(config)), "v1"):
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        time.sleep(1)
+    lines = marker.read_text().split()
+    assert lines.count("ready") == 1
+    assert lines.count("worker") >= 4  # two workers, twice
+
+
+def test_a_hook_defined_after_the_star_import_is_named_clearly(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    config = app / "gunicorn_conf.py"
+    write(config, "from wsgi_reload.gunicorn import *  # noqa\n\ndef post_worker_init(worker):\n    pass\n")
+    port = free_port()
+    with running(gunicorn(app, port, config=str(config)), "v1") as server:
+        server.wait_for_log(r"install\(globals\(\)\)")
+        assert server.alive()
+
+
+def test_a_bad_setting_is_one_clear_line_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, env=server_env(interval="soon")), "v1") as server:
+        server.wait_for_log(r"WSGI_RELOAD_INTERVAL='soon' is not a number")
+        assert server.count(r"WSGI_RELOAD_INTERVAL") == 1
+        write(app / "greeting.py", greeting("v2"))
+        time.sleep(2)
+        assert get(port) == (200, "v1")
+
+
+def test_combining_with_gunicorns_own_reload_warns(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["--reload"]), "v1") as server:
+        server.wait_for_log(r"do not combine them")
+
+
+needs_gevent = pytest.mark.skipif(importlib.util.find_spec("gevent") is None, reason="gevent is not installed")
+
+
+@needs_gevent
+def test_gevent_workers_reload(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-k", "gevent", "-w", "2"]), "v1"), Load(port) as load:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        _, failures, _ = load.snapshot()
+    assert failures == []
+
+
+@needs_gevent
+def test_preload_with_gevent_is_refused_clearly_and_keeps_serving(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-k", "gevent", "--preload"]), "v1") as server:
+        server.wait_for_log(r"preload_app with the gevent worker is not supported")
+        assert server.alive()
+
+
+def test_config_module_names_do_not_shadow_gunicorn_settings() -> None:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    import wsgi_reload.gunicorn as adapter
+
+    setting_names = {s.name for s in KNOWN_SETTINGS}
+    assert set(vars(adapter)) & setting_names == set(adapter.HOOK_NAMES)
+
+
+def test_configs_reload_config_exports_the_hooks() -> None:
+    namespace: dict[str, object] = {}
+    exec((HERE.parent / "configs" / "reload_config.py").read_text(), namespace)
+    import wsgi_reload.gunicorn as adapter
+
+    for name in adapter.HOOK_NAMES:
+        assert namespace[name] is getattr(adapter, name)

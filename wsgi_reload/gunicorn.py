@@ -1,0 +1,385 @@
+"""gunicorn adapter: one watcher in the master over what the workers import.
+
+Use it as the config (``gunicorn -c python:wsgi_reload.gunicorn app:app``), star-import it
+into a config, or chain it into a config that has hooks of its own::
+
+    import wsgi_reload.gunicorn
+    wsgi_reload.gunicorn.install(globals(), interval=0.5)
+
+How it works: every worker writes the list of its module files to a manifest after
+``post_worker_init`` (and again after a request that imported more). The master's
+monitor watches the union of the manifests, the config file and extra files. A change
+that passes the pre-reload check sends SIGHUP to the master; with ``preload_app`` it
+sends SIGUSR2 instead, and the new master stops the old one (SIGTERM, graceful) once
+its own workers are up. A change that fails the check sends nothing.
+
+Module-level names here are read by gunicorn as settings when this module is the
+config, so only the hooks below may share a name with a gunicorn setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from .check import check_code, in_probe
+from .files import ModuleFiles
+from .logs import forward_to
+from .monitor import Monitor
+from .reloader import Reloader
+from .scanner import Change, Scanner
+from .settings import Settings, SettingsError, missing_extra_files
+
+_log = logging.getLogger("wsgi_reload.gunicorn")
+
+_LOADED_NS = time.time_ns()
+"""When the config loaded: with preload_app the app is imported after this, in the master."""
+
+PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker")
+"""Worker classes (and their subclasses) whose preload re-exec is supported. gevent must
+monkey-patch before the app is imported, which preload_app prevents."""
+
+HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "post_request", "child_exit", "on_exit")
+
+__all__ = [*HOOK_NAMES, "install"]
+
+_overrides: dict[str, Any] = {}
+_manifest_dir: str | None = None
+_master: _MasterWatch | None = None
+_worker: _WorkerManifest | None = None
+
+
+def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
+    """Add the reload hooks to a gunicorn config namespace (pass ``globals()``).
+
+    A hook the config already defines keeps running, before ours. Keyword arguments are
+    wsgi_reload settings (``interval``, ``extra_files``, ...) and win over ``WSGI_RELOAD_*``.
+    """
+    _overrides.clear()
+    _overrides.update(settings)
+    ours = globals()
+    for name in HOOK_NAMES:
+        hook = ours[name]
+        theirs = namespace.get(name)
+        if theirs is None or getattr(theirs, "_wsgi_reload_hook", False):
+            namespace[name] = hook
+        else:
+            namespace[name] = _chain(theirs, hook)
+
+
+def _chain(theirs: Callable[..., Any], hook: Callable[..., Any]) -> Callable[..., Any]:
+    def chained(*args: Any) -> None:
+        theirs(*args)
+        hook(*args)
+
+    # gunicorn checks a hook's arity through inspect.signature.
+    chained.__signature__ = inspect.signature(hook)  # type: ignore[attr-defined]
+    chained.__name__ = hook.__name__
+    chained._wsgi_reload_hook = True  # type: ignore[attr-defined]
+    return chained
+
+
+def _hook(func: Callable[..., None]) -> Callable[..., None]:
+    """Our hooks never take the server down: an error is logged and the server carries on."""
+
+    def guarded(*args: Any) -> None:
+        try:
+            func(*args)
+        except Exception:
+            _log.exception("wsgi_reload: %s failed; reloading may not work until a restart", func.__name__)
+
+    guarded.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+    guarded.__name__ = func.__name__
+    guarded.__doc__ = func.__doc__
+    guarded._wsgi_reload_hook = True  # type: ignore[attr-defined]
+    return guarded
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+
+@_hook
+def when_ready(server: Any) -> None:
+    """Master: start the one watcher of this server (and retire the old master after a re-exec)."""
+    global _master, _manifest_dir
+    if in_probe():
+        return
+    forward_to(_gunicorn_emitter(server.log))
+    cfg = server.cfg
+    try:
+        settings = Settings.load(**_overrides)
+    except SettingsError as exc:
+        _log.error("wsgi_reload: reloading is off: %s", exc)
+        return
+    if settings.app is None and getattr(server.app, "app_uri", None) and cfg.paste is None:
+        settings = settings.replace(app=server.app.app_uri)
+    if cfg.reload:
+        _log.warning("wsgi_reload: gunicorn's own --reload is on as well; do not combine them: "
+                     "--reload restarts each worker into broken code. Drop --reload.")
+    if cfg.preload_app and not _is_preload_worker(cfg.worker_class):
+        _log.error("wsgi_reload: reloading is off: preload_app with the %s worker is not supported "
+                   "(it must patch before the app is imported); use the sync or gthread worker, or drop --preload",
+                   cfg.worker_class_str)
+        return
+    for name in ("post_fork", "post_worker_init"):
+        if not getattr(getattr(cfg, name), "_wsgi_reload_hook", False):
+            _log.error("wsgi_reload: reloading is off: the config defines its own %s after importing "
+                       "wsgi_reload.gunicorn; call wsgi_reload.gunicorn.install(globals()) at the end of the "
+                       "config to chain the hooks", name)
+            return
+    for path in missing_extra_files(settings):
+        _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
+    _manifest_dir = tempfile.mkdtemp(prefix=f"wsgi-reload-{os.getpid()}-")
+    _master = _MasterWatch(server, settings, _manifest_dir)
+    _master.start()
+
+
+@_hook
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker: note when this worker started loading code."""
+    global _worker
+    if _manifest_dir is None:
+        return
+    loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
+    _worker = _WorkerManifest(os.path.join(_manifest_dir, f"{os.getpid()}.json"), loaded_at)
+
+
+@_hook
+def post_worker_init(worker: Any) -> None:
+    """Worker: publish the files this worker imported."""
+    if _worker is not None:
+        _worker.publish()
+
+
+@_hook
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """Worker: publish again when a request imported more modules (views load lazily)."""
+    if _worker is not None and len(sys.modules) != _worker.published_count:
+        _worker.publish()
+
+
+@_hook
+def child_exit(server: Any, worker: Any) -> None:
+    """Master: forget the manifest of a worker that exited."""
+    if _manifest_dir is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(_manifest_dir, f"{worker.pid}.json"))
+
+
+@_hook
+def on_exit(server: Any) -> None:
+    """Master: stop watching and remove the manifests."""
+    if _master is not None:
+        _master.close()
+
+
+# --- worker side ------------------------------------------------------------------------
+
+
+class _WorkerManifest:
+    def __init__(self, path: str, loaded_at_ns: int) -> None:
+        self.path = path
+        self.loaded_at_ns = loaded_at_ns
+        self.published_count = -1
+        self._files = ModuleFiles()
+        self._lock = threading.Lock()  # gthread workers finish requests on several threads
+
+    def publish(self) -> None:
+        with self._lock:
+            self.published_count = len(sys.modules)
+            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files())}
+            temporary = self.path + ".tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(body, f)
+            os.replace(temporary, self.path)
+
+
+# --- master side ------------------------------------------------------------------------
+
+
+class _MasterWatch:
+    def __init__(self, server: Any, settings: Settings, manifest_dir: str) -> None:
+        self.server = server
+        self.settings = settings
+        self.pid = os.getpid()
+        self.manifest_dir = manifest_dir
+        self.preload = bool(server.cfg.preload_app)
+        self.old_master = server.master_pid if self.preload else 0
+        self.handing_over = False
+        self.batch_started = time.monotonic()
+        self._manifests: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
+        scanner = Scanner(settings, watch_modules=False, sources=[self.worker_files, self.config_files])
+        self.reloader = Reloader(settings, self.trigger, server="gunicorn", check=self.check)
+        self.monitor = Monitor(scanner, self.on_batch, wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn")
+
+    def start(self) -> None:
+        self.monitor.start()
+        _log.info("wsgi_reload: watching the workers' modules (check: %s, every %ss) for %s",
+                  self.settings.check, self.settings.interval, "re-exec (preload)" if self.preload else "HUP")
+        if self.old_master:
+            threading.Thread(target=self.retire_old_master, name="wsgi_reload-handover", daemon=True).start()
+        else:
+            threading.Thread(target=self.report_new_workers, args=(set(), time.monotonic(), "up"),
+                             name="wsgi_reload-report", daemon=True).start()
+
+    def close(self) -> None:
+        self.monitor.stop(timeout=2)
+        shutil.rmtree(self.manifest_dir, ignore_errors=True)
+
+    def check(self, paths: Sequence[str]) -> Any:
+        return check_code(paths, self.settings, cwd=os.getcwd(), sys_path=list(sys.path))
+
+    # What to watch: the union of the live workers' manifests, plus the config files.
+
+    def worker_files(self) -> dict[str, int | None]:
+        live = {str(pid) for pid in list(self.server.WORKERS)}
+        files: dict[str, int | None] = {}
+        try:
+            names = os.listdir(self.manifest_dir)
+        except OSError:
+            return files
+        seen = set()
+        for name in names:
+            pid, _, ext = name.partition(".")
+            if ext != "json" or pid not in live:
+                continue
+            seen.add(name)
+            manifest = self._read_manifest(name)
+            if manifest is None:
+                continue
+            loaded_at = manifest["loaded_at_ns"]
+            for path in manifest["files"]:
+                earlier = files.get(path)
+                files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
+        for gone in self._manifests.keys() - seen:
+            del self._manifests[gone]
+        return files
+
+    def _read_manifest(self, name: str) -> Mapping[str, Any] | None:
+        path = os.path.join(self.manifest_dir, name)
+        try:
+            st = os.stat(path)
+            cached = self._manifests.get(name)
+            if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
+                return cached[1]
+            with open(path, encoding="utf-8") as f:
+                manifest: Mapping[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            return None
+        self._manifests[name] = ((st.st_mtime_ns, st.st_size), manifest)
+        return manifest
+
+    def config_files(self) -> list[str]:
+        cfg = self.server.cfg
+        files = list(cfg.reload_extra_files or ())
+        location = cfg.config
+        if location and not location.startswith("python:"):
+            files.append(location[len("file:"):] if location.startswith("file:") else location)
+        return [os.path.abspath(f) for f in files]
+
+    # Deciding and reloading.
+
+    def on_batch(self, batch: Sequence[Change]) -> None:
+        if self.handing_over:
+            _log.info("wsgi_reload: a new master is taking over; it will pick up these changes")
+            return
+        self.batch_started = time.monotonic()
+        self.reloader(batch)
+
+    def trigger(self, batch: Sequence[Change]) -> None:
+        if not self.preload:
+            old_workers = set(self.server.WORKERS)
+            os.kill(self.pid, signal.SIGHUP)
+            threading.Thread(target=self.report_new_workers, args=(old_workers, self.batch_started),
+                             name="wsgi_reload-report", daemon=True).start()
+            return
+        self._wait_until_promoted()
+        self.handing_over = True
+        os.kill(self.pid, signal.SIGUSR2)
+        _log.info("wsgi_reload: preload_app is on: re-executing the master (USR2) so the new code loads")
+        threading.Thread(target=self.watch_handover, name="wsgi_reload-handover", daemon=True).start()
+
+    def report_new_workers(self, old_workers: set[int], started: float, what: str = "reload done",
+                           timeout: float = 120.0) -> None:
+        """Log once every worker of the new generation has loaded its code."""
+        wanted = self.server.num_workers
+        while time.monotonic() - started < timeout:
+            live = set(self.server.WORKERS)
+            fresh = {pid for pid in live - old_workers if self._has_manifest(pid)}
+            if len(fresh) >= wanted:
+                if what == "up":
+                    _log.info("wsgi_reload: workers up: %d workers serving; watching %d files",
+                              len(fresh), len(self.monitor.scanner.watched_files()))
+                else:
+                    _log.info("wsgi_reload: reload done: %d new workers serving, %.0f ms after the change was seen",
+                              len(fresh), 1000 * (time.monotonic() - started))
+                return
+            time.sleep(0.05)
+        _log.warning("wsgi_reload: the new workers are not all up %.0f s after the reload", timeout)
+
+    def _has_manifest(self, pid: int) -> bool:
+        return os.path.exists(os.path.join(self.manifest_dir, f"{pid}.json"))
+
+    def _wait_until_promoted(self, timeout: float = 60.0) -> None:
+        # gunicorn ignores USR2 from a master whose old master still runs ("Parent exists").
+        deadline = time.monotonic() + timeout
+        while self.server.master_pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def watch_handover(self, timeout: float = 30.0) -> None:
+        """Old master: wait to be retired; if the new master dies first, go back to watching."""
+        deadline = time.monotonic() + timeout
+        while not self.server.reexec_pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while self.server.reexec_pid:
+            time.sleep(0.2)
+        _log.error("wsgi_reload: the re-executed master exited before taking over; "
+                   "the old master keeps serving, and the next change tries again")
+        self.handing_over = False
+
+    def retire_old_master(self, timeout: float = 120.0) -> None:
+        """New master after USR2: once all our workers are up, stop the old master gracefully."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            live = set(self.server.WORKERS)
+            if len(live) >= self.server.num_workers and all(self._has_manifest(pid) for pid in live):
+                break
+            time.sleep(0.05)
+        else:
+            _log.error("wsgi_reload: the new workers did not come up in %.0f s; leaving the old master %d running",
+                       timeout, self.old_master)
+            return
+        if os.getppid() != self.old_master:
+            return  # it is gone already
+        os.kill(self.old_master, signal.SIGTERM)
+        _log.info("wsgi_reload: reload done: %d new workers serving; stopping the old master %d gracefully",
+                  len(live), self.old_master)
+
+
+def _is_preload_worker(worker_class: type) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in PRELOAD_WORKER_CLASSES for c in worker_class.__mro__)
+
+
+def _gunicorn_emitter(glog: Any) -> Callable[[int, str], None]:
+    def emit(level: int, message: str) -> None:
+        if level >= logging.ERROR:
+            glog.error(message)
+        elif level >= logging.WARNING:
+            glog.warning(message)
+        elif level >= logging.INFO:
+            glog.info(message)
+        else:
+            glog.debug(message)
+
+    return emit
