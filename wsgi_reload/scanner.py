@@ -96,9 +96,13 @@ class Scanner:
                         entries[path] = None
         for pattern in self.settings.extra_files:
             paths, grows = expand(pattern, self._base_dir)
-            hint = _GLOB if grows else None
-            for path in paths:
-                entries.setdefault(path, hint)
+            if grows:
+                for path in paths:
+                    if accept(path):
+                        entries.setdefault(path, _GLOB)
+            else:  # a file the user named is watched whatever the excludes say
+                for path in paths:
+                    entries.setdefault(path, None)
         for path, read_at in failed_imports().items():
             entries[path] = read_at
         return entries
