@@ -160,7 +160,9 @@ def test_settings_come_from_the_environment_and_keywords_win() -> None:
     ({}, {"colour": "blue"}, "unknown wsgi_reload setting 'colour'"),
     ({}, {"app": "not an app"}, "app='not an app' is not valid"),
 ])
-def test_bad_settings_fail_with_one_clear_line(environ: dict[str, str], kwargs: dict[str, object], message: str) -> None:
+def test_bad_settings_fail_with_one_clear_line(
+    environ: dict[str, str], kwargs: dict[str, object], message: str
+) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.load(environ, **kwargs)
     assert message in str(info.value)

@@ -27,7 +27,9 @@ while time.monotonic() < deadline:
 
 @pytest.fixture
 def app(tmp_path: Path) -> Path:
-    (tmp_path / "cli_app.py").write_text("import cli_helper\n\ndef application(environ, start_response):\n    return []\n")
+    (tmp_path / "cli_app.py").write_text(
+        "import cli_helper\n\ndef application(environ, start_response):\n    return []\n"
+    )
     (tmp_path / "cli_helper.py").write_text("VALUE = 1\n")
     return tmp_path
 

@@ -237,7 +237,9 @@ def test_sys_modules_mutating_in_another_thread_does_not_break_a_scan(tmp_path: 
             sys.modules.pop(name, None)
 
 
-def test_a_file_that_cannot_be_stated_is_logged_once_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_that_cannot_be_stated_is_logged_once_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     loop = tmp_path / "loop"
     os.symlink(loop, loop)  # stat() fails with ELOOP
     good = tmp_path / "good.py"
