@@ -31,6 +31,32 @@ NETWORK_FILESYSTEMS = frozenset(
 BatchHandler = Callable[[Sequence[Change]], object]
 
 
+def settle(
+    scan: Callable[[], list[Change]],
+    changes: list[Change],
+    quiet_seconds: float,
+    sleep: Callable[[float], object] = time.sleep,
+) -> list[Change]:
+    """Keep scanning until the files have been quiet for ``quiet_seconds``; returns the whole batch.
+
+    ``sleep`` returning True (a stop event's ``wait``) ends the wait early.
+    """
+    batch = {c.path: c for c in changes}
+    deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
+    while quiet_seconds > 0 and not sleep(quiet_seconds):
+        more = scan()
+        if not more:
+            break
+        for change in more:
+            earlier = batch.get(change.path)
+            if earlier is None or change.kind == "deleted" or earlier.kind == "deleted":
+                batch[change.path] = change
+        if time.monotonic() > deadline:
+            log.warning("wsgi_reload: files are still changing after %.1f s; reporting them now", MAX_SETTLE_SECONDS)
+            break
+    return sorted(batch.values())
+
+
 class Monitor:
     """Calls ``on_batch(changes)`` once per settled batch, from a daemon thread."""
 
@@ -111,23 +137,7 @@ class Monitor:
             log.exception("wsgi_reload: handling a change failed")
 
     def _settle(self, changes: list[Change]) -> list[Change]:
-        """Keep scanning until the files have been quiet for ``settle`` seconds."""
-        batch = {c.path: c for c in changes}
-        settle = self.settings.settle
-        deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * settle)
-        while settle > 0 and not self._stop.wait(settle):
-            more = self._safe_scan()
-            if not more:
-                break
-            for change in more:
-                earlier = batch.get(change.path)
-                if earlier is None or change.kind == "deleted" or earlier.kind == "deleted":
-                    batch[change.path] = change
-            if time.monotonic() > deadline:
-                log.warning("wsgi_reload: files are still changing after %.1f s; reporting them now",
-                            MAX_SETTLE_SECONDS)
-                break
-        return sorted(batch.values())
+        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait)
 
     def _dirs_to_watch(self) -> set[str]:
         dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}

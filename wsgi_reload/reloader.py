@@ -46,7 +46,7 @@ class Reloader:
         self.log.info("wsgi_reload: %s", describe(batch))
         result = self.check([c.path for c in batch if c.kind != "deleted"])
         if not result.ok:
-            self._refuse(result)
+            self.refuse(result)
             return False
         if self.broken is not None:
             self.log.info("wsgi_reload: the code loads again (%s was fixed)", self.broken.file or "the error")
@@ -58,7 +58,8 @@ class Reloader:
         self.trigger(batch)
         return True
 
-    def _refuse(self, result: CheckResult) -> None:
+    def refuse(self, result: CheckResult) -> None:
+        """Record a failed check: watch its file, log it once, and wait for a fix."""
         self.broken = result
         if result.file:
             # Watched from the moment the check read it, so the fix counts even if it is quick.

@@ -58,7 +58,8 @@ class Settings:
                 )
         if self.app is not None and not _APP_PATTERN.match(self.app):
             raise SettingsError(
-                f"wsgi_reload setting app={self.app!r} is not valid: use 'package.module:callable'"
+                f"wsgi_reload setting app={self.app!r} is not valid: "
+                "use 'package.module:callable' or 'file.py:callable'"
             )
 
     @classmethod
@@ -106,7 +107,7 @@ def missing_extra_files(settings: Settings, base: str | None = None) -> list[str
 _FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 _LIST_FIELDS = ("extra_files", "include", "exclude")
 _FLOAT_FIELDS = ("interval", "check_timeout", "settle")
-_APP_PATTERN = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*(\(.*\))?)?$")
+_APP_PATTERN = re.compile(r"^([A-Za-z_][\w.]*|\S.*\.(py|wsgi))(:[A-Za-z_][\w.]*(\(.*\))?)?$")
 
 
 def _parse_env(key: str, name: str, raw: str) -> Any:
