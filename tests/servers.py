@@ -31,7 +31,9 @@ def free_port() -> int:
 
 
 def get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
-    """One real HTTP request; returns (status, body)."""
+    """One real HTTP request; returns (status, body). A negative port speaks the uwsgi protocol."""
+    if port < 0:
+        return get_uwsgi(-port, path, timeout)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
@@ -39,6 +41,26 @@ def get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
         return response.status, response.read().decode(errors="replace")
     finally:
         conn.close()
+
+
+def get_uwsgi(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+    """One request over uWSGI's own binary protocol (``--socket``), as nginx's uwsgi_pass sends it."""
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+           "SERVER_PORT": str(port), "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1"}
+    body = b"".join(
+        len(k).to_bytes(2, "little") + k.encode() + len(v).to_bytes(2, "little") + v.encode() for k, v in env.items()
+    )
+    packet = b"\x00" + len(body).to_bytes(2, "little") + b"\x00" + body
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(packet)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks).decode(errors="replace")
+    head, _, content = raw.partition("\r\n\r\n")
+    if not head.startswith("HTTP/"):
+        raise ConnectionError(f"not an HTTP answer: {raw[:80]!r}")
+    return int(head.split()[1]), content
 
 
 def wait_for_body(port: int, expected: str, timeout: float = LIVENESS_TIMEOUT, path: str = "/") -> float:
@@ -149,6 +171,7 @@ class Server:
 
     ready_pattern: str | None = None
     """A log line that says every worker has loaded the code, so a test's first edit races no boot."""
+    ready_count = 1
 
     def start(self, expect: str | None = None, ready_timeout: float = LIVENESS_TIMEOUT) -> Server:
         with open(self.log_path, "ab") as out:
@@ -157,7 +180,7 @@ class Server:
         if expect is not None:
             wait_for_body(self.port, expect, ready_timeout)
             if self.ready_pattern:
-                self.wait_for_log(self.ready_pattern, timeout=ready_timeout)
+                self.wait_for_log(self.ready_pattern, self.ready_count, timeout=ready_timeout)
         return self
 
     def log(self) -> str:
@@ -226,4 +249,30 @@ def gunicorn(app_dir: Path, port: int, args: Sequence[str] = (), config: str | N
             "--graceful-timeout", "10", *args, app]
     server = Server(argv, port, app_dir, app_dir.parent / "server.log", env or server_env())
     server.ready_pattern = r"wsgi_reload: workers up|reloading is off"
+    return server
+
+
+def uwsgi(
+    app_dir: Path, port: int, args: Sequence[str] = (), *, lazy: bool = False, enable: str = "import",
+    processes: int = 2, env: dict[str, str] | None = None, target: Sequence[str] = ("--module", "app:application"),
+    socket_option: str = "--http-socket",
+) -> Server:
+    """A real uWSGI instance with the plugin enabled by ``--import`` or by an import in the app module."""
+    if enable == "in-app":
+        app_file = app_dir / "app.py"
+        app_file.write_text("import wsgi_reload.uwsgi  # noqa: F401\n" + app_file.read_text())
+    if "--threads" not in args:
+        # Single-threaded uWSGI workers can drop a connection accepted in the instant the reload
+        # signal lands (see the README); two threads per worker finish what they accepted.
+        args = [*args, "--threads", "2"]
+    argv = [str(BIN / "uwsgi"), "--master", "--processes", str(processes), socket_option, f"127.0.0.1:{port}",
+            *target, "--chdir", str(app_dir), "--die-on-term", "--disable-logging",
+            *(["--lazy-apps"] if lazy else []), *(["--import", "wsgi_reload.uwsgi"] if enable == "import" else []),
+            *args]
+    server = Server(argv, port if socket_option == "--http-socket" else -port, app_dir, app_dir.parent / "server.log",
+                    env or server_env())
+    if lazy:
+        server.ready_pattern, server.ready_count = r"WSGI app 0 \(mountpoint=''\) ready", processes
+    else:
+        server.ready_pattern = r"watching for code changes|reloading is off"
     return server

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -264,3 +267,18 @@ def test_configs_reload_config_exports_the_hooks() -> None:
 
     for name in adapter.HOOK_NAMES:
         assert namespace[name] is getattr(adapter, name)
+
+
+def test_a_worker_restarting_while_the_save_is_broken_does_not_stop_the_server(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server:
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])
+        server.wait_for_log(r"not reloading")
+        worker_pids = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", server.log())]
+        os.kill(worker_pids[0], signal.SIGKILL)  # a crash, a timeout or max_requests
+        server.wait_for_log(r"a new worker cannot load the app")
+        assert {get(port)[1] for _ in range(10)} == {"v1"}
+        assert "Worker failed to boot" not in server.log()
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from .check import check_code, in_probe
-from .files import ModuleFiles
+from .files import ModuleFiles, error_location, module_file
 from .logs import forward_to
 from .monitor import Monitor
 from .reloader import Reloader
@@ -153,6 +153,8 @@ def post_fork(server: Any, worker: Any) -> None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
     _worker = _WorkerManifest(os.path.join(_manifest_dir, f"{os.getpid()}.json"), loaded_at)
+    if _master is not None and _master.served_once and not server.cfg.preload_app:
+        worker.load_wsgi = _guarded_load(worker.load_wsgi, loaded_at)
 
 
 @_hook
@@ -187,6 +189,54 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
+def _guarded_load(load: Callable[[], None], loaded_at_ns: int) -> Callable[[], None]:
+    """Keep one worker's failed import from stopping the whole server.
+
+    gunicorn halts every worker when a new one cannot import the app. Once the server has
+    served, a failure here means a save raced this worker's import (retry once) or the
+    code on disk is broken while the other workers still run good code (exit quietly and
+    let gunicorn try again a second later, instead of "Worker failed to boot").
+    """
+
+    def load_wsgi() -> None:
+        try:
+            load()
+            return
+        except Exception as exc:
+            if _drop_modules_changed_since(loaded_at_ns, exc):
+                _log.warning("wsgi_reload: a save raced this worker's import (%s); loading again", exc)
+                time.sleep(0.3)
+                try:
+                    load()
+                    return
+                except Exception as again:
+                    exc = again
+            path, line = error_location(exc)
+            _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
+                       "serving, and gunicorn retries it in a second", path, line, type(exc).__name__, exc)
+        time.sleep(1.0)
+        sys.exit(1)
+
+    return load_wsgi
+
+
+def _drop_modules_changed_since(loaded_at_ns: int, exc: BaseException) -> bool:
+    """Forget modules whose file changed after this worker started; True when there was any."""
+    changed = False
+    path, _ = error_location(exc)
+    with contextlib.suppress(OSError, TypeError):
+        changed = path is not None and os.stat(path).st_mtime_ns > loaded_at_ns
+    for name, module in list(sys.modules.items()):
+        file = module_file(module)
+        if file is None:
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(file).st_mtime_ns > loaded_at_ns:
+                del sys.modules[name]
+                changed = True
+    return changed
+
+
 class _WorkerManifest:
     def __init__(self, path: str, loaded_at_ns: int) -> None:
         self.path = path
@@ -217,6 +267,7 @@ class _MasterWatch:
         self.preload = bool(server.cfg.preload_app)
         self.old_master = server.master_pid if self.preload else 0
         self.handing_over = False
+        self.served_once = False
         self.batch_started = time.monotonic()
         self._manifests: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
         scanner = Scanner(settings, watch_modules=False, sources=[self.worker_files, self.config_files])
@@ -318,6 +369,7 @@ class _MasterWatch:
             live = set(self.server.WORKERS)
             fresh = {pid for pid in live - old_workers if self._has_manifest(pid)}
             if len(fresh) >= wanted:
+                self.served_once = True
                 if what == "up":
                     _log.info("wsgi_reload: workers up: %d workers serving; watching %d files",
                               len(fresh), len(self.monitor.scanner.watched_files()))

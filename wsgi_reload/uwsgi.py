@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .check import CheckResult, check_code, in_probe
@@ -70,25 +70,35 @@ class _Watcher:
         try:
             if not self.startup_checked:
                 self.startup_checked = True
-                self.check_startup()
+                if self.app_failed_here():
+                    self.recover_startup()
             changes = self.scanner.scan()
             if changes:
-                self.decide(settle(self.scanner.scan, changes, self.settings.settle))
+                batch = settle(self.scanner.scan, changes, self.settings.settle)
+                self.once(_fingerprint(batch), lambda: self.reloader(batch))
         except Exception:
             _log.exception("wsgi_reload: the change check failed; trying again at the next tick")
 
-    def check_startup(self) -> None:
-        """A broken app at startup leaves no module to watch: learn the failing file from the check."""
-        if self.app_module is None or self.app_module in sys.modules or not self.settings.app:
-            return
+    def app_failed_here(self) -> bool:
+        return self.app_module is not None and self.app_module not in sys.modules and bool(self.settings.app)
+
+    def recover_startup(self) -> None:
+        """The app did not load in this process: a broken app, or a save that raced the start."""
         result = self.check([])
         if not result.ok:
             _log.error("wsgi_reload: the app did not load at startup; watching for a fix")
             self.reloader.refuse(result)
+            return
 
-    def decide(self, batch: Sequence[Change]) -> None:
-        """Act on a batch once per instance, whichever worker saw it first."""
-        fingerprint = _fingerprint(batch)
+        def reload() -> None:
+            _log.warning("wsgi_reload: the app failed to load here but loads now (a save raced the start); "
+                         "reloading uWSGI")
+            self.trigger(())
+
+        self.once(f"recover:{self.uwsgi.masterpid()}:{self.uwsgi.started_on}", reload)
+
+    def once(self, fingerprint: str, action: Callable[[], object]) -> None:
+        """Run ``action`` unless a worker of this instance already ran it for the same fingerprint."""
         with open(self.lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -96,7 +106,7 @@ class _Watcher:
                     _log.debug("wsgi_reload: another worker already handled this change")
                     return
                 self._save_fingerprint(fingerprint)
-                self.reloader(batch)
+                action()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -149,8 +159,16 @@ def _app_target(opt: Any) -> str | None:
 
 
 def _app_module_name(opt: Any) -> str | None:
+    """The module uWSGI loads the app into, to tell whether the app loaded in this process."""
     module = _text(opt.get("module")) or _text(opt.get("wsgi"))
-    return module.split(":", 1)[0] if module else None
+    if module:
+        return module.split(":", 1)[0]
+    path = _text(opt.get("wsgi-file")) or _text(opt.get("file"))
+    if path:
+        # uWSGI names it after the path as given: "uwsgi_file_" plus the path with / and . made _.
+        name = path.replace(".", "_").replace("/", "_")
+        return "uwsgi_file_" + (name[:-3] if name.endswith("_py") else name)
+    return None
 
 
 def _uwsgi_emitter(uwsgi: Any) -> Any:

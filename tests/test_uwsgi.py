@@ -1,0 +1,167 @@
+"""Real uWSGI (built from PyPI) on 127.0.0.1, real HTTP, real file edits."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from servers import BIN, BROKEN_SAVES, Load, free_port, get, greeting, make_app, running, uwsgi, wait_for_body, write
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("uwsgi", path=str(BIN)) is None, reason="uWSGI is not installed"),
+]
+
+RELOADED = r"check passed .*; reloading uWSGI"
+INSTANCE_READY = r"watching for code changes"
+APP_READY = r"WSGI app 0 \(mountpoint=''\) ready"
+
+
+def wait_for_instance(server: object, generation: int, variant: dict[str, object], processes: int = 2) -> None:
+    """Wait until the n-th instance has every worker's app loaded, so the next save races no import."""
+    server.wait_for_log(INSTANCE_READY, count=generation)  # type: ignore[attr-defined]
+    if variant.get("lazy"):
+        server.wait_for_log(APP_READY, count=generation * processes)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["prefork-import", "prefork-in-app", "lazy-import", "lazy-in-app"])
+def variant(request: pytest.FixtureRequest) -> dict[str, object]:
+    forking, enable = request.param.split("-", 1)
+    return {"lazy": forking == "lazy", "enable": enable}
+
+
+def test_edit_is_served_within_three_seconds(tmp_path: Path, variant: dict[str, object]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, **variant), "v1"):  # type: ignore[arg-type]
+        time.sleep(0.5)
+        write(app / "greeting.py", greeting("v2"))
+        took = wait_for_body(port, "v2")
+        assert took < 3.0, f"the edit took {took:.2f} s to be served"
+
+
+def test_ten_reloads_under_load_fail_no_request(tmp_path: Path, variant: dict[str, object]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, **variant), "v1") as server, Load(port, threads=4) as load:  # type: ignore[arg-type]
+        for n in range(2, 12):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            wait_for_body(port, f"v{n}")
+            wait_for_instance(server, n, variant)
+        time.sleep(0.5)
+        ok, failures, bodies = load.snapshot()
+    assert failures == []
+    assert ok > 100
+    assert server.count(RELOADED) == 10
+
+
+def test_broken_saves_keep_the_old_code_serving(tmp_path: Path, variant: dict[str, object]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, **variant), "v1") as server, Load(port, threads=4) as load:  # type: ignore[arg-type]
+        good = "v1"
+        for n, (kind, source) in enumerate(sorted(BROKEN_SAVES.items()), start=2):
+            load.reset_bodies()
+            write(app / "greeting.py", source)
+            time.sleep(5)
+            _, failures, bodies = load.snapshot()
+            assert failures == [], kind
+            assert bodies == {good}, f"{kind}: served {bodies} while the save was broken"
+            assert f"{app / 'greeting.py'}:" in server.log(), f"{kind}: the log does not name the file and line"
+            good = f"v{n}"
+            write(app / "greeting.py", greeting(good))
+            wait_for_body(port, good)
+            wait_for_instance(server, n, variant)
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert server.count(RELOADED) == len(BROKEN_SAVES)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
+def test_an_instance_started_broken_recovers_once_fixed(tmp_path: Path, lazy: bool) -> None:
+    app = make_app(tmp_path)
+    write(app / "greeting.py", BROKEN_SAVES["missing_import"])
+    port = free_port()
+    server = uwsgi(app, port, lazy=lazy)
+    server.ready_pattern = None
+    with running(server, None):
+        server.wait_for_log(r"the app did not load at startup")
+        assert get(port)[0] == 500  # uWSGI: "no python application found"
+        write(app / "greeting.py", greeting("fixed"))
+        wait_for_body(port, "fixed")
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
+def test_a_burst_of_fifty_writes_gives_at_most_two_reloads(tmp_path: Path, lazy: bool) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, lazy=lazy), "v1") as server:
+        time.sleep(0.5)
+        for n in range(50):
+            write(app / "greeting.py", greeting(f"burst-{n}"))
+            time.sleep(0.01)
+        wait_for_body(port, "burst-49")
+        time.sleep(3)
+        assert 1 <= server.count(RELOADED) <= 2
+        assert get(port) == (200, "burst-49")
+
+
+@pytest.mark.parametrize("args", [["--threads", "4"], ["--processes", "8"], ["--processes", "1"]],
+                         ids=["threads", "8-processes", "1-process"])
+def test_worker_layouts_reload(tmp_path: Path, args: list[str]) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, args), "v1") as server, Load(port) as load:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        server.wait_for_log(INSTANCE_READY, count=2)
+        time.sleep(0.5)
+        assert {get(port)[1] for _ in range(30)} == {"v2"}
+        _, failures, _ = load.snapshot()
+    assert failures == []
+
+
+def test_uwsgi_protocol_socket(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, socket_option="--socket"), None) as server:
+        wait_for_body(server.port, "v1")
+        server.wait_for_log(INSTANCE_READY)
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(server.port, "v2")
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
+def test_wsgi_file(tmp_path: Path, lazy: bool) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    server = uwsgi(app, port, lazy=lazy, target=["--wsgi-file", "app.py"])
+    with running(server, "v1"):
+        write(app / "greeting.py", BROKEN_SAVES["syntax"])
+        time.sleep(3)
+        assert get(port) == (200, "v1")
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+
+
+def test_without_master_it_says_so_and_the_app_serves(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    server = uwsgi(app, port)
+    server.argv.remove("--master")
+    server.ready_pattern = r"reloading is off"
+    with running(server, "v1") as server:
+        assert server.count(r"add --master") == 1
+
+
+def test_importing_outside_uwsgi_is_one_clear_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", "import wsgi_reload.uwsgi; print('app carries on')"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0
+    assert done.stdout == "app carries on\n"
+    assert done.stderr.strip().count("\n") == 0
+    assert "not running under uWSGI" in done.stderr and "--import wsgi_reload.uwsgi" in done.stderr
