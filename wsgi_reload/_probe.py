@@ -22,7 +22,7 @@ def load_application(target: str) -> object:
         where, expr = target.split(":", 1)
     else:
         where, expr = target.rstrip(":"), "application"
-    if where.endswith((".py", ".wsgi")) or os.sep in where:
+    if os.sep in where or (where.endswith((".py", ".wsgi")) and os.path.isfile(where)):
         namespace = runpy.run_path(where, run_name="wsgi_reload_probe")
         app = namespace.get(expr)
         if app is None:

@@ -1,0 +1,60 @@
+"""What Django itself would watch: templates, locale files, and whatever apps register."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..settings import Settings, SettingsError
+
+
+def reload_settings() -> Settings:
+    """The shared settings from ``WSGI_RELOAD_*`` and the ``WSGI_RELOAD`` dict in Django settings."""
+    from django.conf import settings
+
+    overrides = getattr(settings, "WSGI_RELOAD", {}) or {}
+    if not isinstance(overrides, dict):
+        raise SettingsError(f"settings.WSGI_RELOAD must be a dict of wsgi_reload settings, not {overrides!r}")
+    loaded = Settings.load(**overrides)
+    if loaded.app is None:
+        loaded = loaded.replace(app=wsgi_target())
+    return loaded
+
+
+def wsgi_target() -> str | None:
+    """``settings.WSGI_APPLICATION`` as ``module:callable`` for the pre-reload check."""
+    from django.conf import settings
+
+    dotted = getattr(settings, "WSGI_APPLICATION", None)
+    if not dotted or "." not in dotted:
+        return None
+    module, _, name = dotted.rpartition(".")
+    return f"{module}:{name}"
+
+
+def django_watch_patterns() -> list[str]:
+    """Files and globs registered through ``autoreload_started``, the way runserver collects them.
+
+    A reloader object is created (never run) and the signal is sent to it, so template
+    directories, locale ``.mo`` files and third-party registrations come back as globs.
+    """
+    from django.utils import autoreload
+
+    collector: Any = autoreload.StatReloader()
+    autoreload.autoreload_started.send(sender=collector)
+    patterns = [str(path) for path in collector.extra_files]
+    for directory, globs in collector.directory_globs.items():
+        patterns.extend(os.path.join(str(directory), pattern) for pattern in sorted(globs))
+    return patterns
+
+
+def load_urlconf() -> None:
+    """Import the root URLconf: views load lazily from it, and their modules must be watched."""
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - importing is the point
+
+
+def with_django_files(settings: Settings) -> Settings:
+    """The settings plus what Django itself would watch."""
+    return settings.replace(extra_files=(*settings.extra_files, *django_watch_patterns()))
