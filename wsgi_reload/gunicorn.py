@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -30,12 +29,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from .check import check_code, in_probe
-from .files import ModuleFiles, error_location, module_file
+from .files import error_location, module_file
 from .logs import forward_to
+from .manifest import ManifestReader, ManifestWriter, manifest_path
 from .monitor import Monitor
 from .reloader import Reloader
 from .scanner import Change, Scanner
@@ -55,9 +55,11 @@ HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "post_request", "ch
 __all__ = [*HOOK_NAMES, "install"]
 
 _overrides: dict[str, Any] = {}
+_prepare: list[Callable[[], object]] = []
+"""Run in the master before watching starts (the Django app loads its URLconf there)."""
 _manifest_dir: str | None = None
 _master: _MasterWatch | None = None
-_worker: _WorkerManifest | None = None
+_worker: ManifestWriter | None = None
 
 
 def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
@@ -116,6 +118,8 @@ def when_ready(server: Any) -> None:
     if in_probe():
         return
     forward_to(_gunicorn_emitter(server.log))
+    for prepare in _prepare:
+        prepare()
     cfg = server.cfg
     try:
         settings = Settings.load(**_overrides)
@@ -152,7 +156,7 @@ def post_fork(server: Any, worker: Any) -> None:
     if _manifest_dir is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
-    _worker = _WorkerManifest(os.path.join(_manifest_dir, f"{os.getpid()}.json"), loaded_at)
+    _worker = ManifestWriter(manifest_path(_manifest_dir, os.getpid()), loaded_at)
     if _master is not None and _master.served_once and not server.cfg.preload_app:
         worker.load_wsgi = _guarded_load(worker.load_wsgi, loaded_at)
 
@@ -167,8 +171,8 @@ def post_worker_init(worker: Any) -> None:
 @_hook
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """Worker: publish again when a request imported more modules (views load lazily)."""
-    if _worker is not None and len(sys.modules) != _worker.published_count:
-        _worker.publish()
+    if _worker is not None:
+        _worker.publish_if_grown()
 
 
 @_hook
@@ -176,7 +180,7 @@ def child_exit(server: Any, worker: Any) -> None:
     """Master: forget the manifest of a worker that exited."""
     if _manifest_dir is not None:
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(_manifest_dir, f"{worker.pid}.json"))
+            os.unlink(manifest_path(_manifest_dir, worker.pid))
 
 
 @_hook
@@ -237,24 +241,6 @@ def _drop_modules_changed_since(loaded_at_ns: int, exc: BaseException) -> bool:
     return changed
 
 
-class _WorkerManifest:
-    def __init__(self, path: str, loaded_at_ns: int) -> None:
-        self.path = path
-        self.loaded_at_ns = loaded_at_ns
-        self.published_count = -1
-        self._files = ModuleFiles()
-        self._lock = threading.Lock()  # gthread workers finish requests on several threads
-
-    def publish(self) -> None:
-        with self._lock:
-            self.published_count = len(sys.modules)
-            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files())}
-            temporary = self.path + ".tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(body, f)
-            os.replace(temporary, self.path)
-
-
 # --- master side ------------------------------------------------------------------------
 
 
@@ -269,7 +255,7 @@ class _MasterWatch:
         self.handing_over = False
         self.served_once = False
         self.batch_started = time.monotonic()
-        self._manifests: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
+        self.worker_files = ManifestReader(manifest_dir, accept=lambda pid: pid in server.WORKERS)
         scanner = Scanner(settings, watch_modules=False, sources=[self.worker_files, self.config_files])
         self.reloader = Reloader(settings, self.trigger, server="gunicorn", check=self.check)
         self.monitor = Monitor(scanner, self.on_batch, wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn")
@@ -291,45 +277,7 @@ class _MasterWatch:
     def check(self, paths: Sequence[str]) -> Any:
         return check_code(paths, self.settings, cwd=os.getcwd(), sys_path=list(sys.path))
 
-    # What to watch: the union of the live workers' manifests, plus the config files.
-
-    def worker_files(self) -> dict[str, int | None]:
-        live = {str(pid) for pid in list(self.server.WORKERS)}
-        files: dict[str, int | None] = {}
-        try:
-            names = os.listdir(self.manifest_dir)
-        except OSError:
-            return files
-        seen = set()
-        for name in names:
-            pid, _, ext = name.partition(".")
-            if ext != "json" or pid not in live:
-                continue
-            seen.add(name)
-            manifest = self._read_manifest(name)
-            if manifest is None:
-                continue
-            loaded_at = manifest["loaded_at_ns"]
-            for path in manifest["files"]:
-                earlier = files.get(path)
-                files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
-        for gone in self._manifests.keys() - seen:
-            del self._manifests[gone]
-        return files
-
-    def _read_manifest(self, name: str) -> Mapping[str, Any] | None:
-        path = os.path.join(self.manifest_dir, name)
-        try:
-            st = os.stat(path)
-            cached = self._manifests.get(name)
-            if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
-                return cached[1]
-            with open(path, encoding="utf-8") as f:
-                manifest: Mapping[str, Any] = json.load(f)
-        except (OSError, ValueError):
-            return None
-        self._manifests[name] = ((st.st_mtime_ns, st.st_size), manifest)
-        return manifest
+    # What to watch: the union of the live workers' manifests (see __init__), plus the config files.
 
     def config_files(self) -> list[str]:
         cfg = self.server.cfg
@@ -381,7 +329,7 @@ class _MasterWatch:
         _log.warning("wsgi_reload: the new workers are not all up %.0f s after the reload", timeout)
 
     def _has_manifest(self, pid: int) -> bool:
-        return os.path.exists(os.path.join(self.manifest_dir, f"{pid}.json"))
+        return os.path.exists(manifest_path(self.manifest_dir, pid))
 
     def _wait_until_promoted(self, timeout: float = 60.0) -> None:
         # gunicorn ignores USR2 from a master whose old master still runs ("Parent exists").

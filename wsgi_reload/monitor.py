@@ -109,6 +109,7 @@ class Monitor:
         first = self._safe_scan()
         if self.settings.backend != "poll":
             self._start_events()
+            self._wake.set()  # a change made while inotify was starting has no event: look again now
         if first:
             self._report(first)
         while not self._stop.is_set():

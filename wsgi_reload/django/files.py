@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from typing import Any
 
 from ..settings import Settings, SettingsError
+
+log = logging.getLogger("wsgi_reload.django")
 
 
 def reload_settings() -> Settings:
@@ -53,6 +58,27 @@ def load_urlconf() -> None:
     from django.urls import get_resolver
 
     get_resolver().url_patterns  # noqa: B018 - importing is the point
+
+
+def load_urlconf_when_ready() -> None:
+    """In a worker: import the URLconf as soon as the apps are ready, from a daemon thread.
+
+    Django imports views on the first request. A worker that has not served yet would
+    otherwise import a view saved broken after it started, and answer with an error.
+    """
+
+    def run() -> None:
+        from django.apps import apps
+
+        deadline = time.monotonic() + 60
+        while not apps.ready and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            load_urlconf()
+        except Exception:
+            log.debug("wsgi_reload: the URLconf does not load yet", exc_info=True)
+
+    threading.Thread(target=run, name="wsgi_reload-urlconf", daemon=True).start()
 
 
 def with_django_files(settings: Settings) -> Settings:

@@ -10,25 +10,23 @@ to the running arbiter, and its preload path (USR2, then retiring the old master
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
-import signal
+import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from ..check import CheckResult, check_code
 from ..logs import forward_to
-from ..monitor import Monitor
-from ..reloader import Reloader
-from ..scanner import Change, Scanner
+from ..manifest import ManifestWriter, manifest_path
 from ..settings import Settings
-from .files import django_watch_patterns, load_urlconf, reload_settings, with_django_files
+from ..sidecar import Sidecar
+from .files import django_watch_patterns, load_urlconf, load_urlconf_when_ready, reload_settings, with_django_files
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -70,6 +68,7 @@ def _install_preload_hooks(arbiter: Any) -> None:
     settings = reload_settings()
     adapter._overrides.update(extra_files=(*settings.extra_files, *django_watch_patterns()),
                               **{k: v for k, v in vars(settings).items() if k != "extra_files"})
+    adapter._prepare.append(load_urlconf)  # in the master, so every worker forks with the views loaded
     cfg = arbiter.cfg
     for name in adapter.HOOK_NAMES:
         hook = getattr(adapter, name)
@@ -93,6 +92,7 @@ class _Candidate:
         threading.Thread(target=self.run, name="wsgi_reload-django", daemon=True).start()
 
     def run(self) -> None:
+        load_urlconf_when_ready()
         lock = open(self.lock_path, "a+")  # noqa: SIM115 - held for the life of the process
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # blocks until the watching worker exits
@@ -112,17 +112,14 @@ class _Candidate:
             time.sleep(0.05)
         load_urlconf()
         settings = with_django_files(self.settings)
-        scanner = Scanner(settings, modules_loaded_at_ns=_STARTED_NS)
-        reloader = Reloader(settings, self.trigger, server="gunicorn", check=self.check)
-        self.monitor = Monitor(scanner, reloader, name="wsgi_reload-django-monitor").start()
+        manifest_dir = tempfile.mkdtemp(prefix=f"wsgi-reload-django-{os.getpid()}-")
+        atexit.register(shutil.rmtree, manifest_dir, True)
+        writer = ManifestWriter(manifest_path(manifest_dir, os.getpid()), _STARTED_NS)
+        writer.publish()
+        # The scan runs in a process of its own: in this worker it would queue for the GIL behind requests.
+        sidecar = Sidecar(manifest_dir, settings, self.master, "HUP", "gunicorn")
         log.info("wsgi_reload: worker %d watches this server (check: %s)", os.getpid(), settings.check)
-
-    def check(self, paths: Sequence[str]) -> CheckResult:
-        return check_code(paths, self.settings, cwd=os.getcwd(), sys_path=list(sys.path))
-
-    def trigger(self, batch: Sequence[Change]) -> None:
-        if os.getppid() != self.master:
-            log.error("wsgi_reload: the gunicorn master %d is gone; not signalling", self.master)
-            return
-        os.kill(self.master, signal.SIGHUP)
-
+        while sidecar.process.poll() is None:
+            time.sleep(2)
+            writer.publish_if_grown()
+        log.error("wsgi_reload: the watcher process exited (code %s); not watching", sidecar.process.returncode)

@@ -5,11 +5,29 @@ from __future__ import annotations
 import logging
 
 from ..uwsgi_timer import start as start_timer
-from .files import load_urlconf, reload_settings, with_django_files
+from .files import load_urlconf, load_urlconf_when_ready, reload_settings, with_django_files
 
 log = logging.getLogger("wsgi_reload.django")
 
 
 def start() -> None:
     """Register the uWSGI timer once for the instance (the master, or each lazy worker)."""
-    start_timer(with_django_files(reload_settings()), prepare=load_urlconf)
+    import uwsgi
+
+    if start_timer(with_django_files(reload_settings()), prepare=load_urlconf) is None:
+        return
+    if uwsgi.worker_id() == 0:
+        # Prefork: no threads in the master before it forks; each worker loads the views after.
+        previous = getattr(uwsgi, "post_fork_hook", None)
+
+        def post_fork() -> None:
+            if previous is not None:
+                previous()
+            try:
+                load_urlconf()
+            except Exception:
+                log.debug("wsgi_reload: the URLconf does not load yet", exc_info=True)
+
+        uwsgi.post_fork_hook = post_fork
+    else:
+        load_urlconf_when_ready()

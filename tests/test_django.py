@@ -1,0 +1,228 @@
+"""The Django app under real gunicorn, real uWSGI and real runserver, with the example project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import (
+    BIN,
+    HERE,
+    Load,
+    Server,
+    free_port,
+    get,
+    gunicorn,
+    running,
+    server_env,
+    uwsgi,
+    wait_for_body,
+    write,
+)
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = HERE.parent / "example_project"
+VIEWS = Path("shop") / "views.py"
+HAS_UWSGI = shutil.which("uwsgi", path=str(BIN)) is not None
+LIVENESS = 10.0
+"""Seconds a change may take to be served before a test calls it hung. Speed is measured by
+benchmarks/, not asserted here (typical: 1 to 3 s with polling defaults)."""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A fresh copy of the example project with its SQLite database created."""
+    target = tmp_path / "site"
+    shutil.copytree(EXAMPLE, target, ignore=shutil.ignore_patterns("db.sqlite3", "__pycache__"))
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=target, check=True, env=server_env())
+    return target
+
+
+def greeting_view(site: Path, greeting: str) -> None:
+    views = site / VIEWS
+    source = views.read_text()
+    start = source.index('GREETING = "') + len('GREETING = "')
+    end = source.index('"', start)
+    write(views, source[:start] + greeting + source[end:])
+
+
+def page(greeting: str) -> str:
+    return f"{greeting} from the template\n"
+
+
+def django_gunicorn(site: Path, port: int, args: list[str], env: dict[str, str] | None = None) -> Server:
+    config = site / "gunicorn.conf.py"
+    server = gunicorn(site, port, ["--chdir", str(site), *args], config=str(config), env=env,
+                      app="mysite.wsgi:application")
+    server.ready_pattern = r"wsgi_reload: worker \d+ watches this server|wsgi_reload: workers up"
+    return server
+
+
+def django_uwsgi(site: Path, port: int, lazy: bool, env: dict[str, str] | None = None) -> Server:
+    server = uwsgi(site, port, lazy=lazy, enable="django", target=["--module", "mysite.wsgi:application"], env=env)
+    return server
+
+
+SERVERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi-prefork", "uwsgi-lazy"]
+
+
+def start(kind: str, site: Path, port: int, env: dict[str, str] | None = None) -> Server:
+    if kind == "gunicorn-sync":
+        return django_gunicorn(site, port, ["-w", "2"], env)
+    if kind == "gunicorn-gthread":
+        return django_gunicorn(site, port, ["-w", "2", "-k", "gthread", "--threads", "4"], env)
+    if kind == "gunicorn-preload":
+        return django_gunicorn(site, port, ["-w", "2", "--preload"], env)
+    if not HAS_UWSGI:
+        pytest.skip("uWSGI is not installed")
+    return django_uwsgi(site, port, lazy=kind == "uwsgi-lazy", env=env)
+
+
+GENERATION = {
+    "gunicorn": r"wsgi_reload: worker \d+ watches this server|wsgi_reload: reload done",
+    "uwsgi": r"watching for code changes",
+}
+
+
+def wait_generation(server: Server, kind: str, n: int) -> None:
+    server.wait_for_log(GENERATION[kind.split("-")[0]], count=n)
+    if kind == "uwsgi-lazy":
+        server.wait_for_log(r"WSGI app 0 \(mountpoint=''\) ready", count=2 * n)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_view_change_is_served_with_no_failed_request(site: Path, kind: str) -> None:
+    port = free_port()
+    with running(start(kind, site, port), page("hello")) as server, Load(port, threads=4) as load:
+        for n in range(1, 6):
+            greeting_view(site, f"hello-{n}")
+            wait_for_body(port, page(f"hello-{n}"), timeout=LIVENESS)
+            wait_generation(server, kind, n + 1)
+        time.sleep(0.5)
+        ok, failures, _ = load.snapshot()
+    assert failures == []
+    assert ok > 50
+
+
+def test_preload_reexecs_and_serves_the_new_view(site: Path) -> None:
+    port = free_port()
+    with running(start("gunicorn-preload", site, port), page("hello")) as server:
+        greeting_view(site, "preloaded")
+        wait_for_body(port, page("preloaded"))
+        server.wait_for_log(r"Handling signal: usr2")
+        server.wait_for_log(r"stopping the old master")
+        time.sleep(1)
+        assert {get(port)[1] for _ in range(20)} == {page("preloaded")}
+        assert server.count(r"Handling signal: usr2") == 1
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-sync", "uwsgi-prefork"])
+def test_a_template_change_reaches_every_cached_loader(site: Path, kind: str) -> None:
+    port = free_port()
+    env = server_env()
+    env["DJANGO_DEBUG"] = "0"  # the cached template loader, as in production
+    with running(start(kind, site, port, env), page("hello")) as server:
+        assert {get(port)[1] for _ in range(20)} == {page("hello")}  # every worker has it cached
+        write(site / "shop" / "templates" / "shop" / "hello.html", "{{ greeting }} from the new template\n")
+        wait_for_body(port, "hello from the new template\n")
+        wait_generation(server, kind, 2)
+        time.sleep(0.5)
+        assert {get(port)[1] for _ in range(20)} == {"hello from the new template\n"}
+
+
+BROKEN = {
+    "views_syntax": (VIEWS, lambda s: s.replace("def hello(request):", "def hello(request)")),
+    "models_exception": (Path("shop") / "models.py", lambda s: s + '\nraise RuntimeError("models cannot load")\n'),
+    "settings_error": (Path("mysite") / "settings.py", lambda s: s + "\nINSTALLED_APPS += undefined_apps\n"),
+}
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-sync", "uwsgi-prefork"])
+def test_broken_saves_keep_the_old_site_serving(site: Path, kind: str) -> None:
+    port = free_port()
+    with running(start(kind, site, port), page("hello")) as server, Load(port, threads=4) as load:
+        good = "hello"
+        for n, (name, (relative, breaker)) in enumerate(BROKEN.items(), start=1):
+            target = site / relative
+            original = target.read_text()
+            write(target, breaker(original))
+            load.reset_bodies()
+            time.sleep(5)
+            _, failures, bodies = load.snapshot()
+            assert failures == [], name
+            assert bodies == {page(good)}, f"{name}: served {bodies} while broken"
+            assert f"{target}:" in server.log(), f"{name}: the log does not name the file and line"
+            write(target, original)
+            good = f"fixed-{n}"
+            greeting_view(site, good)
+            wait_for_body(port, page(good))
+            wait_generation(server, kind, n + 1)
+            time.sleep(0.5)
+        _, failures, _ = load.snapshot()
+    assert failures == []
+
+
+# --- runserver -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runserver(site: Path) -> Iterator[tuple[Server, int]]:
+    port = free_port()
+    server = Server([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}"], port, site,
+                    site.parent / "server.log", server_env())
+    with running(server, page("hello")):
+        yield server, port
+
+
+def test_runserver_restarts_on_a_view_edit(site: Path, runserver: tuple[Server, int]) -> None:
+    server, port = runserver
+    time.sleep(1)
+    greeting_view(site, "restarted")
+    wait_for_body(port, page("restarted"))
+    assert server.count(r"shop/views.py changed, reloading") == 1
+
+
+def test_runserver_resets_templates_without_a_restart(site: Path, runserver: tuple[Server, int]) -> None:
+    server, port = runserver
+    time.sleep(1)
+    restarts = server.count(r"Watching for file changes")
+    write(site / "shop" / "templates" / "shop" / "hello.html", "{{ greeting }} from the edited template\n")
+    wait_for_body(port, "hello from the edited template\n")
+    assert server.count(r"Watching for file changes") == restarts
+
+
+def test_runserver_uses_the_wsgi_reload_reloader(site: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.utils import autoreload; "
+         "print(type(autoreload.get_reloader()).__name__)"],
+        cwd=site, env={**server_env(), "DJANGO_SETTINGS_MODULE": "mysite.settings"}, capture_output=True, text=True,
+    )
+    assert done.stdout.strip() == "WsgiReloadReloader", done.stderr
+
+
+# --- settings and hosts --------------------------------------------------------------------
+
+
+def test_a_bad_setting_is_a_system_check_error(site: Path) -> None:
+    settings = site / "mysite" / "settings.py"
+    settings.write_text(settings.read_text() + '\nWSGI_RELOAD = {"interval": "soon"}\n')
+    done = subprocess.run([sys.executable, "manage.py", "check"], cwd=site, capture_output=True, text=True,
+                          env=server_env())
+    assert done.returncode == 1
+    assert "wsgi_reload.E001" in done.stderr and "interval='soon' is not a number" in done.stderr
+
+
+def test_an_unknown_host_starts_nothing(site: Path) -> None:
+    code = ("import django, threading; django.setup(); "
+            "print(sorted(t.name for t in threading.enumerate() if t.name.startswith('wsgi_reload')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=site, capture_output=True, text=True,
+                          env={**server_env(), "DJANGO_SETTINGS_MODULE": "mysite.settings"})
+    assert done.stdout.strip() == "[]", done.stderr
+    assert os.path.exists(site / "db.sqlite3")

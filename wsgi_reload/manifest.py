@@ -1,0 +1,97 @@
+"""Module lists handed from the processes that import the code to the one process that watches it.
+
+A writer publishes the files of its ``sys.modules`` (and when it began loading them) as a
+small JSON file; a reader turns a directory of such files into a scanner source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .files import ModuleFiles
+
+
+class ManifestWriter:
+    """Publishes this process's module files to ``path``, atomically."""
+
+    def __init__(self, path: str, loaded_at_ns: int) -> None:
+        self.path = path
+        self.loaded_at_ns = loaded_at_ns
+        self.published_count = -1
+        self._files = ModuleFiles()
+        self._lock = threading.Lock()  # gthread workers finish requests on several threads
+
+    def publish(self) -> None:
+        """Write the manifest now."""
+        with self._lock:
+            self.published_count = len(sys.modules)
+            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files())}
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(body, f)
+            os.replace(temporary, self.path)
+
+    def publish_if_grown(self) -> None:
+        """Publish again when modules were imported since (views load lazily)."""
+        if len(sys.modules) != self.published_count:
+            self.publish()
+
+
+class ManifestReader:
+    """A scanner source: the union of the manifests in a directory, each file with its load time.
+
+    ``accept(pid)`` says which manifests still count (live workers); a file in several
+    manifests keeps the earliest load time.
+    """
+
+    def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
+        self.directory = directory
+        self.accept = accept
+        self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
+
+    def __call__(self) -> dict[str, int | None]:
+        files: dict[str, int | None] = {}
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return files
+        seen = set()
+        for name in names:
+            stem, _, ext = name.partition(".")
+            if ext != "json" or not stem.isdigit() or not self.accept(int(stem)):
+                continue
+            seen.add(name)
+            manifest = self._read(name)
+            if manifest is None:
+                continue
+            loaded_at = manifest["loaded_at_ns"]
+            for path in manifest["files"]:
+                earlier = files.get(path)
+                files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
+        for gone in self._cache.keys() - seen:
+            del self._cache[gone]
+        return files
+
+    def _read(self, name: str) -> Mapping[str, Any] | None:
+        path = os.path.join(self.directory, name)
+        try:
+            st = os.stat(path)
+            cached = self._cache.get(name)
+            if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
+                return cached[1]
+            with open(path, encoding="utf-8") as f:
+                manifest: Mapping[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            return None
+        self._cache[name] = ((st.st_mtime_ns, st.st_size), manifest)
+        return manifest
+
+
+def manifest_path(directory: str, pid: int) -> str:
+    """Where process ``pid`` publishes its manifest."""
+    return os.path.join(directory, f"{pid}.json")
