@@ -300,3 +300,16 @@ def test_code_changed_keeps_the_classic_contract(tmp_path: Path, monkeypatch: py
     target.write_text("bb")
     assert wsgi_reload.code_changed() is True
     assert wsgi_reload.code_changed() is False
+
+
+def test_a_glob_file_saved_after_the_process_started_counts_on_the_first_scan(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    old = tmp_path / "t" / "old.html"
+    old.write_text("old")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    started = time.time_ns() - 30_000_000_000
+    edited = tmp_path / "t" / "edited.html"
+    edited.write_text("edited during the reload")
+    scanner = Scanner(Settings.load({}, extra_files=[str(tmp_path / "t" / "*.html")]), watch_modules=False,
+                      modules_loaded_at_ns=started)
+    assert scanner.scan() == [Change(str(edited), "modified")]

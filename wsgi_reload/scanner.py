@@ -71,6 +71,11 @@ class Scanner:
         self._unstatable: set[str] = set()
         self._lock = threading.Lock()
 
+    def add_patterns(self, patterns: Iterable[str]) -> None:
+        """Watch more files, directories or globs, from the next scan on."""
+        with self._lock:
+            self.settings = self.settings.replace(extra_files=(*self.settings.extra_files, *patterns))
+
     def add_source(self, source: Source) -> None:
         """Watch the paths another callable gives, from the next scan on."""
         self._sources.append(source)
@@ -130,6 +135,9 @@ class Scanner:
                 if hint == _GLOB:
                     if not first:
                         changes.append(Change(path, "created"))
+                    elif self._modules_loaded_at is not None and sig[0] > self._modules_loaded_at:
+                        # Saved after this process started: a template edited during a reload.
+                        changes.append(Change(path, "modified"))
                 elif hint is not None and sig[0] > hint:
                     # Changed after the process loaded it: the running code is stale.
                     changes.append(Change(path, "modified"))

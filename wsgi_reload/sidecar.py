@@ -32,7 +32,8 @@ log = logging.getLogger("wsgi_reload.sidecar")
 class Sidecar:
     """The worker's handle on its watcher process."""
 
-    def __init__(self, manifest_dir: str, settings: Settings, signal_pid: int, signal_name: str, server: str) -> None:
+    def __init__(self, manifest_dir: str, settings: Settings, signal_pid: int, signal_name: str, server: str,
+                 loaded_at_ns: int) -> None:
         sys_path = [p or os.getcwd() for p in sys.path]
         config = {
             "manifest_dir": manifest_dir,
@@ -40,6 +41,7 @@ class Sidecar:
             "signal_pid": signal_pid,
             "signal": signal_name,
             "server": server,
+            "loaded_at_ns": loaded_at_ns,
             "cwd": os.getcwd(),
             "sys_path": sys_path,
         }
@@ -81,7 +83,8 @@ def main() -> None:
     def check(paths: Sequence[str]) -> Any:
         return check_code(paths, settings, cwd=config["cwd"], sys_path=config["sys_path"])
 
-    scanner = Scanner(settings, watch_modules=False, sources=[ManifestReader(config["manifest_dir"])])
+    scanner = Scanner(settings, watch_modules=False, sources=[ManifestReader(config["manifest_dir"])],
+                      modules_loaded_at_ns=config["loaded_at_ns"])
     reloader = Reloader(settings, trigger, server=config["server"], check=check)
     monitor = Monitor(scanner, reloader, wake_dirs=[config["manifest_dir"]], name="wsgi_reload-sidecar").start()
     sys.stdin.read()  # returns when the worker that started us exits

@@ -66,9 +66,13 @@ def _install_preload_hooks(arbiter: Any) -> None:
     from .. import gunicorn as adapter
 
     settings = reload_settings()
-    adapter._overrides.update(extra_files=(*settings.extra_files, *django_watch_patterns()),
-                              **{k: v for k, v in vars(settings).items() if k != "extra_files"})
-    adapter._prepare.append(load_urlconf)  # in the master, so every worker forks with the views loaded
+
+    def prepare() -> None:
+        # In the master once the preload finished: the views load before the workers fork.
+        load_urlconf()
+        adapter._overrides.update(vars(settings), extra_files=(*settings.extra_files, *django_watch_patterns()))
+
+    adapter._prepare.append(prepare)
     cfg = arbiter.cfg
     for name in adapter.HOOK_NAMES:
         hook = getattr(adapter, name)
@@ -117,7 +121,7 @@ class _Candidate:
         writer = ManifestWriter(manifest_path(manifest_dir, os.getpid()), _STARTED_NS)
         writer.publish()
         # The scan runs in a process of its own: in this worker it would queue for the GIL behind requests.
-        sidecar = Sidecar(manifest_dir, settings, self.master, "HUP", "gunicorn")
+        sidecar = Sidecar(manifest_dir, settings, self.master, "HUP", "gunicorn", _STARTED_NS)
         log.info("wsgi_reload: worker %d watches this server (check: %s)", os.getpid(), settings.check)
         while sidecar.process.poll() is None:
             time.sleep(2)

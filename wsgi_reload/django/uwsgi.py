@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ..uwsgi_timer import start as start_timer
-from .files import load_urlconf, load_urlconf_when_ready, reload_settings, with_django_files
+from .files import django_watch_patterns, load_urlconf, load_urlconf_when_ready, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
+
+
+def prepare(watcher: Any) -> None:
+    """In the worker, before its first scan: apps are ready, so Django can say what it watches."""
+    load_urlconf()
+    watcher.scanner.add_patterns(django_watch_patterns())
 
 
 def start() -> None:
     """Register the uWSGI timer once for the instance (the master, or each lazy worker)."""
     import uwsgi
 
-    if start_timer(with_django_files(reload_settings()), prepare=load_urlconf) is None:
+    watcher = start_timer(reload_settings(), prepare=lambda: prepare(watcher))
+    if watcher is None:
         return
     if uwsgi.worker_id() == 0:
         # Prefork: no threads in the master before it forks; each worker loads the views after.
