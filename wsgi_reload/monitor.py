@@ -17,8 +17,8 @@ from .scanner import Change, Scanner
 
 log = logging.getLogger("wsgi_reload.monitor")
 
-EVENTS_RESCAN_SECONDS = 10.0
-"""With events, a full rescan this often still picks up newly imported modules' directories."""
+EVENTS_RESCAN_SECONDS = 60.0
+"""With events, a full rescan this often; new module directories are also picked up when a manifest changes."""
 
 MAX_SETTLE_SECONDS = 3.0
 """A file that never stops changing (a log under a glob) must not hold a batch back forever."""

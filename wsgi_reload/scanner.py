@@ -28,7 +28,8 @@ Source = Callable[[], Mapping[str, int | None] | Iterable[str]]
 """A callable giving paths to watch; a mapping may give each path the time (ns) its content was loaded."""
 
 _GLOB = -1  # hint for a file found by a glob or directory pattern
-_UNSTATABLE: Signature = (-1, -1, -1)  # a file that could not be stat'ed this time
+_MISSING = (FileNotFoundError, NotADirectoryError)
+_UNSEEN = (-2, -2, -2)  # not in the baseline yet
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -119,16 +120,27 @@ class Scanner:
             baseline = self._baseline
             first = not self._scanned
             changes: list[Change] = []
+            stat = os.stat
+            missing = _MISSING
             for path, hint in entries.items():
-                sig = self._stat(path)
-                if sig is _UNSTATABLE:
+                # The hot loop: one stat and one comparison per file, no calls besides.
+                try:
+                    st = stat(path)
+                    sig: Signature | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+                except missing:
+                    sig = None
+                except (OSError, ValueError) as exc:
+                    self._cannot_stat(path, exc)
                     continue
-                if path in baseline:
-                    old = baseline[path]
-                    if old != sig:
-                        baseline[path] = sig
-                        changes.append(Change(path, _kind(old, sig)))
+                old = baseline.get(path, _UNSEEN)
+                if old == sig:
                     continue
+                if old is not _UNSEEN:
+                    baseline[path] = sig
+                    changes.append(Change(path, _kind(old, sig)))
+                    continue
+                if self._unstatable:
+                    self._unstatable.discard(path)
                 baseline[path] = sig
                 if sig is None:
                     continue
@@ -157,19 +169,10 @@ class Scanner:
                 deleted.append(Change(path, "deleted"))
         return deleted
 
-    def _stat(self, path: str) -> Signature | None:
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, ValueError) as exc:
-            if path not in self._unstatable:
-                self._unstatable.add(path)
-                log.warning("wsgi_reload: cannot stat %s (%s); not watching it until it can be read", path, exc)
-            return _UNSTATABLE
-        if self._unstatable and path in self._unstatable:
-            self._unstatable.discard(path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _cannot_stat(self, path: str, exc: BaseException) -> None:
+        if path not in self._unstatable:
+            self._unstatable.add(path)
+            log.warning("wsgi_reload: cannot stat %s (%s); not watching it until it can be read", path, exc)
 
 
 def _kind(old: Signature | None, new: Signature | None) -> ChangeKind:

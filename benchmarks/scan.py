@@ -1,0 +1,173 @@
+"""One full scan, per watched file, for this scanner and its peers, measured in the same run.
+
+    python benchmarks/scan.py [--sizes 1000 10000] [--idle-seconds 20]
+
+Builds a synthetic package of N imported modules, then times, best of several rounds:
+a raw ``os.stat`` loop (the floor), ``wsgi_reload.Scanner.scan()``, gunicorn's
+``Reloader`` walk (``get_files()`` plus its stat loop), Django's
+``StatReloader.snapshot_files()`` and the seed-style ``code_changed()`` (stat every
+``sys.modules`` file, compare ``st_mtime``). Then the CPU an idle monitor uses per minute
+with the polling and the event backends. Prints ratios against the raw loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wsgi_reload import Monitor, Scanner, Settings
+
+
+def build_package(root: Path, name: str, count: int) -> list[str]:
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    per_dir = 100
+    for d in range(0, count, per_dir):
+        sub = package / f"d{d // per_dir}"
+        sub.mkdir()
+        (sub / "__init__.py").write_text("")
+        for n in range(d, min(d + per_dir, count)):
+            (sub / f"m{n}.py").write_text(f"VALUE = {n}\n")
+    sys.path.insert(0, str(root))
+    for d in range(0, count, per_dir):
+        for n in range(d, min(d + per_dir, count)):
+            importlib.import_module(f"{name}.d{d // per_dir}.m{n}")
+    return [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]  # type: ignore[misc]
+
+
+def best(func: Callable[[], object], rounds: int = 7) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def raw_stat_loop(files: list[str]) -> Callable[[], object]:
+    def run() -> None:
+        for path in files:
+            try:
+                os.stat(path)
+            except OSError:
+                pass
+
+    return run
+
+
+def seed_code_changed() -> Callable[[], object]:
+    mtimes: dict[str, float] = {}
+
+    def run() -> bool:
+        changed = False
+        for module in list(sys.modules.values()):
+            filename = getattr(module, "__file__", None)
+            if not filename:
+                continue
+            if filename.endswith((".pyc", ".pyo")):
+                filename = filename[:-1]
+            try:
+                mtime = os.stat(filename).st_mtime
+            except OSError:
+                continue
+            old = mtimes.setdefault(filename, mtime)
+            changed = changed or mtime > old
+        return changed
+
+    return run
+
+
+def gunicorn_walk() -> Callable[[], object] | None:
+    try:
+        from gunicorn.reloader import Reloader
+    except ImportError:
+        return None
+    reloader = Reloader()
+    mtimes: dict[str, float] = {}
+
+    def run() -> None:  # the body of Reloader.run() without its sleep
+        for filename in reloader.get_files():
+            try:
+                mtime = os.stat(filename).st_mtime
+            except OSError:
+                continue
+            mtimes.setdefault(filename, mtime)
+
+    return run
+
+
+def django_snapshot() -> Callable[[], object] | None:
+    try:
+        import django
+        from django.conf import settings
+    except ImportError:
+        return None
+    if not settings.configured:
+        settings.configure(INSTALLED_APPS=[])
+        django.setup()
+    from django.utils.autoreload import StatReloader
+
+    reloader = StatReloader()
+    return lambda: list(reloader.snapshot_files())
+
+
+def idle_cpu_per_minute(backend: str, seconds: float) -> tuple[str, float]:
+    monitor = Monitor(Scanner(Settings(backend=backend)), lambda batch: None).start()
+    time.sleep(1.5)  # the baseline scan and, for events, the watcher start
+    start = time.process_time()
+    time.sleep(seconds)
+    used = time.process_time() - start
+    monitor.stop()
+    return monitor.backend, used * 60 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="wsgi-reload-bench-"))
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} cores; µs per watched file, best of 7 full scans\n")
+    print(f"| {'imported modules':>16} | {'files':>6} | {'raw os.stat':>11} | {'wsgi_reload':>16} | "
+          f"{'gunicorn Reloader':>17} | {'Django StatReloader':>19} | {'seed code_changed':>17} |")
+    print(f"|{'-' * 18}|{'-' * 8}|{'-' * 13}|{'-' * 18}|{'-' * 19}|{'-' * 21}|{'-' * 19}|")
+    imported = 0
+    for size in args.sizes:
+        build_package(root, f"bench_pkg_{size}", size - imported if imported < size else size)
+        imported = size
+        scanner = Scanner(Settings())
+        scanner.scan()
+        files = list(scanner.watched_files())
+        floor = best(raw_stat_loop(files))
+        ours = best(scanner.scan)
+        peers = [gunicorn_walk(), django_snapshot(), seed_code_changed()]
+        for peer in peers:
+            if peer is not None:
+                peer()  # first call records a baseline
+        timings = [best(p) if p is not None else None for p in peers]
+        per_file = 1e6 / len(files)
+
+        def cell(t: float | None, width: int) -> str:
+            if t is None:
+                return f"{'n/a':>{width}}"
+            return f"{t * per_file:6.2f} ({t / floor:4.2f}x)".rjust(width)
+
+        print(f"| {len(sys.modules):>16} | {len(files):>6} | {floor * per_file:11.2f} | {cell(ours, 16)} | "
+              f"{cell(timings[0], 17)} | {cell(timings[1], 19)} | {cell(timings[2], 17)} |")
+
+    print(f"\nIdle CPU of a monitor over {len(sys.modules)} modules, CPU-seconds per minute:")
+    for backend in ("poll", "events"):
+        used_backend, cpu = idle_cpu_per_minute(backend, args.idle_seconds)
+        print(f"- {backend} (ran as {used_backend}): {cpu:.3f}")
+
+
+if __name__ == "__main__":
+    main()
