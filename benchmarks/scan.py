@@ -155,7 +155,7 @@ def main() -> None:
         timings = [best(p) if p is not None else None for p in peers]
         per_file = 1e6 / len(files)
 
-        def cell(t: float | None, width: int) -> str:
+        def cell(t: float | None, width: int, per_file: float = per_file, floor: float = floor) -> str:
             if t is None:
                 return f"{'n/a':>{width}}"
             return f"{t * per_file:6.2f} ({t / floor:4.2f}x)".rjust(width)
