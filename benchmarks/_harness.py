@@ -87,7 +87,9 @@ def measure(name: str, start: Callable[[Path, int], Server], edits: int, idle_se
             time.sleep(broken_seconds)
             ok, failures, bodies = load.snapshot()
         row["failed while broken"] = f"{len(failures)} of {ok + len(failures)}"
-        row["served while broken"] = "old code" if bodies <= {good} else ", ".join(sorted(bodies))[:30]
+        kinds = sorted({f.split(":")[0] for f in failures})
+        served = ["old code"] if ok and bodies <= {good} else sorted(bodies)
+        row["served while broken"] = ", ".join(served + kinds)[:40]
         write(app / "greeting.py", greeting("fixed"))
         try:
             wait_for_body(port, "fixed", timeout=15)

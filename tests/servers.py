@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,6 +105,29 @@ BROKEN_SAVES = {
     "app_build_error": greeting("broken", setup='raise RuntimeError("cannot build the app")'),
 }
 """Saves that break the app in each way the issue names; each must keep the old code serving."""
+
+
+def hold_broken_saves(server: Server, app: Path, load: Load, wait_reloaded: Callable[[int], None],
+                      hold: float = 5.0) -> None:
+    """Each kind of broken save, held ``hold`` seconds under load, then fixed with the next version.
+
+    While broken: no failed request, only the last good version served, the server alive and
+    the log naming greeting.py with a line. After each fix: the new version is served.
+    """
+    good = "v1"
+    for n, (kind, source) in enumerate(sorted(BROKEN_SAVES.items()), start=2):
+        load.reset_bodies()
+        write(app / "greeting.py", source)
+        time.sleep(hold)
+        _, failures, bodies = load.snapshot()
+        assert failures == [], kind
+        assert bodies == {good}, f"{kind}: served {bodies} while the save was broken"
+        assert server.alive()
+        assert f"{app / 'greeting.py'}:" in server.log(), f"{kind}: the log does not name the file and line"
+        good = f"v{n}"
+        write(app / "greeting.py", greeting(good))
+        wait_for_body(load.port, good)
+        wait_reloaded(n)
 
 
 class Load:

@@ -9,7 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import BIN, BROKEN_SAVES, Load, free_port, get, greeting, make_app, running, uwsgi, wait_for_body, write
+from servers import (
+    BIN,
+    BROKEN_SAVES,
+    Load,
+    free_port,
+    get,
+    greeting,
+    hold_broken_saves,
+    make_app,
+    running,
+    uwsgi,
+    wait_for_body,
+    write,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -64,19 +77,7 @@ def test_broken_saves_keep_the_old_code_serving(tmp_path: Path, variant: dict[st
     app = make_app(tmp_path)
     port = free_port()
     with running(uwsgi(app, port, **variant), "v1") as server, Load(port, threads=4) as load:  # type: ignore[arg-type]
-        good = "v1"
-        for n, (kind, source) in enumerate(sorted(BROKEN_SAVES.items()), start=2):
-            load.reset_bodies()
-            write(app / "greeting.py", source)
-            time.sleep(5)
-            _, failures, bodies = load.snapshot()
-            assert failures == [], kind
-            assert bodies == {good}, f"{kind}: served {bodies} while the save was broken"
-            assert f"{app / 'greeting.py'}:" in server.log(), f"{kind}: the log does not name the file and line"
-            good = f"v{n}"
-            write(app / "greeting.py", greeting(good))
-            wait_for_body(port, good)
-            wait_for_instance(server, n, variant)
+        hold_broken_saves(server, app, load, lambda generation: wait_for_instance(server, generation, variant))
         _, failures, _ = load.snapshot()
     assert failures == []
     assert server.count(RELOADED) == len(BROKEN_SAVES)
