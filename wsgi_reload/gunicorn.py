@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
-from .check import check_code, in_probe
+from .check import in_probe
 from .files import error_location, module_file
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
@@ -119,7 +119,11 @@ def when_ready(server: Any) -> None:
         return
     forward_to(_gunicorn_emitter(server.log))
     for prepare in _prepare:
-        prepare()
+        try:
+            prepare()
+        except Exception as exc:  # a broken URLconf at start: watch anyway, so its fix reloads
+            _log.error("wsgi_reload: preparing to watch failed (%s: %s); watching what loaded",
+                       type(exc).__name__, exc)
     cfg = server.cfg
     try:
         settings = Settings.load(**_overrides)
@@ -257,7 +261,7 @@ class _MasterWatch:
         self.batch_started = time.monotonic()
         self.worker_files = ManifestReader(manifest_dir, accept=lambda pid: pid in server.WORKERS)
         scanner = Scanner(settings, watch_modules=False, sources=[self.worker_files, self.config_files])
-        self.reloader = Reloader(settings, self.trigger, server="gunicorn", check=self.check)
+        self.reloader = Reloader(settings, self.trigger, server="gunicorn")
         self.monitor = Monitor(scanner, self.on_batch, wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn")
 
     def start(self) -> None:
@@ -273,9 +277,6 @@ class _MasterWatch:
     def close(self) -> None:
         self.monitor.stop(timeout=2)
         shutil.rmtree(self.manifest_dir, ignore_errors=True)
-
-    def check(self, paths: Sequence[str]) -> Any:
-        return check_code(paths, self.settings, cwd=os.getcwd(), sys_path=list(sys.path))
 
     # What to watch: the union of the live workers' manifests (see __init__), plus the config files.
 

@@ -33,6 +33,7 @@ class Reloader:
         self.settings = settings
         self.trigger = trigger
         self.server = server
+        # By default the check imports with this process's sys.path, environment and directory.
         self.check = check if check is not None else (lambda paths: check_code(paths, settings))
         self.log = logger if logger is not None else log
         self.broken: CheckResult | None = None

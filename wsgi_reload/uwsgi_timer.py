@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .check import CheckResult, check_code, in_probe
+from .check import in_probe
 from .logs import forward_to
 from .monitor import settle
 from .reloader import Reloader
@@ -50,14 +50,11 @@ class _Watcher:
         self.prepare = prepare
         self.app_module = _app_module_name(uwsgi.opt)
         self.scanner = Scanner(settings, modules_loaded_at_ns=_LOADED_NS)
-        self.reloader = Reloader(settings, self.trigger, server="uWSGI", check=self.check)
+        self.reloader = Reloader(settings, self.trigger, server="uWSGI")
         self.startup_checked = False
         base = os.path.join(tempfile.gettempdir(), f"wsgi-reload-uwsgi-{uwsgi.masterpid()}")
         self.lock_path = base + ".lock"
         self.state_path = base + ".json"
-
-    def check(self, paths: Sequence[str]) -> CheckResult:
-        return check_code(paths, self.settings, cwd=os.getcwd(), sys_path=list(sys.path))
 
     def trigger(self, batch: Sequence[Change]) -> None:
         self.uwsgi.reload()
@@ -83,7 +80,7 @@ class _Watcher:
 
     def recover_startup(self) -> None:
         """The app did not load in this process: a broken app, or a save that raced the start."""
-        result = self.check([])
+        result = self.reloader.check([])
         if not result.ok:
             _log.error("wsgi_reload: the app did not load at startup; watching for a fix")
             self.reloader.refuse(result)
