@@ -244,3 +244,51 @@ def test_apply_file_runs_a_hotfix_once(load: object, tmp_path: Path) -> None:
     broken = tmp_path / "fix_2.py"
     broken.write_text("def (:\n")
     assert "SyntaxError" in (apply_file(str(broken)).error or "")
+
+
+# --- body-only patches (gunicorn's patch mode) ---------------------------------------------
+
+from wsgi_reload.patch import apply, judge  # noqa: E402
+
+PATCH_BASE = """
+X = 1
+
+def f(a, b=2):
+    return a + b
+
+class C:
+    def m(self):
+        return 1
+
+def outer():
+    y = 1
+    def inner():
+        return y
+    return inner
+"""
+
+
+@pytest.mark.parametrize("edit, patchable, reason", [
+    (("return a + b", "return a * b"), True, ""),
+    (("return 1\n", "return 11\n"), True, ""),
+    (("X = 1", "X = 2"), False, "more than function bodies changed"),
+    (("b=2", "b=3"), False, "more than function bodies changed"),
+    (("def f(a, b=2):", "@staticmethod\ndef f(a, b=2):"), False, "more than function bodies changed"),
+    (("        return y", "        return y + X"), True, ""),
+    (("    y = 1\n    def inner():\n        return y", "    y = 1\n    z = 2\n    def inner():\n        return y + z"),
+     False, "outer.<locals>.inner now closes over ('y', 'z'), not ('y',)"),
+])
+def test_judge_accepts_only_body_changes(edit: tuple[str, str], patchable: bool, reason: str) -> None:
+    verdict = judge(PATCH_BASE, PATCH_BASE.replace(*edit), "x.py")
+    assert verdict.patchable is patchable
+    assert verdict.reason == reason
+
+
+def test_apply_swaps_bodies_without_running_module_code(load: object) -> None:
+    module = load(PATCH_BASE + "\nCALLS = []\nCALLS.append(1)\n")  # type: ignore[operator]
+    f, instance = module.f, module.C()
+    new = PATCH_BASE.replace("return a + b", "return a * b").replace("return 1\n", "return 11\n")
+    patched = apply(module, new + "\nCALLS = []\nCALLS.append(1)\n", module.__file__)
+    assert f(3) == 6 and instance.m() == 11
+    assert module.CALLS == [1]  # the module body did not run again
+    assert f"{module.__name__}.f" in patched and f"{module.__name__}.C.m" in patched

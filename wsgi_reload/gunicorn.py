@@ -34,6 +34,7 @@ from typing import Any
 
 from .check import in_probe
 from .files import error_location, module_file
+from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
 from .monitor import Monitor
@@ -50,7 +51,7 @@ PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.
 """Worker classes (and their subclasses) whose preload re-exec is supported. gevent must
 monkey-patch before the app is imported, which preload_app prevents."""
 
-HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "post_request", "child_exit", "on_exit")
+HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "pre_request", "post_request", "child_exit", "on_exit")
 
 __all__ = [*HOOK_NAMES, "install"]
 
@@ -60,6 +61,7 @@ _prepare: list[Callable[[], object]] = []
 _manifest_dir: str | None = None
 _master: _MasterWatch | None = None
 _worker: ManifestWriter | None = None
+_patches: PatchApplier | None = None
 
 
 def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
@@ -156,11 +158,13 @@ def when_ready(server: Any) -> None:
 @_hook
 def post_fork(server: Any, worker: Any) -> None:
     """Worker: note when this worker started loading code."""
-    global _worker
+    global _worker, _patches
     if _manifest_dir is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
     _worker = ManifestWriter(manifest_path(_manifest_dir, os.getpid()), loaded_at)
+    if _master is not None and _master.patcher is not None:
+        _patches = PatchApplier(_manifest_dir)
     if _master is not None and _master.served_once and not server.cfg.preload_app:
         worker.load_wsgi = _guarded_load(worker.load_wsgi, loaded_at)
 
@@ -170,6 +174,13 @@ def post_worker_init(worker: Any) -> None:
     """Worker: publish the files this worker imported."""
     if _worker is not None:
         _worker.publish()
+
+
+@_hook
+def pre_request(worker: Any, req: Any) -> None:
+    """Worker, patch mode: apply a newer body-only patch before serving."""
+    if _patches is not None:
+        _patches.maybe_apply()
 
 
 @_hook
@@ -260,7 +271,16 @@ class _MasterWatch:
         self.served_once = False
         self.batch_started = time.monotonic()
         self.worker_files = ManifestReader(manifest_dir, accept=lambda pid: pid in server.WORKERS)
-        scanner = Scanner(settings, watch_modules=False, sources=[self.worker_files, self.config_files])
+        self.patcher = PatchPublisher(manifest_dir, os.getcwd()) if settings.mode == "patch" else None
+        worker_files: Any = self.worker_files
+        if self.patcher is not None:
+            if self.preload:
+                _log.warning("wsgi_reload: mode=patch does not apply with preload_app (workers fork from the "
+                             "master's old code); reloading instead")
+                self.patcher = None
+            else:
+                worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
+        scanner = Scanner(settings, watch_modules=False, sources=[worker_files, self.config_files])
         self.reloader = Reloader(settings, self.trigger, server="gunicorn")
         self.monitor = Monitor(scanner, self.on_batch, wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn")
 
@@ -298,6 +318,21 @@ class _MasterWatch:
         self.reloader(batch)
 
     def trigger(self, batch: Sequence[Change]) -> None:
+        if self.patcher is not None:
+            reason = self.patcher.publish(batch)
+            if reason is None:
+                _log.info("wsgi_reload: patched in place, no restart: each worker takes the new bodies "
+                          "before its next request")
+                self.patcher.watch_for_failures(self.fall_back)
+                return
+            _log.info("wsgi_reload: not patchable (%s); reloading", reason)
+        self.reload()
+
+    def fall_back(self, reason: str) -> None:
+        _log.warning("wsgi_reload: a worker could not take the patch (%s); reloading", reason)
+        self.reload()
+
+    def reload(self) -> None:
         if not self.preload:
             old_workers = set(self.server.WORKERS)
             os.kill(self.pid, signal.SIGHUP)

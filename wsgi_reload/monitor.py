@@ -227,6 +227,7 @@ class _EventWatcher:
                 while not (self._restart.is_set() or self._stop.wait(0.5)):
                     pass
                 continue
+            fresh = True
             try:
                 for changes in watch(
                     *dirs,
@@ -240,8 +241,11 @@ class _EventWatcher:
                     ignore_permission_denied=True,
                 ):
                     self._started.set()
-                    if changes:
+                    if changes or fresh:
+                        # Fresh: the directories changed and inotify was rebuilt; what was saved in
+                        # between has no event, so the monitor looks once more.
                         self._wake.set()
+                        fresh = False
                     if self._restart.is_set() or self._stop.is_set():
                         break
             except Exception as exc:  # watch limit reached, inotify missing, a directory vanished

@@ -12,6 +12,7 @@ ENV_PREFIX = "WSGI_RELOAD_"
 
 BACKENDS = ("auto", "poll", "events")
 CHECK_MODES = ("import", "compile", "off")
+MODES = ("restart", "patch")
 
 
 class SettingsError(ValueError):
@@ -43,6 +44,9 @@ class Settings:
     """Seconds the files must be quiet before a batch of changes is reported."""
     app: str | None = None
     """The entry point the import check loads (``module:callable``); adapters fill it in."""
+    mode: str = "restart"
+    """gunicorn: ``restart`` (graceful reload) or ``patch`` (swap function bodies in the workers when
+    only bodies changed, else reload)."""
 
     def __post_init__(self) -> None:
         _require_number("interval", self.interval, minimum=0.01)
@@ -50,6 +54,7 @@ class Settings:
         _require_number("settle", self.settle, minimum=0.0)
         _require_choice("backend", self.backend, BACKENDS)
         _require_choice("check", self.check, CHECK_MODES)
+        _require_choice("mode", self.mode, MODES)
         for name in ("extra_files", "include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):

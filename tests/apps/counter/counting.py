@@ -1,0 +1,5 @@
+LABEL = "count"
+
+
+def text(hits):
+    return f"v1 {hits}"

@@ -1,0 +1,101 @@
+"""gunicorn's patch mode under real gunicorn: body-only edits go in place, the rest reloads."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from servers import Load, free_port, get, gunicorn, make_app, running, server_env, write
+
+pytestmark = pytest.mark.slow
+
+COUNTING = 'LABEL = "count"\n\n\ndef text(hits):\n    return f"{version} {{hits}}"\n'
+
+
+def counting(version: str, label: str = "count") -> str:
+    return COUNTING.format(version=version).replace('"count"', f'"{label}"')
+
+
+def wait_for_version(port: int, version: str, timeout: float = 10.0) -> int:
+    """Poll until the app answers ``version N``; returns N."""
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            status, body = get(port)
+        except OSError:  # still starting
+            time.sleep(0.05)
+            continue
+        match = re.fullmatch(rf"{version} (\d+)", body)
+        if status == 200 and match:
+            return int(match.group(1))
+        time.sleep(0.02)
+    raise AssertionError(f"never served {version!r}; last {body!r}")
+
+
+def start(tmp_path: Path, port: int, args: list[str]) -> tuple[Path, object]:
+    app = make_app(tmp_path, "counter")
+    return app, gunicorn(app, port, args, env=server_env(mode="patch"))
+
+
+def test_a_body_only_edit_is_patched_and_the_state_is_kept(tmp_path: Path) -> None:
+    port = free_port()
+    app, server = start(tmp_path, port, ["-w", "1"])
+    with running(server, None) as server:  # type: ignore[arg-type]
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        for _ in range(5):
+            get(port)
+        write(app / "counting.py", counting("v2"))
+        hits = wait_for_version(port, "v2")
+        assert hits > 6  # the in-memory count went on: no restart
+        assert server.count(r"patched in place") == 1
+        assert server.count(r"Hang up") == 0
+
+
+def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
+    port = free_port()
+    app, server = start(tmp_path, port, ["-w", "1"])
+    with running(server, None) as server:  # type: ignore[arg-type]
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        for _ in range(5):
+            get(port)
+        write(app / "counting.py", counting("v2", label="changed"))
+        server.wait_for_log(r"not patchable .*more than function bodies changed")
+        server.wait_for_log(r"Hang up")
+        assert wait_for_version(port, "v2") < 5  # a fresh worker started counting again
+
+
+def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:
+    port = free_port()
+    app, server = start(tmp_path, port, ["-w", "2", "-k", "gthread", "--threads", "4"])
+    with running(server, None) as server:  # type: ignore[arg-type]
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        with Load(port, threads=4) as load:
+            for n in range(2, 7):
+                write(app / "counting.py", counting(f"v{n}"))
+                server.wait_for_log(r"patched in place", count=n - 1)
+                for _ in range(20):  # every worker answers with the new body
+                    wait_for_version(port, f"v{n}")
+            _, failures, _ = load.snapshot()
+    assert failures == []
+    assert server.count(r"Hang up") == 0
+
+
+def test_a_broken_save_is_neither_patched_nor_reloaded(tmp_path: Path) -> None:
+    port = free_port()
+    app, server = start(tmp_path, port, ["-w", "1"])
+    with running(server, None) as server:  # type: ignore[arg-type]
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        write(app / "counting.py", counting("v2").replace("return f", "return (f"))
+        server.wait_for_log(r"not reloading, the new code does not load")
+        time.sleep(1)
+        wait_for_version(port, "v1")
+        write(app / "counting.py", counting("v3"))
+        wait_for_version(port, "v3")
+        assert server.count(r"Hang up") == 0
