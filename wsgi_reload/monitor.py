@@ -17,7 +17,7 @@ from .scanner import Change, Scanner
 
 log = logging.getLogger("wsgi_reload.monitor")
 
-EVENTS_RESCAN_SECONDS = 60.0
+EVENTS_RESCAN_SECONDS = 20.0
 """With events, a full rescan this often; new module directories are also picked up when a manifest changes."""
 
 MAX_SETTLE_SECONDS = 3.0
