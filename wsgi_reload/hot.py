@@ -127,10 +127,13 @@ def _carry(old: Any, new: Any, where: str, report: PatchReport, inside_class: bo
 def _carry_module(module: types.ModuleType, before: dict[str, Any], report: PatchReport) -> None:
     namespace = module.__dict__
     for name, new in list(namespace.items()):
-        old = before.get(name)
-        if old is None or old is new or name.startswith("__"):
-            if old is None and not name.startswith("__"):
-                report.added.append(f"{module.__name__}.{name}")
+        if name.startswith("__"):
+            continue
+        if name not in before:
+            report.added.append(f"{module.__name__}.{name}")
+            continue
+        old = before[name]
+        if old is new:
             continue
         if getattr(new, "__module__", module.__name__) != module.__name__:
             continue  # imported from elsewhere: not ours to patch
