@@ -73,12 +73,19 @@ def load_urlconf_when_ready() -> None:
         deadline = time.monotonic() + 60
         while not apps.ready and time.monotonic() < deadline:
             time.sleep(0.02)
-        try:
-            load_urlconf()
-        except Exception:
-            log.debug("wsgi_reload: the URLconf does not load yet", exc_info=True)
+        preload_views()
 
     threading.Thread(target=run, name="wsgi_reload-urlconf", daemon=True).start()
+
+
+def preload_views() -> None:
+    """Load the URLconf now, in this worker, and say so once."""
+    try:
+        load_urlconf()
+    except Exception as exc:
+        log.warning("wsgi_reload: worker %d cannot load the URLconf (%s: %s)", os.getpid(), type(exc).__name__, exc)
+    else:
+        log.info("wsgi_reload: worker %d has the views loaded", os.getpid())
 
 
 def with_django_files(settings: Settings) -> Settings:

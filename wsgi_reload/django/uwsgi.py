@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from ..uwsgi_timer import start as start_timer
-from .files import django_watch_patterns, load_urlconf, load_urlconf_when_ready, reload_settings
+from .files import django_watch_patterns, load_urlconf, load_urlconf_when_ready, preload_views, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -31,10 +31,7 @@ def start() -> None:
         def post_fork() -> None:
             if previous is not None:
                 previous()
-            try:
-                load_urlconf()
-            except Exception:
-                log.debug("wsgi_reload: the URLconf does not load yet", exc_info=True)
+            preload_views()
 
         uwsgi.post_fork_hook = post_fork
     else:
