@@ -63,10 +63,17 @@ def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
         server.wait_for_log(r"workers up")
         for _ in range(5):
             get(port)
+        write(app / "counting.py", counting("v1b"))  # first a patch
+        wait_for_version(port, "v1b")
         write(app / "counting.py", counting("v2", label="changed"))
         server.wait_for_log(r"not patchable .*more than function bodies changed")
         server.wait_for_log(r"Hang up")
         assert wait_for_version(port, "v2") < 5  # a fresh worker started counting again
+        server.wait_for_log(r"reload done")
+        write(app / "counting.py", counting("v3", label="changed"))  # the new worker takes patches too
+        wait_for_version(port, "v3")
+        assert server.count(r"patched in place") == 2
+        assert server.count(r"Hang up") == 1
 
 
 def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:

@@ -326,10 +326,13 @@ class _MasterWatch:
                 self.patcher.watch_for_failures(self.fall_back)
                 return
             _log.info("wsgi_reload: not patchable (%s); reloading", reason)
+            self.patcher.reset(batch)
         self.reload()
 
     def fall_back(self, reason: str) -> None:
         _log.warning("wsgi_reload: a worker could not take the patch (%s); reloading", reason)
+        if self.patcher is not None:
+            self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
         self.reload()
 
     def reload(self) -> None:

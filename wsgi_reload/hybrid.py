@@ -32,6 +32,7 @@ class PatchPublisher:
         self.manifest_dir = manifest_dir
         self.app_dir = app_dir.rstrip(os.sep) + os.sep
         self.sources: dict[str, bytes] = {}
+        self.patched: dict[str, bytes] = {}
         self.generation = 0
 
     def remember(self, files: Mapping[str, int | None]) -> Mapping[str, int | None]:
@@ -69,7 +70,11 @@ class PatchPublisher:
                 return f"{change.path}: {verdict.reason}"
             new_sources[change.path] = new
         self.generation += 1
-        body = {"generation": self.generation, "files": sorted(new_sources)}
+        # Cumulative, so a worker that skipped a generation catches up; and exactly the source
+        # that was judged and checked, never a later save.
+        self.patched.update(new_sources)
+        files = {path: source.decode("latin-1") for path, source in self.patched.items()}
+        body = {"generation": self.generation, "files": files}
         path = os.path.join(self.manifest_dir, PATCH_FILE)
         temporary = f"{path}.tmp"
         with open(temporary, "w", encoding="utf-8") as f:
@@ -77,6 +82,17 @@ class PatchPublisher:
         os.replace(temporary, path)
         self.sources.update(new_sources)
         return None
+
+    def reset(self, batch: Sequence[Change]) -> None:
+        """Before a reload: the new workers import from disk, so no patch applies to them."""
+        self.patched.clear()
+        self.generation += 1
+        try:
+            os.unlink(os.path.join(self.manifest_dir, PATCH_FILE))
+        except OSError:
+            pass
+        for change in batch:
+            self.sources.pop(change.path, None)  # seen afresh in the new workers' manifests
 
     def watch_for_failures(self, on_failure: Callable[[str], object], seconds: float = 30.0) -> None:
         """Call ``on_failure(reason)`` once if a worker reports it could not apply the patch."""
@@ -128,18 +144,16 @@ class PatchApplier:
             if patch["generation"] <= self.generation:
                 return
             self.generation = patch["generation"]
-            for path in patch["files"]:
-                self._apply_file(path)
+            for path, text in patch["files"].items():
+                self._apply_file(path, text.encode("latin-1"))
 
-    def _apply_file(self, path: str) -> None:
+    def _apply_file(self, path: str, source: bytes) -> None:
         module = module_for(path)
         if module is None:
-            return  # not loaded here: this worker imports the new file when it needs it
+            return  # not loaded here: this worker imports the file when it needs it
         try:
-            with open(path, "rb") as f:
-                source = f.read()
             patched = apply(module, source, path)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (SyntaxError, ValueError) as exc:
             reason = f"worker {os.getpid()}: {exc}"
             log.warning("wsgi_reload: cannot patch in place: %s", reason)
             with open(os.path.join(self.manifest_dir, f"{os.getpid()}{FAILED_SUFFIX}"), "w", encoding="utf-8") as f:
