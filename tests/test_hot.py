@@ -292,3 +292,27 @@ def test_apply_swaps_bodies_without_running_module_code(load: object) -> None:
     assert f(3) == 6 and instance.m() == 11
     assert module.CALLS == [1]  # the module body did not run again
     assert f"{module.__name__}.f" in patched and f"{module.__name__}.C.m" in patched
+
+
+def test_a_worker_that_cannot_take_a_patch_makes_the_master_fall_back(load: object, tmp_path: Path) -> None:
+    import json
+
+    from wsgi_reload.hybrid import PATCH_FILE, PatchApplier, PatchPublisher
+
+    module = load("def outer():\n    y = 1\n    def inner():\n        return y\n    return inner\n\n"  # type: ignore[operator]
+                  "kept = outer()\n")
+    shared = tmp_path / "manifests"
+    shared.mkdir()
+    publisher = PatchPublisher(str(shared), str(tmp_path))
+    reasons: list[str] = []
+    # What only this worker has loaded: the published source gives ``inner`` other free variables.
+    new = ("def outer():\n    y = 1\n    z = 2\n    def inner():\n        return y + z\n    return inner\n\n"
+           "kept = outer()\n")
+    (shared / PATCH_FILE).write_text(json.dumps({"generation": 1, "files": {module.__file__: new}}))
+    publisher.watch_for_failures(reasons.append, seconds=5)
+    PatchApplier(str(shared)).maybe_apply()
+    deadline = time.monotonic() + 5
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(reasons) == 1 and "free variables differ" in reasons[0]
+    assert module.kept() == 1  # the worker kept its old code
