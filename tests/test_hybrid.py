@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from servers import Load, free_port, get, gunicorn, make_app, running, server_env, write
+from servers import Load, Server, free_port, get, gunicorn, make_app, running, server_env, write
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +37,19 @@ def wait_for_version(port: int, version: str, timeout: float = 10.0) -> int:
     raise AssertionError(f"never served {version!r}; last {body!r}")
 
 
-def start(tmp_path: Path, port: int, args: list[str]) -> tuple[Path, object]:
+@contextmanager
+def patching_server(tmp_path: Path, args: list[str]) -> Iterator[tuple[Path, Server, int]]:
+    """The counter app under gunicorn in patch mode, answering v1 with every worker up."""
     app = make_app(tmp_path, "counter")
-    return app, gunicorn(app, port, args, env=server_env(mode="patch"))
+    port = free_port()
+    with running(gunicorn(app, port, args, env=server_env(mode="patch")), None) as server:
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        yield app, server, port
 
 
 def test_a_body_only_edit_is_patched_and_the_state_is_kept(tmp_path: Path) -> None:
-    port = free_port()
-    app, server = start(tmp_path, port, ["-w", "1"])
-    with running(server, None) as server:  # type: ignore[arg-type]
-        wait_for_version(port, "v1")
-        server.wait_for_log(r"workers up")
+    with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
         for _ in range(5):
             get(port)
         write(app / "counting.py", counting("v2"))
@@ -56,11 +60,7 @@ def test_a_body_only_edit_is_patched_and_the_state_is_kept(tmp_path: Path) -> No
 
 
 def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
-    port = free_port()
-    app, server = start(tmp_path, port, ["-w", "1"])
-    with running(server, None) as server:  # type: ignore[arg-type]
-        wait_for_version(port, "v1")
-        server.wait_for_log(r"workers up")
+    with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
         for _ in range(5):
             get(port)
         write(app / "counting.py", counting("v1b"))  # first a patch
@@ -77,11 +77,7 @@ def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
 
 
 def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:
-    port = free_port()
-    app, server = start(tmp_path, port, ["-w", "2", "-k", "gthread", "--threads", "4"])
-    with running(server, None) as server:  # type: ignore[arg-type]
-        wait_for_version(port, "v1")
-        server.wait_for_log(r"workers up")
+    with patching_server(tmp_path, ["-w", "2", "-k", "gthread", "--threads", "4"]) as (app, server, port):
         with Load(port, threads=4) as load:
             for n in range(2, 7):
                 write(app / "counting.py", counting(f"v{n}"))
@@ -94,11 +90,7 @@ def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:
 
 
 def test_a_broken_save_is_neither_patched_nor_reloaded(tmp_path: Path) -> None:
-    port = free_port()
-    app, server = start(tmp_path, port, ["-w", "1"])
-    with running(server, None) as server:  # type: ignore[arg-type]
-        wait_for_version(port, "v1")
-        server.wait_for_log(r"workers up")
+    with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
         write(app / "counting.py", counting("v2").replace("return f", "return (f"))
         server.wait_for_log(r"not reloading, the new code does not load")
         time.sleep(1)
