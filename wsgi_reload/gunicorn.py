@@ -351,11 +351,11 @@ class _MasterWatch:
     def report_new_workers(self, old_workers: set[int], started: float, what: str = "reload done",
                            timeout: float = 120.0) -> None:
         """Log once every worker of the new generation has loaded its code."""
-        wanted = self.server.num_workers
         while time.monotonic() - started < timeout:
             live = set(self.server.WORKERS)
             fresh = {pid for pid in live - old_workers if self._has_manifest(pid)}
-            if len(fresh) >= wanted:
+            # Read each time: a HUP that re-reads an edited config can change the worker count.
+            if fresh and len(fresh) >= self.server.num_workers:
                 self.served_once = True
                 if what == "up":
                     _log.info("wsgi_reload: workers up: %d workers serving; watching %d files",
