@@ -313,3 +313,11 @@ def test_a_glob_file_saved_after_the_process_started_counts_on_the_first_scan(tm
     scanner = Scanner(Settings.load({}, extra_files=[str(tmp_path / "t" / "*.html")]), watch_modules=False,
                       modules_loaded_at_ns=started)
     assert scanner.scan() == [Change(str(edited), "modified")]
+
+
+def test_a_named_extra_file_saved_after_the_process_started_counts_on_the_first_scan(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("A=1")
+    scanner = Scanner(Settings.load({}, extra_files=[str(env)]), watch_modules=False,
+                      modules_loaded_at_ns=time.time_ns() - 30_000_000_000)
+    assert scanner.scan() == [Change(str(env), "modified")]

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from .check import check_code, compile_files, import_app
@@ -74,6 +75,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    started = time.time_ns()  # a save after this, even before the first scan, counts
     try:
         signum = _signal_number(args.signal)
         missing = [p for p in args.paths if not any(c in p for c in "*?[") and not os.path.exists(p)]
@@ -100,7 +102,7 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     reloader = Reloader(settings, send, server=f"pid {pid}",
                         check=lambda paths: check_code(paths, settings, cwd=cwd, sys_path=sys_path))
-    monitor = Monitor(Scanner(settings, watch_modules=False), reloader)
+    monitor = Monitor(Scanner(settings, watch_modules=False, modules_loaded_at_ns=started), reloader)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

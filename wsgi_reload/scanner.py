@@ -58,7 +58,7 @@ class Scanner:
         watch_modules: bool = True,
         modules: Mapping[str, object] | None = None,
         sources: Iterable[Source] = (),
-        modules_loaded_at_ns: int | None = None,
+        modules_loaded_at_ns: int | None = None,  # also applies to extra files and glob matches
         base_dir: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
@@ -108,7 +108,7 @@ class Scanner:
                         entries.setdefault(path, _GLOB)
             else:  # a file the user named is watched whatever the excludes say
                 for path in paths:
-                    entries.setdefault(path, None)
+                    entries.setdefault(path, self._modules_loaded_at)
         for path, read_at in failed_imports().items():
             entries[path] = read_at
         return entries
