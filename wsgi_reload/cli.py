@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from .check import check_code, compile_files, import_app
+from .files import is_glob
 from .monitor import Monitor
 from .reloader import Reloader
 from .scanner import Change, Scanner
@@ -78,7 +79,7 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.time_ns()  # a save after this, even before the first scan, counts
     try:
         signum = _signal_number(args.signal)
-        missing = [p for p in args.paths if not any(c in p for c in "*?[") and not os.path.exists(p)]
+        missing = [p for p in args.paths if not is_glob(p) and not os.path.exists(p)]
         if missing:
             raise TargetError(f"no such file or directory: {', '.join(missing)}")
         pid = _resolve_pid(args.pid, args.pidfile)

@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .files import is_glob
+
 ENV_PREFIX = "WSGI_RELOAD_"
 
 BACKENDS = ("auto", "poll", "events")
@@ -105,7 +107,7 @@ def missing_extra_files(settings: Settings, base: str | None = None) -> list[str
     base = os.getcwd() if base is None else base
     return [
         p for p in settings.extra_files
-        if not any(c in p for c in "*?[") and not os.path.exists(os.path.join(base, os.path.expanduser(p)))
+        if not is_glob(p) and not os.path.exists(os.path.join(base, os.path.expanduser(p)))
     ]
 
 
