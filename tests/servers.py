@@ -297,5 +297,5 @@ def uwsgi(
     if lazy:
         server.ready_pattern, server.ready_count = r"WSGI app 0 \(mountpoint=''\) ready", processes
     else:
-        server.ready_pattern = r"watching for code changes|reloading is off"
+        server.ready_pattern, server.ready_count = r"publishes its modules to the watcher", processes
     return server

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_reload import Change, Monitor, Reloader, Scanner, Settings, SettingsError
+from wsgi_reload import Change, Monitor, ReloadGate, Scanner, Settings, SettingsError
 from wsgi_reload.check import check_code, compile_files, import_app
 from wsgi_reload.files import failed_imports
 
@@ -124,7 +124,7 @@ def test_a_broken_batch_never_triggers_and_is_logged_once(tmp_path: Path, caplog
     app_dir(tmp_path, "VALUE = (\n")
     settings = Settings(app="probe_app:application")
     triggered: list[object] = []
-    reloader = Reloader(settings, triggered.append,
+    reloader = ReloadGate(settings, triggered.append,
                         check=lambda paths: check_code(paths, settings, cwd=str(tmp_path), sys_path=[str(tmp_path)]))
     batch = [Change(str(tmp_path / "probe_helper.py"), "modified")]
     with caplog.at_level(logging.INFO, logger="wsgi_reload"):
@@ -151,12 +151,29 @@ def test_settings_come_from_the_environment_and_keywords_win() -> None:
     assert settings.check == "off"
 
 
+def test_every_bad_setting_is_named_at_once_on_one_line() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"WSGI_RELOAD_INTERVAL": "inf", "WSGI_RELOAD_BACKND": "poll"}, settle=-1, colour="blue")
+    message = str(info.value)
+    assert "\n" not in message
+    for part in ("WSGI_RELOAD_INTERVAL='inf'", "WSGI_RELOAD_BACKND; did you mean WSGI_RELOAD_BACKEND?",
+                 "settle=-1 is out of range", "unknown wsgi_reload setting 'colour'"):
+        assert part in message
+
+
 @pytest.mark.parametrize("environ, kwargs, message", [
-    ({"WSGI_RELOAD_INTERVALL": "1"}, {}, "unknown environment variable WSGI_RELOAD_INTERVALL: wsgi_reload accepts"),
+    ({"WSGI_RELOAD_INTERVALL": "1"}, {},
+     "unknown environment variable WSGI_RELOAD_INTERVALL; did you mean WSGI_RELOAD_INTERVAL?"),
     ({"WSGI_RELOAD_INTERVAL": "soon"}, {}, "WSGI_RELOAD_INTERVAL='soon' is not a number"),
     ({}, {"backend": "inotify"}, "backend='inotify' is not valid: use one of auto, poll, events"),
     ({}, {"check": "yes"}, "check='yes' is not valid: use one of import, compile, off"),
-    ({}, {"interval": 0}, "interval=0 is too small"),
+    ({}, {"interval": 0}, "interval=0 is out of range: give seconds from 0.01 to 3600"),
+    ({"WSGI_RELOAD_INTERVAL": "inf"}, {}, "WSGI_RELOAD_INTERVAL='inf' is not a number of seconds"),
+    ({"WSGI_RELOAD_INTERVAL": "1e10"}, {}, "WSGI_RELOAD_INTERVAL='1e10' is out of range"),
+    ({"WSGI_RELOAD_SETTLE": "inf"}, {}, "WSGI_RELOAD_SETTLE='inf' is not a number of seconds"),
+    ({"WSGI_RELOAD_CHECK_TIMEOUT": "inf"}, {}, "WSGI_RELOAD_CHECK_TIMEOUT='inf' is not a number of seconds"),
+    ({}, {"check_timeout": float("nan")}, "check_timeout=nan is not a number of seconds"),
+    ({}, {"extra_file": "x"}, "unknown wsgi_reload setting 'extra_file'; did you mean extra_files?"),
     ({}, {"colour": "blue"}, "unknown wsgi_reload setting 'colour'"),
     ({}, {"app": "not an app"}, "app='not an app' is not valid"),
 ])

@@ -61,7 +61,7 @@ def django_gunicorn(site: Path, port: int, args: list[str], env: dict[str, str] 
     config = site / "gunicorn.conf.py"
     server = gunicorn(site, port, ["--chdir", str(site), *args], config=str(config), env=env,
                       app="mysite.wsgi:application")
-    server.ready_pattern = r"wsgi_reload: worker \d+ watches this server|wsgi_reload: workers up"
+    server.ready_pattern = r"wsgi_reload: worker \d+ publishes its modules|wsgi_reload: workers up"
     return server
 
 
@@ -85,21 +85,17 @@ def start(kind: str, site: Path, port: int, env: dict[str, str] | None = None) -
     return django_uwsgi(site, port, lazy=kind == "uwsgi-lazy", env=env)
 
 
-GENERATION = {
-    "gunicorn": r"wsgi_reload: worker \d+ watches this server|wsgi_reload: reload done",
-    "uwsgi": r"watching for code changes",
-}
-
-
 def wait_generation(server: Server, kind: str, n: int) -> None:
-    """Wait until the n-th generation watches and both of its workers have the views loaded.
+    """Wait until both workers of the n-th generation have the views loaded and told the watcher.
 
     A worker that starts while a save is broken loads the broken view (see the README's
     limits), so a test saves only once every worker of the generation is up.
     """
-    server.wait_for_log(GENERATION[kind.split("-")[0]], count=n)
-    if kind != "gunicorn-preload":
-        server.wait_for_log(r"has the views loaded", count=2 * n)
+    if kind == "gunicorn-preload":
+        server.wait_for_log(r"wsgi_reload: workers up|wsgi_reload: reload done", count=n)
+        return
+    server.wait_for_log(r"wsgi_reload: worker \d+ publishes its modules", count=2 * n)
+    server.wait_for_log(r"has the views loaded", count=2 * n)
 
 
 @pytest.mark.parametrize("kind", SERVERS)

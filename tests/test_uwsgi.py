@@ -30,13 +30,14 @@ pytestmark = [
 ]
 
 RELOADED = r"check passed .*; reloading uWSGI"
-INSTANCE_READY = r"watching for code changes"
+INSTANCE_READY = r"publishes its modules to the watcher"
+"""Each worker of each generation says so once."""
 APP_READY = r"WSGI app 0 \(mountpoint=''\) ready"
 
 
 def wait_for_instance(server: object, generation: int, variant: dict[str, object], processes: int = 2) -> None:
     """Wait until the n-th instance has every worker's app loaded, so the next save races no import."""
-    server.wait_for_log(INSTANCE_READY, count=generation)  # type: ignore[attr-defined]
+    server.wait_for_log(INSTANCE_READY, count=generation * processes)  # type: ignore[attr-defined]
     if variant.get("lazy"):
         server.wait_for_log(APP_READY, count=generation * processes)  # type: ignore[attr-defined]
 
@@ -91,10 +92,13 @@ def test_an_instance_started_broken_recovers_once_fixed(tmp_path: Path, lazy: bo
     server = uwsgi(app, port, lazy=lazy)
     server.ready_pattern = None
     with running(server, None):
-        server.wait_for_log(r"the app did not load at startup")
+        server.wait_for_log(r"the app does not load, so the workers have no code to serve")
         assert get(port)[0] == 500  # uWSGI: "no python application found"
         write(app / "greeting.py", greeting("fixed"))
         wait_for_body(port, "fixed")
+        # Said once for the server, not once per worker, and never "the old code keeps serving".
+        assert server.count(r"the app does not load") == 1
+        assert server.count(r"old code keeps serving") == 0
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
@@ -112,15 +116,15 @@ def test_a_burst_of_fifty_writes_gives_at_most_two_reloads(tmp_path: Path, lazy:
         assert get(port) == (200, "burst-49")
 
 
-@pytest.mark.parametrize("args", [["--threads", "4"], ["--processes", "8"], ["--processes", "1"]],
+@pytest.mark.parametrize("args, processes", [(["--threads", "4"], 2), ([], 8), ([], 1)],
                          ids=["threads", "8-processes", "1-process"])
-def test_worker_layouts_reload(tmp_path: Path, args: list[str]) -> None:
+def test_worker_layouts_reload(tmp_path: Path, args: list[str], processes: int) -> None:
     app = make_app(tmp_path)
     port = free_port()
-    with running(uwsgi(app, port, args), "v1") as server, Load(port) as load:
+    with running(uwsgi(app, port, args, processes=processes), "v1") as server, Load(port) as load:
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2")
-        server.wait_for_log(INSTANCE_READY, count=2)
+        server.wait_for_log(INSTANCE_READY, count=2 * processes)
         time.sleep(0.5)
         assert {get(port)[1] for _ in range(30)} == {"v2"}
         _, failures, _ = load.snapshot()
@@ -155,7 +159,7 @@ def test_without_master_it_says_so_and_the_app_serves(tmp_path: Path) -> None:
     port = free_port()
     server = uwsgi(app, port)
     server.argv.remove("--master")
-    server.ready_pattern = r"reloading is off"
+    server.ready_pattern, server.ready_count = r"reloading is off", 1
     with running(server, "v1") as server:
         assert server.count(r"add --master") == 1
 

@@ -1,28 +1,32 @@
 """Graceful code reloading for gunicorn, uWSGI and Django that never reloads into broken code.
 
 The core is server-agnostic: :class:`Scanner` finds changed files, :func:`check_code`
-proves the new code loads, and :class:`Monitor` runs the scanner in a thread. The
-adapters :mod:`wsgi_reload.gunicorn`, :mod:`wsgi_reload.uwsgi` and
-:mod:`wsgi_reload.django` turn a good change into the server's own graceful reload.
+proves the new code loads, :class:`ReloadGate` acts only on code that loads, and
+:class:`Watcher` runs them in a thread for one server. The adapters
+:mod:`wsgi_reload.gunicorn`, :mod:`wsgi_reload.uwsgi` and :mod:`wsgi_reload.django` turn a
+good change into the server's own graceful reload.
 """
 
 from .check import CheckResult, check_code, compile_files, import_app
 from .files import failed_imports
+from .gate import ActionFailed, ReloadGate
 from .monitor import Monitor
-from .reloader import Reloader
 from .scanner import Change, Scanner, code_changed
 from .settings import Settings, SettingsError
+from .watcher import Watcher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActionFailed",
     "Change",
     "CheckResult",
     "Monitor",
-    "Reloader",
+    "ReloadGate",
     "Scanner",
     "Settings",
     "SettingsError",
+    "Watcher",
     "__version__",
     "check_code",
     "code_changed",

@@ -1,19 +1,83 @@
 """Loads an application in a fresh interpreter and reports whether it loaded.
 
-:mod:`wsgi_reload.check` runs this file's source with ``python -B -c``, so it must not import
-``wsgi_reload`` itself: the child's ``sys.path`` is the parent's, set from the payload
-on standard input, and the result goes back as one JSON object on a pipe.
+:mod:`wsgi_reload.check` runs this file's source with ``python -I -B -c``, so it must not
+import ``wsgi_reload`` itself. The payload (JSON) arrives on standard input; records go out
+as JSON lines on file descriptor 3: one ``start``/``end`` pair per user module imported, so
+that a crash, an ``os._exit`` or a hang still tells which file was loading, then one
+``result`` record.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.abc
 import json
 import os
 import runpy
 import sys
+import sysconfig
 import traceback
+from typing import Any
+
+RESULT_FD = 3
+
+
+def _emit(record: dict[str, Any]) -> None:
+    data = (json.dumps(record) + "\n").encode()
+    while data:
+        data = data[os.write(RESULT_FD, data):]
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(sorted(dirs))
+
+
+LIBRARY_DIRS = _library_dirs()
+
+
+def is_user_file(path: str | None) -> bool:
+    """A file of the project's own, not the standard library's or an installed package's."""
+    if not path or path.startswith("<"):
+        return False
+    return not os.path.abspath(path).startswith(LIBRARY_DIRS)
+
+
+class _ImportTracer(importlib.abc.MetaPathFinder):
+    """Reports the start and end of every user module's execution."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader: Any = spec.loader
+        origin = spec.origin
+        if origin is not None and is_user_file(origin) and hasattr(loader, "exec_module"):
+            run = loader.exec_module
+            origin = os.path.abspath(origin)
+
+            def exec_module(module: Any) -> None:
+                _emit({"event": "start", "file": origin})
+                run(module)
+                _emit({"event": "end", "file": origin})
+
+            loader.exec_module = exec_module  # each spec has a loader object of its own
+        return spec
+
+
+class AppNotFound(Exception):
+    """The app spec names something the module does not have."""
+
+    def __init__(self, message: str, file: str | None) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 def load_application(target: str) -> object:
@@ -26,23 +90,38 @@ def load_application(target: str) -> object:
         namespace = runpy.run_path(where, run_name="wsgi_reload_probe")
         app = namespace.get(expr)
         if app is None:
-            raise LookupError(f"{where} defines no {expr!r}")
+            raise AppNotFound(f"{where} defines no {expr!r} (the app is {target})", os.path.abspath(where))
     else:
-        module = importlib.import_module(where)
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name and (where == exc.name or where.startswith(exc.name + ".")):
+                raise AppNotFound(f"No module named {exc.name!r} (the app is {target}); check the module "
+                                  "name and the directory the server starts in", None) from None
+            raise
+        file = getattr(module, "__file__", None)
         node = ast.parse(expr, mode="eval").body
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            factory = getattr(module, node.func.id)
+            factory = _attribute(module, node.func.id, target, file)
             args = [ast.literal_eval(a) for a in node.args]
             kwargs = {str(k.arg): ast.literal_eval(k.value) for k in node.keywords}
             app = factory(*args, **kwargs)
         else:
             app = module
             for part in expr.split("."):
-                app = getattr(app, part)
+                app = _attribute(app, part, target, file)
     if not callable(app):
-        raise TypeError(f"{target} is not callable")
+        raise AppNotFound(f"{target} is not callable", None)
     _load_django_urls()
     return app
+
+
+def _attribute(obj: object, name: str, target: str, file: str | None) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise AppNotFound(f"{getattr(obj, '__name__', obj)!s} has no attribute {name!r} (the app is {target})",
+                          file) from None
 
 
 def _load_django_urls() -> None:
@@ -59,34 +138,39 @@ def _load_django_urls() -> None:
 
 
 def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
+    """The user's file and line to blame: a SyntaxError's own, else the innermost frame of the user's."""
+    if isinstance(exc, AppNotFound):
+        return exc.file, None, str(exc)
     if isinstance(exc, SyntaxError) and exc.filename:
         return os.path.abspath(exc.filename), exc.lineno, exc.msg
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename and not frame.filename.startswith("<"):
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename and not f.filename.startswith("<")]
+    for frame in reversed(frames):
+        if is_user_file(frame.filename):
             return os.path.abspath(frame.filename), frame.lineno, str(exc)
     return None, None, str(exc)
 
 
 def main() -> None:
     payload = json.loads(sys.stdin.read())
+    os.chdir(payload["cwd"])
     sys.path[:] = payload["sys_path"]
-    result_fd = payload["result_fd"]
+    sys.meta_path.insert(0, _ImportTracer())
     try:
         load_application(payload["app"])
+        for name in payload.get("modules", ()):
+            importlib.import_module(name)  # changed modules a worker loaded lazily
         result: dict[str, object] = {"ok": True}
     except BaseException as exc:  # SystemExit from an app counts as a failure to load too
         path, line, message = _location(exc)
         result = {
             "ok": False,
             "type": type(exc).__name__,
-            "message": message,
+            "message": message if len(message) <= 1000 else message[:1000] + "...",
             "file": path,
             "line": line,
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
         }
-    with os.fdopen(result_fd, "w", encoding="utf-8") as out:
-        json.dump(result, out)
-    sys.stdout.flush()
+    _emit({"event": "result", "result": result})
     # Skip atexit handlers and thread joins the app may have started.
     os._exit(0)
 

@@ -11,13 +11,14 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from . import spawn
 from .settings import Settings
 
 PROBE_ENV = "_WSGI_RELOAD_PROBE"
@@ -84,56 +85,96 @@ def import_app(
     cwd: str | None = None,
     sys_path: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
+    modules: Sequence[str] = (),
 ) -> CheckResult:
-    """Import ``app`` (``module:callable``) in a fresh interpreter and report how it went."""
+    """Import ``app`` (``module:callable``), then ``modules``, in a fresh interpreter and report how it went.
+
+    The interpreter leads its own process group, and the whole group is killed when it is
+    done or when ``timeout`` runs out, so a child the app starts at import (or a fork) can
+    neither outlive the check nor hold it up. Nothing is read from a pipe: the payload goes
+    in and the records come out through unlinked temporary files.
+    """
     started = time.time_ns()
     clock = time.monotonic()
-    payload_env = dict(os.environ if env is None else env)
-    payload_env[PROBE_ENV] = "1"
-    payload_env["PYTHONDONTWRITEBYTECODE"] = "1"
-    read_fd, write_fd = os.pipe()
+    child_env = dict(os.environ if env is None else env)
+    child_env[PROBE_ENV] = "1"
+    child_env["PYTHONDONTWRITEBYTECODE"] = "1"
+    cwd = os.path.abspath(cwd) if cwd else os.getcwd()
     payload = {
-        "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in (sys.path if sys_path is None else sys_path)],
+        "sys_path": [os.path.abspath(p) if p else cwd for p in (sys.path if sys_path is None else sys_path)],
         "app": app,
-        "result_fd": write_fd,
+        "cwd": cwd,
+        "modules": list(modules),
     }
-    try:
-        proc = subprocess.Popen(
-            [python_executable(), "-B", "-c", _PROBE_SOURCE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=payload_env,
-            pass_fds=(write_fd,),
-        )
-    except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
-        return CheckResult(False, "import", f"cannot start the check interpreter: {exc}", started_ns=started)
-    os.close(write_fd)
-    try:
-        _, stderr = proc.communicate(json.dumps(payload).encode(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        os.close(read_fd)
-        return CheckResult(False, "timeout", f"importing {app} took longer than {timeout:g} s "
-                           "(raise check_timeout if the app is slow to load)",
-                           started_ns=started, seconds=time.monotonic() - clock)
-    with os.fdopen(read_fd, "r", encoding="utf-8") as pipe:
-        raw = pipe.read()
-    seconds = time.monotonic() - clock
-    try:
-        result = json.loads(raw)
-    except ValueError:
-        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return CheckResult(False, "import", f"the check interpreter died while importing {app}: {tail[0]}",
-                           started_ns=started, seconds=seconds)
+    with spawn.data_file(json.dumps(payload).encode()) as stdin, spawn.data_file() as records, \
+            spawn.data_file() as stderr:
+        try:
+            pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _PROBE_SOURCE], env=child_env,
+                              stdin=stdin, stderr=stderr, extra_fd=records.fileno())
+        except OSError as exc:
+            return CheckResult(False, "import", f"cannot start the check interpreter: {exc}", started_ns=started)
+        try:
+            exited, code = spawn.wait_exit(pid, timeout)
+        finally:
+            spawn.kill_group(pid)
+        seconds = time.monotonic() - clock
+        records.seek(0)
+        outcome = _read_records(records.read().decode("utf-8", errors="replace"))
+        stderr.seek(0)
+        errors = stderr.read()[-4000:].decode("utf-8", errors="replace")
+    loading = outcome.loading
+    if not exited:
+        where = f" (it was still running {loading})" if loading else ""
+        return CheckResult(False, "timeout", f"importing {app} took longer than {timeout:g} s{where}; raise "
+                           "check_timeout if the app is slow to load", loading, started_ns=started, seconds=seconds)
+    result = outcome.result
+    if result is None:
+        tail = errors.strip().splitlines()[-1:]
+        detail = f": {tail[0][:300]}" if tail else ""
+        what = "this file" if loading else app
+        return CheckResult(False, "import", f"{_exit_description(code)} while importing {what}{detail}", loading,
+                           details=errors, started_ns=started, seconds=seconds)
     if result["ok"]:
         return CheckResult(True, "import", started_ns=started, seconds=seconds)
     return CheckResult(False, "import", f"{result['type']}: {result['message']}", result["file"], result["line"],
                        details=result["traceback"], started_ns=started, seconds=seconds)
+
+
+@dataclasses.dataclass
+class _ProbeOutcome:
+    result: dict[str, Any] | None
+    loading: str | None
+    """The innermost user module still executing when the records stop."""
+
+
+def _read_records(text: str) -> _ProbeOutcome:
+    stack: list[str] = []
+    result = None
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # a record cut short by a crash
+        event = record.get("event")
+        if event == "start":
+            stack.append(record["file"])
+        elif event == "end" and stack:
+            stack.pop()
+        elif event == "result":
+            result = record["result"]
+    return _ProbeOutcome(result, stack[-1] if stack else None)
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "the check interpreter exited before the app loaded"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the check interpreter crashed ({name})"
+    return f"the check interpreter exited with code {code} before the app loaded"
 
 
 def check_code(
@@ -173,15 +214,4 @@ def forget_bytecode(paths: Iterable[str]) -> None:
                 pass
 
 
-def python_executable() -> str:
-    """A Python interpreter for the check, even where ``sys.executable`` is a server binary (uWSGI)."""
-    exe = sys.executable
-    if exe and os.path.basename(exe).startswith("python") and os.access(exe, os.X_OK):
-        return exe
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
-        for name in (version, "python3", "python"):
-            candidate = os.path.join(prefix, "bin", name)
-            if os.access(candidate, os.X_OK):
-                return candidate
-    return shutil.which(version) or shutil.which("python3") or "python3"
+python_executable = spawn.python_executable

@@ -1,4 +1,4 @@
-"""``wsgi-reload``: run the pre-reload check, or watch files and signal any server safely."""
+"""The wsgi-reload command: run the pre-reload check, or watch files and signal any server safely."""
 
 from __future__ import annotations
 
@@ -11,18 +11,25 @@ import threading
 import time
 from collections.abc import Sequence
 
+from . import __version__
 from .check import check_code, compile_files, import_app
 from .files import is_glob
-from .monitor import Monitor
-from .reloader import Reloader
-from .scanner import Change, Scanner
+from .gate import ActionFailed
+from .process import Target, TargetError, from_pidfile
+from .scanner import Change
 from .settings import BACKENDS, CHECK_MODES, Settings, SettingsError
+from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.cli")
 
 
-class TargetError(Exception):
-    """The process to signal cannot be used; the message says why and what to do."""
+EXAMPLES = """examples:
+  wsgi-reload check myapp:app
+  wsgi-reload watch --pidfile /run/myapp.pid --app myapp:app src/ templates/
+  wsgi-reload watch --pid 4242 --signal USR2 '**/*.py'
+
+exit codes: 0 success (check: the app loads), 1 the app does not load or the target exited, 2 bad usage
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,16 +39,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[wsgi-reload] %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "check":
-        return _check(args)
+        return _check(args, parser)
     return _watch(args, parser)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsgi-reload", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="wsgi-reload",
+        description="Run the pre-reload check, or watch files and signal a server only when the new code loads.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"wsgi-reload {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    check = commands.add_parser("check", help="import an app the way a reload would; exit 0 if it loads, 1 if not")
+    check = commands.add_parser("check", help="import an app the way a reload would; exit 0 if it loads, 1 if not, "
+                                "2 for bad usage")
     check.add_argument("app", help="the entry point, MODULE:CALLABLE")
     check.add_argument("--timeout", type=float, default=30.0, help="seconds the import may take (default 30)")
     check.add_argument("--chdir", help="directory to import from (default: the current one)")
@@ -56,13 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--check", choices=CHECK_MODES,
                        help="pre-signal check (default import with --app, else compile)")
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
-    watch.add_argument("--backend", choices=BACKENDS, default="auto")
+    watch.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="file events (inotify, needs watchfiles), polling, or auto: events when they work")
     watch.add_argument("--settle", type=float, default=0.1, help="quiet seconds before a batch is reported")
     watch.add_argument("paths", nargs="+", help="files, directories or globs to watch")
     return parser
 
 
-def _check(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        Settings.load({}, app=args.app, check_timeout=args.timeout)
+    except SettingsError as exc:
+        parser.exit(2, f"wsgi-reload: error: {exc}\n")
+    if args.chdir and not os.path.isdir(args.chdir):
+        parser.exit(2, f"wsgi-reload: error: --chdir {args.chdir}: no such directory\n")
     cwd = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
     sys_path = [cwd] + [p for p in sys.path if p]
     result = compile_files(args.files)
@@ -82,7 +101,9 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         missing = [p for p in args.paths if not is_glob(p) and not os.path.exists(p)]
         if missing:
             raise TargetError(f"no such file or directory: {', '.join(missing)}")
-        pid = _resolve_pid(args.pid, args.pidfile)
+        held = Target(args.pid) if args.pid is not None else None
+        if args.pidfile is not None:
+            from_pidfile(args.pidfile).close()  # refuse a bad pidfile now; it is read again before each signal
         check = args.check or ("import" if args.app else "compile")
         settings = Settings.load(extra_files=args.paths, check=check, app=args.app, interval=args.interval,
                                  backend=args.backend, settle=args.settle)
@@ -91,27 +112,35 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     cwd = os.getcwd()
     sys_path = [cwd] + [p for p in sys.path if p]
+    name = signal.Signals(signum).name
 
     def send(batch: Sequence[Change]) -> None:
         try:
-            target = _resolve_pid(args.pid, args.pidfile)
+            target = held if held is not None else from_pidfile(args.pidfile)
+            try:
+                target.send(signum)
+            finally:
+                if target is not held:
+                    target.close()
         except TargetError as exc:
-            log.error("wsgi_reload: not signalling: %s", exc)
-            return
-        os.kill(target, signum)
-        log.info("wsgi_reload: sent %s to pid %d", signal.Signals(signum).name, target)
+            raise ActionFailed(str(exc)) from None
+        log.info("wsgi_reload: sent %s to %s", name, target.description)
 
-    reloader = Reloader(settings, send, server=f"pid {pid}",
-                        check=lambda paths: check_code(paths, settings, cwd=cwd, sys_path=sys_path))
-    monitor = Monitor(Scanner(settings, watch_modules=False, modules_loaded_at_ns=started), reloader)
+    what = f"pid {args.pid}" if args.pid is not None else f"the pid in {args.pidfile}"
+    watcher = Watcher(settings, send, server=f"{what} ({name})", modules_loaded_at_ns=started,
+                      check=lambda paths: check_code(paths, settings, cwd=cwd, sys_path=sys_path))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    monitor.start()
-    log.info("wsgi_reload: watching %s for pid %d (%s check)", ", ".join(args.paths), pid, check)
-    stop.wait()
-    monitor.stop()
-    return 0
+    watcher.start()
+    code = 0
+    while not stop.wait(0.5):
+        if held is not None and not held.alive():
+            log.error("wsgi_reload: %s has exited; nothing left to signal, stopping", held.description)
+            code = 1
+            break
+    watcher.stop()
+    return code
 
 
 def _signal_number(name: str) -> int:
@@ -122,49 +151,6 @@ def _signal_number(name: str) -> int:
         return int(signal.Signals[key])
     except KeyError:
         raise TargetError(f"unknown signal {name!r}: use a name like HUP or USR2, or a number") from None
-
-
-def _resolve_pid(pid: int | None, pidfile: str | None) -> int:
-    """The pid to signal, refusing anything but a live process of this user."""
-    if pidfile is not None:
-        try:
-            with open(pidfile, encoding="ascii") as f:
-                text = f.read().strip()
-        except OSError as exc:
-            raise TargetError(f"cannot read pidfile {pidfile}: {exc.strerror}; is the server running?") from None
-        if not text.isdigit():
-            raise TargetError(f"pidfile {pidfile} holds {text[:20]!r}, not a pid")
-        pid = int(text)
-        source = f"pid {pid} from {pidfile}"
-    else:
-        source = f"pid {pid}"
-    assert pid is not None
-    if pid <= 1:
-        raise TargetError(f"refusing to signal {source}: not a server process")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        stale = " (stale pidfile)" if pidfile else ""
-        raise TargetError(f"{source} is not running{stale}") from None
-    except PermissionError:
-        raise TargetError(f"{source} belongs to another user; run wsgi-reload as that user") from None
-    try:
-        owner = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        owner = os.geteuid()
-    if owner != os.geteuid():
-        raise TargetError(f"{source} belongs to another user; run wsgi-reload as that user")
-    if _is_zombie(pid):
-        raise TargetError(f"{source} has exited (stale pidfile)" if pidfile else f"{source} has exited")
-    return pid
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 if __name__ == "__main__":

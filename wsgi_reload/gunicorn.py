@@ -23,24 +23,22 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
+from . import runtime
 from .check import in_probe
 from .files import error_location, module_file
 from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
-from .monitor import Monitor
-from .reloader import Reloader
-from .scanner import Change, Scanner
+from .scanner import Change
 from .settings import Settings, SettingsError, missing_extra_files
+from .watcher import Watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
 
@@ -150,7 +148,11 @@ def when_ready(server: Any) -> None:
             return
     for path in missing_extra_files(settings):
         _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
-    _manifest_dir = tempfile.mkdtemp(prefix=f"wsgi-reload-{os.getpid()}-")
+    try:
+        _manifest_dir = runtime.for_server(os.getpid())
+    except (OSError, runtime.RuntimeDirError) as exc:
+        _log.error("wsgi_reload: reloading is off: no private runtime directory (%s)", exc)
+        return
     _master = _MasterWatch(server, settings, _manifest_dir)
     _master.start()
 
@@ -162,7 +164,7 @@ def post_fork(server: Any, worker: Any) -> None:
     if _manifest_dir is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
-    _worker = ManifestWriter(manifest_path(_manifest_dir, os.getpid()), loaded_at)
+    _worker = ManifestWriter(_manifest_dir, loaded_at)
     if _master is not None and _master.patcher is not None:
         _patches = PatchApplier(_manifest_dir)
     if _master is not None and _master.served_once and not server.cfg.preload_app:
@@ -280,14 +282,12 @@ class _MasterWatch:
                 self.patcher = None
             else:
                 worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
-        scanner = Scanner(settings, watch_modules=False, sources=[worker_files, self.config_files])
-        self.reloader = Reloader(settings, self.trigger, server="gunicorn")
-        self.monitor = Monitor(scanner, self.on_batch, wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn")
+        how = "gunicorn (USR2 to the master: preload_app re-exec)" if self.preload else "gunicorn (HUP to the master)"
+        self.watcher = Watcher(settings, self.trigger, server=how, sources=[worker_files, self.config_files],
+                               wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch)
 
     def start(self) -> None:
-        self.monitor.start()
-        _log.info("wsgi_reload: watching the workers' modules (check: %s, every %ss) for %s",
-                  self.settings.check, self.settings.interval, "re-exec (preload)" if self.preload else "HUP")
+        self.watcher.start()
         if self.old_master:
             threading.Thread(target=self.retire_old_master, name="wsgi_reload-handover", daemon=True).start()
         else:
@@ -295,8 +295,8 @@ class _MasterWatch:
                              name="wsgi_reload-report", daemon=True).start()
 
     def close(self) -> None:
-        self.monitor.stop(timeout=2)
-        shutil.rmtree(self.manifest_dir, ignore_errors=True)
+        self.watcher.stop(timeout=2)
+        runtime.remove(self.manifest_dir)
 
     # What to watch: the union of the live workers' manifests (see __init__), plus the config files.
 
@@ -315,7 +315,7 @@ class _MasterWatch:
             _log.info("wsgi_reload: a new master is taking over; it will pick up these changes")
             return
         self.batch_started = time.monotonic()
-        self.reloader(batch)
+        self.watcher.gate(batch)
 
     def trigger(self, batch: Sequence[Change]) -> None:
         if self.patcher is not None:
@@ -358,11 +358,11 @@ class _MasterWatch:
             if fresh and len(fresh) >= self.server.num_workers:
                 self.served_once = True
                 if what == "up":
-                    _log.info("wsgi_reload: workers up: %d workers serving; watching %d files",
-                              len(fresh), len(self.monitor.scanner.watched_files()))
+                    _log.info("wsgi_reload: workers up: %s serving; watching %d files",
+                              _workers(len(fresh)), len(self.watcher.scanner.watched_files()))
                 else:
-                    _log.info("wsgi_reload: reload done: %d new workers serving, %.0f ms after the change was seen",
-                              len(fresh), 1000 * (time.monotonic() - started))
+                    _log.info("wsgi_reload: reload done: %s serving, %.0f ms after the change was seen",
+                              _workers(len(fresh), "new "), 1000 * (time.monotonic() - started))
                 return
             time.sleep(0.05)
         _log.warning("wsgi_reload: the new workers are not all up %.0f s after the reload", timeout)
@@ -404,6 +404,10 @@ class _MasterWatch:
         os.kill(self.old_master, signal.SIGTERM)
         _log.info("wsgi_reload: reload done: %d new workers serving; stopping the old master %d gracefully",
                   len(live), self.old_master)
+
+
+def _workers(count: int, adjective: str = "") -> str:
+    return f"{count} {adjective}worker" + ("" if count == 1 else "s")
 
 
 def _is_preload_worker(worker_class: type) -> bool:

@@ -1,7 +1,8 @@
 """Module lists handed from the processes that import the code to the one process that watches it.
 
-A writer publishes the files of its ``sys.modules`` (and when it began loading them) as a
-small JSON file; a reader turns a directory of such files into a scanner source.
+A writer publishes the files of its ``sys.modules`` (when it began loading them, extra
+watch patterns, and whether the app loaded) as a small JSON file in the server's private
+runtime directory; a reader turns that directory into a scanner source.
 """
 
 from __future__ import annotations
@@ -10,18 +11,23 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import runtime
 from .files import ModuleFiles
 
 
 class ManifestWriter:
-    """Publishes this process's module files to ``path``, atomically."""
+    """Publishes this process's module files to ``directory/<pid>.json``, atomically."""
 
-    def __init__(self, path: str, loaded_at_ns: int) -> None:
-        self.path = path
+    def __init__(self, directory: str, loaded_at_ns: int, *, patterns: Iterable[str] = (),
+                 app_loaded: Callable[[], bool | None] = lambda: None) -> None:
+        self.directory = directory
+        self.path = manifest_path(directory, os.getpid())
         self.loaded_at_ns = loaded_at_ns
+        self.patterns = list(patterns)
+        self.app_loaded = app_loaded
         self.published_count = -1
         self._files = ModuleFiles()
         self._lock = threading.Lock()  # gthread workers finish requests on several threads
@@ -30,11 +36,9 @@ class ManifestWriter:
         """Write the manifest now."""
         with self._lock:
             self.published_count = len(sys.modules)
-            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files())}
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(body, f)
-            os.replace(temporary, self.path)
+            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files()),
+                    "patterns": self.patterns, "app_loaded": self.app_loaded()}
+            runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
 
     def publish_if_grown(self) -> None:
         """Publish again when modules were imported since (views load lazily)."""
@@ -46,20 +50,26 @@ class ManifestReader:
     """A scanner source: the union of the manifests in a directory, each file with its load time.
 
     ``accept(pid)`` says which manifests still count (live workers); a file in several
-    manifests keeps the earliest load time.
+    manifests keeps the earliest load time. After each call, ``live`` holds the accepted
+    pids, ``patterns`` their extra watch patterns and ``app_failed`` the pids whose app did
+    not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
         self.directory = directory
         self.accept = accept
+        self.live: set[int] = set()
+        self.patterns: set[str] = set()
+        self.app_failed: set[int] = set()
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
         files: dict[str, int | None] = {}
+        live: set[int] = set()
         try:
             names = os.listdir(self.directory)
         except OSError:
-            return files
+            names = []
         seen = set()
         for name in names:
             stem, _, ext = name.partition(".")
@@ -69,22 +79,29 @@ class ManifestReader:
             manifest = self._read(name)
             if manifest is None:
                 continue
+            live.add(int(stem))
             loaded_at = manifest["loaded_at_ns"]
             for path in manifest["files"]:
                 earlier = files.get(path)
                 files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
+            self.patterns.update(manifest.get("patterns", ()))
+            if manifest.get("app_loaded") is False:
+                self.app_failed.add(int(stem))
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
+        self.live = live
         return files
 
     def _read(self, name: str) -> Mapping[str, Any] | None:
         path = os.path.join(self.directory, name)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
             cached = self._cache.get(name)
             if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
                 return cached[1]
-            with open(path, encoding="utf-8") as f:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                st = os.fstat(f.fileno())
                 manifest: Mapping[str, Any] = json.load(f)
         except (OSError, ValueError):
             return None

@@ -20,6 +20,9 @@ log = logging.getLogger("wsgi_reload.monitor")
 EVENTS_RESCAN_SECONDS = 20.0
 """With events, a full rescan this often; new module directories are also picked up when a manifest changes."""
 
+MAX_RESTARTS = 5
+"""A watcher thread that keeps failing gives up loudly rather than spinning."""
+
 MAX_SETTLE_SECONDS = 3.0
 """A file that never stops changing (a log under a glob) must not hold a batch back forever."""
 
@@ -67,6 +70,8 @@ class Monitor:
         *,
         wake_dirs: Iterable[str] = (),
         name: str = "wsgi_reload-monitor",
+        on_tick: Callable[[], object] | None = None,
+        tick_pending: Callable[[], bool] = lambda: False,
     ) -> None:
         self.scanner = scanner
         self.settings = scanner.settings
@@ -78,10 +83,19 @@ class Monitor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._events: _EventWatcher | None = None
+        self._first: list[Change] = []
+        self._on_tick = on_tick
+        self._on_tick_pending = tick_pending
 
     def start(self) -> Monitor:
-        """Record the baseline and start watching in a daemon thread."""
+        """Record the baseline and choose the backend, then watch in a daemon thread.
+
+        When this returns, a save counts: tests and adapters can edit right away.
+        """
         if self._thread is None:
+            self._first = self._safe_scan()
+            if self.settings.backend != "poll":
+                self._start_events()
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
         return self
@@ -105,15 +119,36 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def describe(self) -> str:
+        """How it watches: 'file events' or 'polling every N s'."""
+        if self.backend == "events":
+            return f"file events (a safety rescan every {EVENTS_RESCAN_SECONDS:g} s)"
+        return f"polling every {self.settings.interval:g} s"
+
     def _run(self) -> None:
-        first = self._safe_scan()
-        if self.settings.backend != "poll":
-            self._start_events()
-            self._wake.set()  # a change made while inotify was starting has no event: look again now
-        if first:
+        for attempt in range(1, MAX_RESTARTS + 1):
+            try:
+                self._loop()
+                return
+            except Exception:
+                if self._stop.is_set():
+                    return
+                log.exception("wsgi_reload: the watcher thread failed (%d of %d); restarting it",
+                              attempt, MAX_RESTARTS)
+                self._stop.wait(1.0)
+        log.critical("wsgi_reload: the watcher thread failed %d times; reloading is OFF until a restart",
+                     MAX_RESTARTS)
+
+    def _loop(self) -> None:
+        if self._first:
+            first, self._first = self._first, []
             self._report(first)
+        if self._events is not None:
+            self._wake.set()  # a change made while inotify was starting has no event: look again now
         while not self._stop.is_set():
             timeout = EVENTS_RESCAN_SECONDS if self._events is not None else self.settings.interval
+            if self._on_tick is not None and self._on_tick_pending():
+                timeout = min(timeout, self.settings.interval)
             self._wake.wait(timeout)
             self._wake.clear()
             if self._stop.is_set():
@@ -121,6 +156,8 @@ class Monitor:
             changes = self._safe_scan()
             if changes:
                 self._report(changes)
+            if self._on_tick is not None:
+                self._on_tick()
             if self._events is not None:
                 self._events.set_dirs(self._dirs_to_watch())
 

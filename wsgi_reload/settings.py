@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -51,23 +53,10 @@ class Settings:
     only bodies changed, else reload)."""
 
     def __post_init__(self) -> None:
-        _require_number("interval", self.interval, minimum=0.01)
-        _require_number("check_timeout", self.check_timeout, minimum=0.1)
-        _require_number("settle", self.settle, minimum=0.0)
-        _require_choice("backend", self.backend, BACKENDS)
-        _require_choice("check", self.check, CHECK_MODES)
-        _require_choice("mode", self.mode, MODES)
-        for name in ("extra_files", "include", "exclude"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
-                raise SettingsError(
-                    f"wsgi_reload setting {name}={value!r} is not valid: give a list of paths or globs"
-                )
-        if self.app is not None and not _APP_PATTERN.match(self.app):
-            raise SettingsError(
-                f"wsgi_reload setting app={self.app!r} is not valid: "
-                "use 'package.module:callable' or 'file.py:callable'"
-            )
+        problems = [f"wsgi_reload setting {name}={getattr(self, name)!r} {problem}"
+                    for name in _FIELDS if (problem := _problem(name, getattr(self, name)))]
+        if problems:
+            raise SettingsError("; ".join(problems))
 
     @classmethod
     def load(
@@ -75,26 +64,37 @@ class Settings:
     ) -> Settings:
         """Build settings from ``WSGI_RELOAD_*`` variables, then keyword overrides.
 
-        Raises :class:`SettingsError` with one clear line for an unknown name or a bad value.
+        Raises :class:`SettingsError` with one line that names every unknown name and bad
+        value, each by the environment variable or keyword it came from.
         """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        problems: list[str] = []
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX):
                 continue
             name = key[len(ENV_PREFIX):].lower()
             if name not in _FIELDS:
-                raise SettingsError(
-                    f"unknown environment variable {key}: wsgi_reload accepts "
-                    + ", ".join(ENV_PREFIX + f.upper() for f in _FIELDS)
-                )
-            values[name] = _parse_env(key, name, raw)
+                problems.append(f"unknown environment variable {key}{_did_you_mean(name, ENV_PREFIX)}")
+                continue
+            value = _parse_env(name, raw)
+            problem = _problem(name, value)
+            if problem:
+                problems.append(f"{key}={raw!r} {problem}")
+            else:
+                values[name] = value
         for name, value in overrides.items():
             if name not in _FIELDS:
-                raise SettingsError(
-                    f"unknown wsgi_reload setting {name!r}: accepted settings are " + ", ".join(_FIELDS)
-                )
-            values[name] = _normalise(name, value)
+                problems.append(f"unknown wsgi_reload setting {name!r}{_did_you_mean(name)}")
+                continue
+            value = _normalise(name, value)
+            problem = _problem(name, value)
+            if problem:
+                problems.append(f"wsgi_reload setting {name}={value!r} {problem}")
+            else:
+                values[name] = value
+        if problems:
+            raise SettingsError("; ".join(problems))
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
@@ -114,17 +114,22 @@ def missing_extra_files(settings: Settings, base: str | None = None) -> list[str
 _FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 _LIST_FIELDS = ("extra_files", "include", "exclude")
 _FLOAT_FIELDS = ("interval", "check_timeout", "settle")
+_CHOICES = {"backend": BACKENDS, "check": CHECK_MODES, "mode": MODES}
 _APP_PATTERN = re.compile(r"^([A-Za-z_][\w.]*|\S.*\.(py|wsgi))(:[A-Za-z_][\w.]*(\(.*\))?)?$")
 
 
-def _parse_env(key: str, name: str, raw: str) -> Any:
+_LIMITS = {"interval": (0.01, 3600.0), "check_timeout": (0.1, 3600.0), "settle": (0.0, 60.0)}
+"""(minimum, maximum) seconds: a value past them is a typo, and inf or 1e10 would overflow a timer."""
+
+
+def _parse_env(name: str, raw: str) -> Any:
     if name in _LIST_FIELDS:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if name in _FLOAT_FIELDS:
         try:
             return float(raw)
         except ValueError:
-            raise SettingsError(f"{key}={raw!r} is not a number: give seconds, like 1 or 0.5") from None
+            return raw  # reported by _problem as not a number
     if name == "app":
         return raw.strip() or None
     return raw.strip()
@@ -139,15 +144,29 @@ def _normalise(name: str, value: Any) -> Any:
     return value
 
 
-def _require_number(name: str, value: object, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise SettingsError(f"wsgi_reload setting {name}={value!r} is not a number: give seconds, like 1 or 0.5")
-    if value < minimum:
-        raise SettingsError(f"wsgi_reload setting {name}={value!r} is too small: it must be at least {minimum}")
+def _problem(name: str, value: Any) -> str | None:
+    """What is wrong with one setting's value, or None; the caller says where the value came from."""
+    if name in _FLOAT_FIELDS:
+        low, high = _LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"is not a number of seconds: give one from {low:g} to {high:g}, like 1 or 0.5"
+        if not low <= value <= high:
+            return f"is out of range: give seconds from {low:g} to {high:g}"
+        return None
+    if name in _CHOICES:
+        choices = _CHOICES[name]
+        return None if value in choices else "is not valid: use one of " + ", ".join(choices)
+    if name in _LIST_FIELDS:
+        if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+            return "is not valid: give a list of paths or globs"
+        return None
+    if name == "app" and value is not None and not (isinstance(value, str) and _APP_PATTERN.match(value)):
+        return "is not valid: use 'package.module:callable' or 'file.py:callable'"
+    return None
 
 
-def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SettingsError(
-            f"wsgi_reload setting {name}={value!r} is not valid: use one of " + ", ".join(choices)
-        )
+def _did_you_mean(name: str, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, _FIELDS, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0].upper() if prefix else close[0]}?" if close else ""
+    accepted = ", ".join(prefix + f.upper() for f in _FIELDS) if prefix else ", ".join(_FIELDS)
+    return f"{hint} (accepted: {accepted})"

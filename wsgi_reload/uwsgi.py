@@ -5,11 +5,12 @@ file), or with ``import wsgi_reload.uwsgi`` in the app module. ``--import`` runs
 the app loads, so it keeps watching even when the app itself fails to import; an import
 inside the app only runs if the app gets that far.
 
-A uWSGI timer sends its signal to a free worker, which scans for changes, runs the shared
-pre-reload check and calls ``uwsgi.reload()``, the master's graceful reload. Outside uWSGI,
-or without ``--master``, importing it logs one line that says how to run it, and nothing more.
+The workers publish the files they import; one watcher process per server scans them, runs
+the shared pre-reload check and sends the master SIGHUP, uWSGI's graceful reload. Outside
+uWSGI, or without ``--master``, importing it logs one line that says how to run it, and
+nothing more.
 """
 
-from .uwsgi_timer import start
+from .uwsgi_adapter import start
 
 watcher = start()

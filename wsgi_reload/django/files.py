@@ -78,16 +78,18 @@ def load_urlconf_when_ready() -> None:
     threading.Thread(target=run, name="wsgi_reload-urlconf", daemon=True).start()
 
 
+_views_loaded_in: int | None = None
+
+
 def preload_views() -> None:
     """Load the URLconf now, in this worker, and say so once."""
+    global _views_loaded_in
+    if _views_loaded_in == os.getpid():
+        return
+    _views_loaded_in = os.getpid()
     try:
         load_urlconf()
     except Exception as exc:
         log.warning("wsgi_reload: worker %d cannot load the URLconf (%s: %s)", os.getpid(), type(exc).__name__, exc)
     else:
         log.info("wsgi_reload: worker %d has the views loaded", os.getpid())
-
-
-def with_django_files(settings: Settings) -> Settings:
-    """The settings plus what Django itself would watch."""
-    return settings.replace(extra_files=(*settings.extra_files, *django_watch_patterns()))

@@ -1,8 +1,9 @@
 """Django under gunicorn, with no gunicorn config: one watcher for the whole server.
 
-Without ``--preload`` the master never imports Django, so the workers elect one of them
-(an exclusive lock on a file named after the master's pid) to watch and to send the master
-SIGHUP. Its lock dies with it, and a worker of the next generation takes over.
+Without ``--preload`` the master never imports Django, so each worker publishes its module
+list into the server's private runtime directory and makes sure the server's one watcher
+process runs (:mod:`wsgi_reload.watch_process`); that process checks a change and sends
+the master SIGHUP.
 
 With ``--preload`` Django loads inside the master: the gunicorn adapter's hooks are added
 to the running arbiter, and its preload path (USR2, then retiring the old master) applies.
@@ -10,23 +11,20 @@ to the running arbiter, and its preload path (USR2, then retiring the old master
 
 from __future__ import annotations
 
-import atexit
-import fcntl
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from types import FrameType
 from typing import Any
 
+from .. import runtime
 from ..logs import forward_to
-from ..manifest import ManifestWriter, manifest_path
+from ..manifest import ManifestWriter
 from ..settings import Settings
-from ..sidecar import Sidecar
-from .files import django_watch_patterns, load_urlconf, load_urlconf_when_ready, reload_settings, with_django_files
+from ..watch_process import ensure_watcher
+from .files import django_watch_patterns, load_urlconf, preload_views, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -46,7 +44,7 @@ def start() -> None:
     if arbiter is not None:
         _install_preload_hooks(arbiter)
         return
-    _Candidate(reload_settings()).start()
+    _WorkerPublisher(reload_settings()).start()
 
 
 def _arbiter_loading_us() -> Any:
@@ -84,46 +82,36 @@ def _install_preload_hooks(arbiter: Any) -> None:
     log.info("wsgi_reload: preload_app: watching through the gunicorn adapter's hooks")
 
 
-class _Candidate:
-    """A worker waiting to become the server's one watcher."""
+class _WorkerPublisher:
+    """A worker's part: publish its modules to the server's runtime directory, and make sure the
+    server's one watcher process runs. The scan and the check happen there, never in a worker."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.master = os.getppid()
-        self.lock_path = os.path.join(tempfile.gettempdir(), f"wsgi-reload-django-gunicorn-{self.master}.lock")
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="wsgi_reload-django", daemon=True).start()
 
     def run(self) -> None:
-        load_urlconf_when_ready()
-        lock = open(self.lock_path, "a+")  # noqa: SIM115 - held for the life of the process
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # blocks until the watching worker exits
-        except OSError as exc:
-            log.error("wsgi_reload: cannot lock %s (%s); not watching", self.lock_path, exc)
-            return
-        self._lock = lock
-        try:
-            self.watch()
-        except Exception:
-            log.exception("wsgi_reload: the watcher failed; reloading is off until a restart")
-
-    def watch(self) -> None:
         from django.apps import apps
 
-        while not apps.ready:
-            time.sleep(0.05)
-        load_urlconf()
-        settings = with_django_files(self.settings)
-        manifest_dir = tempfile.mkdtemp(prefix=f"wsgi-reload-django-{os.getpid()}-")
-        atexit.register(shutil.rmtree, manifest_dir, True)
-        writer = ManifestWriter(manifest_path(manifest_dir, os.getpid()), _STARTED_NS)
-        writer.publish()
-        # The scan runs in a process of its own: in this worker it would queue for the GIL behind requests.
-        sidecar = Sidecar(manifest_dir, settings, self.master, "HUP", "gunicorn", _STARTED_NS)
-        log.info("wsgi_reload: worker %d watches this server (check: %s)", os.getpid(), settings.check)
-        while sidecar.process.poll() is None:
+        deadline = time.monotonic() + 60
+        while not apps.ready and time.monotonic() < deadline:
+            time.sleep(0.02)
+        preload_views()
+        try:
+            directory = runtime.for_server(self.master)
+            writer = ManifestWriter(directory, _STARTED_NS, patterns=django_watch_patterns())
+            writer.publish()
+            started = ensure_watcher(directory, master_pid=self.master, signal_name="HUP", server="gunicorn",
+                                     settings=self.settings, loaded_at_ns=_STARTED_NS)
+        except (OSError, runtime.RuntimeDirError) as exc:
+            log.error("wsgi_reload: reloading is off: %s", exc)
+            return
+        if started:
+            log.info("wsgi_reload: worker %d started this server's watcher process (pid %d)", os.getpid(), started)
+        log.info("wsgi_reload: worker %d publishes its modules to the watcher", os.getpid())
+        while True:
             time.sleep(2)
             writer.publish_if_grown()
-        log.error("wsgi_reload: the watcher process exited (code %s); not watching", sidecar.process.returncode)

@@ -1,0 +1,144 @@
+"""The check-then-act gate every watcher shares: name the files, check the code, act or refuse."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from .check import CheckResult, check_code
+from .files import failed_imports
+from .scanner import Change
+from .settings import Settings
+
+log = logging.getLogger("wsgi_reload.gate")
+
+MAX_RECHECKS = 5
+"""Files still changing after this many checks in a row: give up on this batch, the next scan brings them."""
+
+
+class ActionFailed(Exception):
+    """The reload could not be carried out now (the target is gone, a pidfile is missing); try again."""
+
+
+class ReloadGate:
+    """Turns a batch of changes into at most one call of ``action``, and only for good code.
+
+    - The check runs on the batch; if files changed while it ran (``rescan`` finds more), its
+      result is stale: the new changes join the batch and the check runs again.
+    - On a failed check nothing happens: the error is logged once per distinct error, the
+      broken file stays watched, and the next batch whose check passes acts.
+    - An ``action`` that raises :class:`ActionFailed` stays pending and is retried by
+      :meth:`retry_pending` until it works or a newer batch replaces it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        action: Callable[[Sequence[Change]], object],
+        *,
+        server: str = "server",
+        check: Callable[[Sequence[str]], CheckResult] | None = None,
+        rescan: Callable[[], Sequence[Change]] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.action = action
+        self.server = server
+        # By default the check imports with this process's sys.path, environment and directory.
+        self.check = check if check is not None else (lambda paths: check_code(paths, settings))
+        self.rescan = rescan
+        self.log = logger if logger is not None else log
+        self.broken: CheckResult | None = None
+        self.pending: Sequence[Change] | None = None
+        self._reported: set[tuple[str | None, int | None, str]] = set()
+        self._pending_reported = False
+
+    def __call__(self, batch: Sequence[Change]) -> bool:
+        """Handle one batch; returns True when it acted."""
+        if not batch:
+            return False
+        self.pending = None  # a newer batch replaces an action that could not be carried out
+        detected = time.monotonic()
+        self.log.info("wsgi_reload: %s", describe(batch))
+        batch, result = self._check_until_current(list(batch))
+        if not result.ok:
+            self.refuse(result)
+            return False
+        if self.broken is not None:
+            self.log.info("wsgi_reload: the code loads again (%s was fixed)", self.broken.file or "the error")
+        self.broken = None
+        self._reported.clear()
+        failed_imports.clear()
+        self.log.info("wsgi_reload: check passed (%s, %.0f ms); reloading %s",
+                      result.stage, 1000 * (time.monotonic() - detected), self.server)
+        return self._act(batch)
+
+    def _check_until_current(self, batch: list[Change]) -> tuple[list[Change], CheckResult]:
+        result = self.check([c.path for c in batch if c.kind != "deleted"])
+        for _ in range(MAX_RECHECKS):
+            more = list(self.rescan()) if self.rescan is not None else []
+            if not more:
+                return batch, result
+            self.log.info("wsgi_reload: %s while the check ran; checking again", describe(more))
+            known = {c.path for c in more}
+            batch = sorted([c for c in batch if c.path not in known] + more)
+            result = self.check([c.path for c in batch if c.kind != "deleted"])
+        return batch, CheckResult(False, "stale", "files kept changing while the code was checked; "
+                                  "waiting for them to settle", started_ns=result.started_ns)
+
+    def _act(self, batch: Sequence[Change]) -> bool:
+        try:
+            self.action(batch)
+        except ActionFailed as exc:
+            self.pending = batch
+            if not self._pending_reported:
+                self._pending_reported = True
+                self.log.warning("wsgi_reload: cannot reload %s yet (%s); trying again every %g s until it works "
+                                 "or the next change", self.server, exc, self.settings.interval)
+            return False
+        if self._pending_reported:
+            self.log.info("wsgi_reload: reloaded %s on a retry", self.server)
+        self._pending_reported = False
+        self.pending = None
+        return True
+
+    def reload_now(self) -> bool:
+        """Act without a batch (the code loads, but a worker failed to load it at start)."""
+        return self._act([])
+
+    def retry_pending(self) -> None:
+        """Carry out an action that failed before, if there is one."""
+        if self.pending is not None:
+            self._act(self.pending)
+
+    def refuse(self, result: CheckResult, *, old_code_serves: bool = True) -> None:
+        """Record a failed check: watch its file, log it once, and wait for a fix.
+
+        ``old_code_serves`` is False when the workers never loaded the app: then no old code
+        is serving, and the log says so.
+        """
+        self.broken = result
+        if result.file:
+            # Watched from the moment the check read it, so the fix counts even if it is quick.
+            failed_imports.record(result.file, read_at_ns=result.started_ns)
+        if result.key in self._reported:
+            self.log.debug("wsgi_reload: still broken: %s", result)
+            return
+        self._reported.add(result.key)
+        if old_code_serves:
+            self.log.error("wsgi_reload: not reloading, the new code does not load: %s. "
+                           "The old code keeps serving; saving a fix reloads.", result)
+        else:
+            self.log.error("wsgi_reload: the app does not load, so the workers have no code to serve and "
+                           "every request fails: %s. Saving a fix reloads.", result)
+        if result.details:
+            self.log.debug("wsgi_reload: check traceback:\n%s", result.details)
+
+
+def describe(batch: Sequence[Change], limit: int = 5) -> str:
+    """'2 files changed: a.py, b.py' with at most ``limit`` names."""
+    names = [str(c) for c in batch[:limit]]
+    more = f" and {len(batch) - limit} more" if len(batch) > limit else ""
+    noun = "file" if len(batch) == 1 else "files"
+    return f"{len(batch)} {noun} changed: {', '.join(names)}{more}"

@@ -1,0 +1,124 @@
+"""The one private directory per server where the library keeps its files.
+
+Nothing the library writes has a predictable name in a shared directory: on hosts with
+``fs.protected_symlinks=0`` another user could pre-create, lock or symlink such a name.
+Each server gets a directory of mode 0700 with a random name (under ``$XDG_RUNTIME_DIR``
+where that is private, else the system temp directory); it is removed at a clean stop.
+
+Processes forked from the server's master find it in two ways: the master exports it in
+``_WSGI_RELOAD_RUNTIME`` (inherited by its children and by a re-executed master), or, when
+the master runs none of our code (Django under gunicorn with no config, uWSGI
+``--lazy-apps``), every worker derives the same name from a secret that all processes
+forked from one interpreter share and no other process can read: the interpreter's hash
+randomization key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+
+RUNTIME_ENV = "_WSGI_RELOAD_RUNTIME"
+"""Names the server's runtime directory for its children. The leading underscore keeps it
+out of the ``WSGI_RELOAD_*`` settings."""
+
+PREFIX = "wsgi-reload-"
+
+
+class RuntimeDirError(RuntimeError):
+    """No private runtime directory can be had; the message says why and what to do."""
+
+
+def base_directory() -> str:
+    """``$XDG_RUNTIME_DIR`` when it is a private directory of this user, else the temp directory."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and is_private_dir(xdg):
+        return xdg
+    return tempfile.gettempdir()
+
+
+def is_private_dir(path: str) -> bool:
+    """A real directory (not a symlink) owned by this user that no one else can enter or write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def create() -> str:
+    """A new private directory with a random name (``mkdtemp``: mode 0700, created exclusively)."""
+    return tempfile.mkdtemp(prefix=PREFIX, dir=base_directory())
+
+
+def for_server(master_pid: int) -> str:
+    """The runtime directory of the server whose master is ``master_pid``, created if needed.
+
+    In the master: the exported directory, or a new one that is then exported. In a process
+    forked from it: the exported directory, or else the one derived from the shared secret.
+    Raises :class:`RuntimeDirError` when no private directory can be had.
+    """
+    exported = os.environ.get(RUNTIME_ENV)
+    if exported and is_private_dir(exported):
+        return exported
+    if os.getpid() == master_pid:
+        path = create()
+        os.environ[RUNTIME_ENV] = path
+        return path
+    return shared_by_siblings(f"master:{master_pid}")
+
+
+def shared_by_siblings(scope: str) -> str:
+    """A private directory every process forked from this interpreter finds under the same name.
+
+    The name comes from ``hash()``, keyed by the interpreter's random hash secret, which a
+    fork inherits and another user cannot read; 128 bits of it make the name unguessable.
+    """
+    seed = os.environ.get("PYTHONHASHSEED", "random")
+    if not sys.flags.hash_randomization or seed not in ("", "random"):
+        raise RuntimeDirError(
+            f"PYTHONHASHSEED={seed} makes hash() predictable, so the workers cannot agree on a private "
+            "directory; unset PYTHONHASHSEED, or use the gunicorn config / uwsgi --import without --lazy-apps"
+        )
+    mask = (1 << 64) - 1
+    token = "".join(f"{hash(('wsgi_reload', scope, n)) & mask:016x}" for n in (1, 2))
+    path = os.path.join(base_directory(), PREFIX + token)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    if not is_private_dir(path):
+        raise RuntimeDirError(f"{path} exists but is not a private directory of this user; not using it")
+    return path
+
+
+def write_atomic(directory: str, name: str, data: bytes) -> None:
+    """Replace ``directory/name`` with ``data`` in one step, never following a symlink."""
+    final = os.path.join(directory, name)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def open_lock(directory: str, name: str) -> int:
+    """A file descriptor on ``directory/name`` to ``flock``, created 0600 without following links."""
+    return os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def remove(path: str | None) -> None:
+    """Remove a runtime directory and everything in it (a clean stop)."""
+    if path and is_private_dir(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get(RUNTIME_ENV) == path:
+            del os.environ[RUNTIME_ENV]

@@ -1,0 +1,115 @@
+"""Starting helper interpreters without pipes that a forking server could inherit.
+
+``subprocess.Popen`` waits on an error pipe until every copy of its write end is closed.
+When the gunicorn master forks a worker while its watcher thread is inside ``Popen``, the
+worker keeps a copy and ``Popen`` hangs for the worker's whole life (the same holds for
+output pipes read to EOF). ``os.posix_spawn`` reports exec errors without a pipe, and the
+helpers here hand data in and out through unlinked temporary files, which nobody waits on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+
+def python_executable() -> str:
+    """A Python interpreter, even where ``sys.executable`` is a server binary (uWSGI)."""
+    exe = sys.executable
+    if exe and os.path.basename(exe).startswith("python") and os.access(exe, os.X_OK):
+        return exe
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
+        for name in (version, "python3", "python"):
+            candidate = os.path.join(prefix, "bin", name)
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return shutil.which(version) or shutil.which("python3") or "python3"
+
+
+def data_file(data: bytes = b"") -> IO[bytes]:
+    """An unlinked temporary file holding ``data``, positioned at its start."""
+    f = tempfile.TemporaryFile()
+    if data:
+        f.write(data)
+        f.flush()
+        f.seek(0)
+    return f
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    stdin: IO[bytes] | None = None,
+    stdout: IO[bytes] | int | None = None,
+    stderr: IO[bytes] | int | None = None,
+    extra_fd: int | None = None,
+    new_session: bool = True,
+) -> int:
+    """Start ``argv`` and return its pid; ``extra_fd`` appears as fd 3 in the child.
+
+    ``stdout``/``stderr`` are files or descriptors (None: /dev/null). With ``new_session`` the
+    child leads its own process group, so :func:`kill_group` reaches what it starts in turn.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        actions: list[tuple[int, int, int]] = []
+        for target, source in ((0, stdin), (1, stdout), (2, stderr)):
+            fd = devnull if source is None else source if isinstance(source, int) else source.fileno()
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        if extra_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 3))
+        return os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions, setsid=new_session)
+    finally:
+        os.close(devnull)
+
+
+def wait_exit(pid: int, timeout: float) -> tuple[bool, int | None]:
+    """Wait up to ``timeout`` seconds for child ``pid`` to exit, without reaping it.
+
+    Returns (exited, return code). The code is negative for a signal, and None when it
+    cannot be known: another part of the process reaped the child (gunicorn's master reaps
+    every child it sees exit). The leader stays a zombie until :func:`kill_group`, so its
+    process group id cannot be reused in between.
+    """
+    deadline = time.monotonic() + timeout
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+    try:
+        while True:
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True, None
+            if info is not None:
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                return True, code
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False, None
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(0.01, left))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads, and reap the leader if it is still ours."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

@@ -1,0 +1,173 @@
+"""The uWSGI adapter behind :mod:`wsgi_reload.uwsgi` and the Django app.
+
+The workers only publish the files they imported (after the fork, and after a request that
+imported more) into the server's private runtime directory; one watcher process per
+server (:mod:`wsgi_reload.watch_process`) scans them, runs the shared pre-reload check and
+sends the master SIGHUP, uWSGI's graceful reload (the same as ``uwsgi.reload()``). Nothing
+runs in a worker's signal handler, and a worker never waits for a scan or a check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import runtime
+from .check import in_probe
+from .logs import forward_to
+from .manifest import ManifestWriter
+from .settings import Settings, SettingsError, missing_extra_files
+from .watch_process import UWSGI_LOG_FORMAT, ensure_watcher
+
+_log = logging.getLogger("wsgi_reload.uwsgi")
+
+_LOADED_NS = time.time_ns()
+"""About when this process began loading the app (``--import`` runs first). A module file newer
+than this changed after it was loaded; ``uwsgi.started_on`` is whole seconds, too coarse."""
+
+HOW_TO_RUN = ("run the app with uwsgi --master and --import wsgi_reload.uwsgi, or remove the import "
+              "when not running under uWSGI")
+
+
+class Publisher:
+    """A worker's part: keep the watcher told which files this worker runs."""
+
+    def __init__(self, directory: str, app_module: str | None,
+                 prepare: Callable[[], Iterable[str] | None] | None = None) -> None:
+        self.app_module = app_module
+        self.prepare = prepare
+        self.prepared = prepare is None
+        self.writer: ManifestWriter | None = None
+        self.directory = directory
+
+    def app_loaded(self) -> bool | None:
+        return None if self.app_module is None else self.app_module in sys.modules
+
+    def publish(self) -> None:
+        """Publish this worker's files (first in each worker: say so, and let Django load its views)."""
+        if self.writer is None or self.writer.path != os.path.join(self.directory, f"{os.getpid()}.json"):
+            self.writer = ManifestWriter(self.directory, _LOADED_NS, app_loaded=self.app_loaded)
+            _log.info("wsgi_reload: worker %d publishes its modules to the watcher", os.getpid())
+        if not self.prepared and self.app_loaded() is not False and self.prepare is not None:
+            patterns = self.prepare()
+            if patterns is not None:
+                self.prepared = True
+                self.writer.patterns = list(patterns)
+        self.writer.publish()
+
+    def after_request(self) -> None:
+        try:
+            if self.writer is None or not self.prepared:
+                self.publish()
+            else:
+                self.writer.publish_if_grown()
+        except Exception:
+            _log.exception("wsgi_reload: publishing this worker's modules failed")
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = value[-1] if value else None
+    if isinstance(value, bytes):
+        return value.decode()
+    return value if isinstance(value, str) else None
+
+
+def _app_target(opt: Any) -> str | None:
+    """The app the check imports, from --module / --wsgi / --wsgi-file / --file and --callable."""
+    callable_name = _text(opt.get("callable")) or "application"
+    module = _text(opt.get("module")) or _text(opt.get("wsgi"))
+    if module:
+        return module if ":" in module else f"{module}:{callable_name}"
+    path = _text(opt.get("wsgi-file")) or _text(opt.get("file"))
+    if path:
+        return f"{os.path.abspath(path)}:{callable_name}"
+    return None
+
+
+def _app_module_name(opt: Any) -> str | None:
+    """The module uWSGI loads the app into, to tell whether the app loaded in this process."""
+    module = _text(opt.get("module")) or _text(opt.get("wsgi"))
+    if module:
+        return module.split(":", 1)[0]
+    path = _text(opt.get("wsgi-file")) or _text(opt.get("file"))
+    if path:
+        # uWSGI names it after the path as given: "uwsgi_file_" plus the path with / and . made _.
+        name = path.replace(".", "_").replace("/", "_")
+        return "uwsgi_file_" + (name[:-3] if name.endswith("_py") else name)
+    return None
+
+
+def _chain_hook(uwsgi: Any, name: str, hook: Callable[[], None]) -> None:
+    previous = getattr(uwsgi, name, None)
+
+    def chained() -> None:
+        if previous is not None:
+            previous()
+        hook()
+
+    setattr(uwsgi, name, chained)
+
+
+_started: Publisher | None = None
+
+
+def start(settings: Settings | None = None,
+          prepare: Callable[[], Iterable[str] | None] | None = None) -> Publisher | None:
+    """Publish this uWSGI process's modules and make sure the server's watcher runs; None when off.
+
+    ``settings`` default to ``WSGI_RELOAD_*``; ``prepare`` runs in each worker once its app
+    loaded and returns extra patterns to watch, or None when it is not ready yet (Django loads
+    its URLconf there, so lazily imported views are watched, and names its template and
+    locale files).
+    """
+    global _started
+    if in_probe():
+        return None
+    if _started is not None:
+        _log.info("wsgi_reload: already watching this uWSGI instance")
+        return None
+    try:
+        import uwsgi
+    except ImportError:
+        _log.error("wsgi_reload.uwsgi: not running under uWSGI, so nothing is watched; %s", HOW_TO_RUN)
+        return None
+    forward_to(lambda level, message: uwsgi.log(message))
+    if not uwsgi.opt.get("master"):
+        _log.error("wsgi_reload.uwsgi: reloading is off: uWSGI runs without --master, which graceful reloads "
+                   "need; add --master (master = true in the ini file)")
+        return None
+    if uwsgi.mule_id():
+        return None
+    if settings is None:
+        try:
+            settings = Settings.load()
+        except SettingsError as exc:
+            _log.error("wsgi_reload: reloading is off: %s", exc)
+            return None
+    if settings.app is None:
+        target = _app_target(uwsgi.opt)
+        if target is not None:
+            settings = settings.replace(app=target)
+    master = uwsgi.masterpid()
+    try:
+        directory = runtime.for_server(master)
+        started = ensure_watcher(directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
+                                 loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT)
+    except (OSError, runtime.RuntimeDirError) as exc:
+        _log.error("wsgi_reload: reloading is off: %s", exc)
+        return None
+    if started:
+        for path in missing_extra_files(settings):
+            _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
+    publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare)
+    if uwsgi.worker_id() == 0:
+        _chain_hook(uwsgi, "post_fork_hook", publisher.publish)  # prefork: the app loads in the master first
+    else:
+        publisher.publish()  # --lazy-apps: what this worker has so far; the app's modules follow its requests
+    _chain_hook(uwsgi, "after_req_hook", publisher.after_request)
+    return publisher

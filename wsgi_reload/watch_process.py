@@ -1,0 +1,185 @@
+"""The watcher process: one per server, for servers whose master runs none of our code.
+
+Under uWSGI, and for Django under gunicorn with no gunicorn config, the scan and the check
+must not run in a worker: a worker's signal handler or request thread would stop serving
+while it waits, and a scan thread in a busy worker queues for the GIL after every
+``os.stat``. So the workers only publish manifests of their modules into the server's
+private runtime directory and make sure a watcher process runs; this process does the
+rest and signals the server's master, held by a pidfd.
+
+Its settings arrive as JSON on standard input (never on the command line, where ``ps``
+shows them). An exclusive lock in the runtime directory makes it the only one of its
+server; it exits when the master exits, removing the runtime directory, and logs to the
+standard error it was given, which is the server's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import runtime, spawn
+from .check import CheckResult, check_code
+from .gate import ActionFailed
+from .manifest import ManifestReader
+from .process import Target, TargetError
+from .scanner import Change
+from .settings import Settings
+from .watcher import Watcher
+
+log = logging.getLogger("wsgi_reload.watch_process")
+
+LOCK_NAME = "watcher.lock"
+
+RETIRE_AFTER_SECONDS = 10.0
+"""With no live worker left to watch for this long (a uWSGI lazy-apps reload moved them to a new
+runtime directory), the watcher retires."""
+
+GUNICORN_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+UWSGI_LOG_FORMAT = "%(message)s"
+
+
+def watcher_running(runtime_dir: str) -> bool:
+    """True when a watcher process holds this server's lock."""
+    fd = runtime.open_lock(runtime_dir, LOCK_NAME)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock we may have taken
+    return False
+
+
+def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
+                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT) -> int | None:
+    """Start this server's watcher process unless one runs; returns its pid when one was started.
+
+    Two workers may race here; the second watcher finds the lock taken and exits at once.
+    """
+    if watcher_running(runtime_dir):
+        return None
+    config = {
+        "runtime_dir": runtime_dir,
+        "master_pid": master_pid,
+        "signal": signal_name,
+        "server": server,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
+        "loaded_at_ns": loaded_at_ns,
+        "cwd": os.getcwd(),
+        "sys_path": [p or os.getcwd() for p in sys.path],
+        "log_format": log_format,
+    }
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bootstrap = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+                 "from wsgi_reload.watch_process import main; main()")
+    with spawn.data_file(json.dumps(config).encode()) as stdin:
+        return spawn.spawn([spawn.python_executable(), "-I", "-c", bootstrap], env=os.environ, stdin=stdin,
+                           stdout=2, stderr=2)
+
+
+class _ServerWatch:
+    """The watcher of one server, fed by its workers' manifests."""
+
+    def __init__(self, config: dict[str, Any], target: Target) -> None:
+        self.config = config
+        self.target = target
+        self.runtime_dir: str = config["runtime_dir"]
+        self.settings = Settings.load({}, **config["settings"])
+        self.signum = signal.Signals["SIG" + config["signal"]]
+        self.manifests = ManifestReader(self.runtime_dir, accept=_alive)
+        self.patterns: set[str] = set()
+        self.checked_start: set[int] = set()
+        self.watcher = Watcher(self.settings, self.reload, server=f"{config['server']} ({config['signal']} to the master, pid {target.pid})",
+                               sources=[self.manifests], modules_loaded_at_ns=config["loaded_at_ns"],
+                               check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
+                               on_tick=self.tick)
+
+    def check(self, paths: Sequence[str]) -> CheckResult:
+        return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"])
+
+    def reload(self, batch: Sequence[Change]) -> None:
+        try:
+            self.target.send(self.signum)
+        except TargetError as exc:
+            raise ActionFailed(str(exc)) from None
+
+    def tick(self) -> None:
+        """Housekeeping in the watcher thread: new watch patterns, workers whose app failed at start."""
+        new = self.manifests.patterns - self.patterns
+        if new:
+            self.patterns |= new
+            self.watcher.scanner.add_patterns(sorted(new))
+        failed = self.manifests.app_failed - self.checked_start
+        if failed:
+            self.checked_start |= failed
+            self.recover_start(sorted(failed))
+        self.watcher.gate.retry_pending()
+
+    def recover_start(self, pids: list[int]) -> None:
+        """Workers say the app did not load: a broken app, or a save that raced their start."""
+        gate = self.watcher.gate
+        result = gate.check([])
+        if not result.ok:
+            gate.refuse(result, old_code_serves=False)
+            return
+        log.warning("wsgi_reload: worker %s could not load the app, which loads now (a save raced its start); "
+                    "reloading", ", ".join(map(str, pids)))
+        gate.reload_now()
+
+    def run(self) -> None:
+        self.watcher.start()
+        seen_workers_at: float | None = None
+        while not self.target.wait_exit(timeout=2.0):
+            if self.manifests.app_failed - self.checked_start:
+                self.watcher.monitor.wake()
+            if self.manifests.live:
+                seen_workers_at = time.monotonic()
+            elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS:
+                log.info("wsgi_reload: no worker of this server publishes here any more; this watcher retires")
+                break
+        self.watcher.stop(timeout=2)
+        runtime.remove(self.runtime_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main() -> None:
+    """Entry point of the watcher process."""
+    config: dict[str, Any] = json.loads(sys.stdin.read())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(config.get("log_format", GUNICORN_LOG_FORMAT), "%Y-%m-%d %H:%M:%S %z"))
+    root = logging.getLogger("wsgi_reload")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops with its master, not with a terminal's ^C
+
+    lock = runtime.open_lock(config["runtime_dir"], LOCK_NAME)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another worker started this server's watcher first
+    try:
+        target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})")
+    except TargetError as exc:
+        log.error("wsgi_reload: not watching: %s", exc)
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        _ServerWatch(config, target).run()

@@ -1,0 +1,72 @@
+"""The one watcher of a server: scan what it runs, check the code, reload it.
+
+Every adapter builds the same :class:`Watcher` and configures three things:
+
+- where the file list comes from: this process's ``sys.modules``, or the manifests the
+  workers publish (:mod:`wsgi_reload.manifest`), plus extra files and globs;
+- what the check imports (the settings' ``app``, in a fresh interpreter);
+- what a reload does (signal a verified process, say).
+
+It runs as a thread where a process can spare one that serves no requests (the gunicorn
+master, the ``wsgi-reload watch`` command) and otherwise in a watcher process of its own,
+one per server (:mod:`wsgi_reload.watch_process`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from .check import CheckResult
+from .gate import ReloadGate
+from .monitor import Monitor
+from .scanner import Change, Scanner, Source
+from .settings import Settings
+
+log = logging.getLogger("wsgi_reload.watcher")
+
+
+class Watcher:
+    """Scanner, check-then-act gate and monitor thread, wired together."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        action: Callable[[Sequence[Change]], object],
+        *,
+        server: str,
+        sources: Iterable[Source] = (),
+        watch_modules: bool = False,
+        modules_loaded_at_ns: int | None = None,
+        check: Callable[[Sequence[str]], CheckResult] | None = None,
+        wake_dirs: Iterable[str] = (),
+        name: str = "wsgi_reload-watcher",
+        on_batch: Callable[[Sequence[Change]], object] | None = None,
+        on_tick: Callable[[], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.scanner = Scanner(settings, watch_modules=watch_modules, sources=sources,
+                               modules_loaded_at_ns=modules_loaded_at_ns)
+        self.gate = ReloadGate(settings, action, server=server, check=check, rescan=self.scanner.scan)
+        self.monitor = Monitor(self.scanner, on_batch or self.gate, wake_dirs=wake_dirs, name=name,
+                               on_tick=on_tick or self.gate.retry_pending,
+                               tick_pending=lambda: self.gate.pending is not None)
+
+    def start(self) -> Watcher:
+        """Record the baseline, start watching, and log one line that says how."""
+        self.monitor.start()
+        log.info("wsgi_reload: watching %d files by %s; check: %s; a good change reloads %s",
+                 len(self.scanner.watched_files()), self.monitor.describe(), self.check_description(), self.server)
+        return self
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self.monitor.stop(timeout)
+
+    def check_description(self) -> str:
+        mode = self.settings.check
+        if mode == "import" and self.settings.app:
+            return f"import {self.settings.app}"
+        if mode == "import":
+            return "compile only (no app to import was found: set WSGI_RELOAD_APP)"
+        return mode
