@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import runtime
-from .files import ModuleFiles
+from .files import ModuleFiles, expand
 
 
 class ManifestWriter:
@@ -50,16 +50,15 @@ class ManifestReader:
     """A scanner source: the union of the manifests in a directory, each file with its load time.
 
     ``accept(pid)`` says which manifests still count (live workers); a file in several
-    manifests keeps the earliest load time. After each call, ``live`` holds the accepted
-    pids, ``patterns`` their extra watch patterns and ``app_failed`` the pids whose app did
-    not load.
+    manifests keeps the earliest load time, and so do the files a manifest's extra patterns
+    match. After each call, ``live`` holds the accepted pids and ``app_failed`` the pids
+    whose app did not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
         self.directory = directory
         self.accept = accept
         self.live: set[int] = set()
-        self.patterns: set[str] = set()
         self.app_failed: set[int] = set()
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
@@ -81,10 +80,13 @@ class ManifestReader:
                 continue
             live.add(int(stem))
             loaded_at = manifest["loaded_at_ns"]
-            for path in manifest["files"]:
+            paths = list(manifest["files"])
+            for pattern in manifest.get("patterns", ()):
+                # Template and locale globs: a file newer than the worker's load is stale there too.
+                paths.extend(expand(pattern)[0])
+            for path in paths:
                 earlier = files.get(path)
                 files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
-            self.patterns.update(manifest.get("patterns", ()))
             if manifest.get("app_loaded") is False:
                 self.app_failed.add(int(stem))
         for gone in self._cache.keys() - seen:

@@ -96,9 +96,9 @@ class _ServerWatch:
         self.settings = Settings.load({}, **config["settings"])
         self.signum = signal.Signals["SIG" + config["signal"]]
         self.manifests = ManifestReader(self.runtime_dir, accept=_alive)
-        self.patterns: set[str] = set()
         self.checked_start: set[int] = set()
-        self.watcher = Watcher(self.settings, self.reload, server=f"{config['server']} ({config['signal']} to the master, pid {target.pid})",
+        server = f"{config['server']} ({config['signal']} to the master, pid {target.pid})"
+        self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.manifests], modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
                                on_tick=self.tick)
@@ -107,17 +107,17 @@ class _ServerWatch:
         return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"])
 
     def reload(self, batch: Sequence[Change]) -> None:
+        if not self.manifests.live:
+            # Between two generations, or left behind by a uWSGI --lazy-apps reload (its new
+            # workers found a new runtime directory): hold the reload until workers are back.
+            raise ActionFailed("no worker of this server is up")
         try:
             self.target.send(self.signum)
         except TargetError as exc:
             raise ActionFailed(str(exc)) from None
 
     def tick(self) -> None:
-        """Housekeeping in the watcher thread: new watch patterns, workers whose app failed at start."""
-        new = self.manifests.patterns - self.patterns
-        if new:
-            self.patterns |= new
-            self.watcher.scanner.add_patterns(sorted(new))
+        """Housekeeping in the watcher thread: workers whose app failed at start, a pending reload."""
         failed = self.manifests.app_failed - self.checked_start
         if failed:
             self.checked_start |= failed
