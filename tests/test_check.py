@@ -186,6 +186,155 @@ def test_bad_settings_fail_with_one_clear_line(
     assert "\n" not in str(info.value)
 
 
+# --- a check that cannot hang ----------------------------------------------------------------
+
+
+def probe(tmp_path: Path, source: str, app: str = "probe_app:application", timeout: float = 30.0) -> object:
+    (tmp_path / "probe_app.py").write_text(source)
+    return import_app(app, cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path[1:]], timeout=timeout)
+
+
+APP = "\ndef application(environ, start_response):\n    return []\n"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("spawn", [
+    "import subprocess\nCHILD = subprocess.Popen(['sleep', '75']).pid\n",
+    "import os, time\nCHILD = os.fork()\nif CHILD == 0:\n    time.sleep(75)\n    os._exit(0)\n",
+], ids=["child-process", "fork"])
+def test_a_child_started_at_import_neither_fails_nor_holds_up_the_check(tmp_path: Path, spawn: str) -> None:
+    source = spawn + "open('child.pid', 'w').write(str(CHILD))\n" + APP
+    result = probe(tmp_path, source, timeout=60)
+    assert result.ok, result  # valid code; before, "took longer than 30 s" and 75 s of waiting
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(child), "the check left the app's child process running"
+
+
+def test_an_error_report_over_64_kib_is_read_whole(tmp_path: Path) -> None:
+    result = probe(tmp_path, "raise RuntimeError('x' * 200_000)\n")
+    assert not result.ok and result.stage == "import"
+    assert (result.file, result.line) == (str(tmp_path / "probe_app.py"), 1)
+    assert result.message.startswith("RuntimeError: xxx") and len(result.message) < 2000
+
+
+@pytest.mark.parametrize("source, words", [
+    ("import os\nos._exit(0)\n", "exited with code 0"),
+    ("import ctypes\nctypes.string_at(0)\n", "crashed (SIGSEGV)"),
+])
+def test_an_exit_or_a_crash_at_import_names_the_users_file(tmp_path: Path, source: str, words: str) -> None:
+    (tmp_path / "probe_helper.py").write_text(source)
+    result = probe(tmp_path, "import probe_helper\n" + APP)
+    assert not result.ok
+    assert result.file == str(tmp_path / "probe_helper.py")
+    assert words in result.message
+
+
+def test_a_missing_app_module_names_the_app_spec_not_importlib(tmp_path: Path) -> None:
+    result = import_app("nosuch:app", cwd=str(tmp_path), sys_path=[str(tmp_path)])
+    assert not result.ok and result.file is None
+    assert "No module named 'nosuch' (the app is nosuch:app)" in result.message
+    assert "importlib" not in str(result)
+
+
+def test_a_missing_import_names_the_importing_file_and_line(tmp_path: Path) -> None:
+    result = probe(tmp_path, "x = 1\nimport no_such_module_here\n" + APP)
+    assert (result.file, result.line) == (str(tmp_path / "probe_app.py"), 2)
+    assert "No module named 'no_such_module_here'" in result.message
+
+
+def test_a_missing_callable_names_the_module_file(tmp_path: Path) -> None:
+    result = probe(tmp_path, "x = 1\n", app="probe_app:app")
+    assert result.file == str(tmp_path / "probe_app.py")
+    assert "has no attribute 'app' (the app is probe_app:app)" in result.message
+
+
+def test_a_hang_names_the_file_still_running(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    result = probe(tmp_path, "import slow\n" + APP, timeout=1)
+    assert result.stage == "timeout" and result.file == str(tmp_path / "slow.py")
+
+
+def test_a_check_beside_a_forking_thread_does_not_hang(tmp_path: Path) -> None:
+    """The gunicorn master forks workers while its watcher thread checks: a worker forked then
+    must not inherit anything the check waits on (Popen's error pipe and output pipes did)."""
+    import threading
+
+    (tmp_path / "probe_app.py").write_text(APP)
+    results: list[object] = []
+
+    def checks() -> None:
+        for _ in range(10):
+            results.append(import_app("probe_app:application", cwd=str(tmp_path), sys_path=[str(tmp_path)]))
+
+    thread = threading.Thread(target=checks)
+    children = []
+    thread.start()
+    try:
+        while thread.is_alive() and len(children) < 400:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)  # holds whatever it inherited
+                os._exit(0)
+            children.append(pid)
+            time.sleep(0.005)
+        thread.join(30)  # liveness: far less than the children's 60 s
+        assert not thread.is_alive(), "a check waited on a descriptor a forked child inherited"
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert len(results) == 10 and all(r.ok for r in results)  # type: ignore[attr-defined]
+
+
+def test_the_gate_checks_again_when_files_changed_during_the_check(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+    rescans = [[Change("/b.py", "modified")], []]
+
+    def check_paths(paths: list[str]) -> object:
+        seen.append(list(paths))
+        from wsgi_reload import CheckResult
+        return CheckResult(True)
+
+    acted: list[object] = []
+    gate = ReloadGate(Settings(), acted.append, check=check_paths, rescan=lambda: rescans.pop(0))  # type: ignore[arg-type]
+    assert gate([Change("/a.py", "modified")])
+    assert seen == [["/a.py"], ["/a.py", "/b.py"]]
+    assert acted == [[Change("/a.py", "modified"), Change("/b.py", "modified")]]
+
+
+def test_an_action_that_fails_is_retried_until_it_works_or_a_newer_batch_comes() -> None:
+    from wsgi_reload import ActionFailed, CheckResult
+
+    attempts: list[object] = []
+    failures = [True, True, False]
+
+    def act(batch: object) -> None:
+        attempts.append(batch)
+        if failures.pop(0):
+            raise ActionFailed("the pidfile is missing")
+
+    gate = ReloadGate(Settings(), act, check=lambda paths: CheckResult(True))
+    assert not gate([Change("/a.py", "modified")])
+    assert gate.pending is not None
+    gate.retry_pending()
+    assert gate.pending is not None
+    gate.retry_pending()
+    assert gate.pending is None and len(attempts) == 3
+    gate.retry_pending()
+    assert len(attempts) == 3
+
+
 # --- the monitor ---------------------------------------------------------------------------
 
 
@@ -195,8 +344,7 @@ def run_monitor(tmp_path: Path, backend: str, edits: int, gap: float) -> tuple[M
     batches: list[list[Change]] = []
     settings = Settings(extra_files=(str(target),), backend=backend, interval=0.05, settle=0.3)
     monitor = Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b)))
-    with monitor:
-        time.sleep(0.3)
+    with monitor:  # the baseline is recorded when start() returns: edit at once
         for n in range(edits):
             target.write_text("x" * (n + 1))
             time.sleep(gap)
@@ -217,6 +365,29 @@ def test_the_event_backend_reports_changes(tmp_path: Path) -> None:
     monitor, batches = run_monitor(tmp_path, "events", edits=1, gap=0)
     assert monitor.backend == "events"
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
+
+
+def test_a_crashed_watcher_thread_says_so_and_restarts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "watched.txt"
+    target.write_text("0")
+    batches: list[list[Change]] = []
+    crashes = [RuntimeError("boom")]
+
+    def tick() -> None:
+        if crashes:
+            raise crashes.pop()
+
+    settings = Settings(extra_files=(str(target),), backend="poll", interval=0.05, settle=0)
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"), \
+            Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b)), on_tick=tick):
+        deadline = time.monotonic() + 10
+        while "restarting it" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        target.write_text("changed")
+        while not batches and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert caplog.text.count("the watcher thread failed (1 of 5); restarting it") == 1
+    assert batches == [[Change(str(target), "modified")]]
 
 
 def test_poll_backend_is_used_when_asked(tmp_path: Path) -> None:

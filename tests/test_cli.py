@@ -34,16 +34,33 @@ def app(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def recorder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    record = tmp_path / "signals.txt"
+def start_recorder(record: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", SIGNAL_RECORDER, str(record)])
     deadline = time.monotonic() + 10
     while not (record.exists() and "ready" in record.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    record = tmp_path / "signals.txt"
+    proc = start_recorder(record)
     yield proc, record
     proc.kill()
     proc.wait()
+
+
+def wait_for_log(watcher: subprocess.Popen[str], log: list[str], pattern: str, timeout: float = 15) -> None:
+    """Read the watcher's stderr until a line holds ``pattern``."""
+    assert watcher.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = watcher.stderr.readline()
+        log.append(line)
+        if pattern in line:
+            return
+    raise AssertionError(f"no {pattern!r} in {''.join(log)}")
 
 
 def hups(record: Path) -> int:
@@ -95,18 +112,85 @@ def test_watch_signals_the_process_only_for_code_that_loads(
 
 
 def test_watch_rereads_the_pidfile(app: Path, recorder: tuple[subprocess.Popen[bytes], Path]) -> None:
-    proc, record = recorder
+    first, first_record = recorder
+    second_record = app / "second.txt"
+    second = start_recorder(second_record)
     pidfile = app / "server.pid"
-    pidfile.write_text(f"{proc.pid}\n")
+    pidfile.write_text(f"{first.pid}\n")
     watcher = subprocess.Popen([*CLI, "watch", "--pidfile", str(pidfile), "--signal", "SIGHUP", "--interval", "0.1",
-                                str(app / "*.txt")], cwd=app, stderr=subprocess.DEVNULL)
+                                str(app / "*.py")], cwd=app, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
     try:
-        time.sleep(1)
-        (app / "new.txt").write_text("hello")
-        wait_for_hups(record, 1)
+        wait_for_log(watcher, log, "wsgi_reload: watching")
+        (app / "new.py").write_text("A = 1\n")
+        wait_for_hups(first_record, 1)
+        pidfile.write_text(f"{second.pid}\n")  # a restarted server wrote its new pid
+        (app / "new.py").write_text("A = 2\n")
+        wait_for_hups(second_record, 1)
+        assert hups(first_record) == 1
     finally:
         watcher.terminate()
         watcher.wait(10)
+        second.kill()
+        second.wait()
+
+
+def test_a_signal_that_could_not_be_sent_is_retried(app: Path, recorder: tuple[subprocess.Popen[bytes], Path]) -> None:
+    proc, record = recorder
+    pidfile = app / "server.pid"
+    pidfile.write_text(f"{proc.pid}\n")
+    watcher = subprocess.Popen([*CLI, "watch", "--pidfile", str(pidfile), "--interval", "0.1", "--backend", "poll",
+                                str(app / "cli_helper.py")], cwd=app, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        wait_for_log(watcher, log, "wsgi_reload: watching")
+        pidfile.unlink()  # the server is between two pidfiles
+        (app / "cli_helper.py").write_text("VALUE = 2\n")
+        wait_for_log(watcher, log, "cannot reload")
+        assert hups(record) == 0
+        pidfile.write_text(f"{proc.pid}\n")
+        wait_for_hups(record, 1)  # no second save needed
+        wait_for_log(watcher, log, "on a retry")
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+
+
+def test_watch_with_pid_stops_when_its_process_exits(app: Path) -> None:
+    proc = subprocess.Popen(["sleep", "60"])
+    watcher = subprocess.Popen([*CLI, "watch", "--pid", str(proc.pid), str(app / "cli_helper.py")], cwd=app,
+                               stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    wait_for_log(watcher, log, "wsgi_reload: watching")
+    proc.kill()
+    proc.wait()
+    assert watcher.wait(15) == 1
+    assert watcher.stderr is not None
+    assert f"pid {proc.pid} has exited; nothing left to signal" in watcher.stderr.read()
+
+
+def test_version_and_help(app: Path) -> None:
+    from wsgi_reload import __version__
+
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"wsgi-reload {__version__}\n")
+    done = subprocess.run([*CLI, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "``" not in done.stdout
+    assert "examples:" in done.stdout and "wsgi-reload check myapp:app" in done.stdout
+    watch_help = subprocess.run([*CLI, "watch", "--help"], capture_output=True, text=True).stdout
+    assert "--backend {auto,poll,events}" in watch_help and "file events" in watch_help
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "not an app"], "app='not an app' is not valid"),
+    (["check", "cli_app:application", "--timeout", "inf"], "check_timeout=inf is not a number of seconds"),
+    (["check", "cli_app:application", "--chdir", "nowhere"], "--chdir nowhere: no such directory"),
+])
+def test_check_bad_usage_exits_two(app: Path, args: list[str], message: str) -> None:
+    done = subprocess.run([*CLI, *args], cwd=app, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr
 
 
 def run_watch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -39,6 +39,10 @@ benchmarks/, not asserted here (typical: 1 to 3 s with polling defaults)."""
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     """A fresh copy of the example project with its SQLite database created."""
+    return make_site(tmp_path)
+
+
+def make_site(tmp_path: Path) -> Path:
     target = tmp_path / "site"
     shutil.copytree(EXAMPLE, target, ignore=shutil.ignore_patterns("db.sqlite3", "__pycache__"))
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=target, check=True, env=server_env())

@@ -1,0 +1,222 @@
+"""What another local user can do to a watcher: nothing. Run as root, acting as nobody."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from second_user import NOBODY, needs_root, run_as_nobody, shared_tmp
+
+from wsgi_reload import runtime
+from wsgi_reload.process import Target, TargetError, from_pidfile
+
+pytestmark = needs_root
+
+
+def test_the_runtime_directory_is_closed_to_other_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    with shared_tmp() as tmp:
+        monkeypatch.setenv("TMPDIR", tmp)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.setattr("tempfile.tempdir", None)
+        path = runtime.create()
+        runtime.write_atomic(path, "1.json", b"{}")
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700
+        done = run_as_nobody(f"""
+            import os
+            for attempt in (lambda: os.listdir({path!r}), lambda: open({path!r} + "/x", "w"),
+                            lambda: open({path!r} + "/1.json")):
+                try:
+                    attempt()
+                except PermissionError:
+                    print("refused")
+        """)
+        assert done.stdout.split() == ["refused"] * 3  # type: ignore[union-attr]
+        runtime.remove(path)
+        assert not os.path.exists(path)
+
+
+def test_a_planted_name_is_never_used_or_written_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a user who guessed the derived name (nobody can) gets no use of it: a directory of
+    theirs, or a symlink to a file of root's, is refused and nothing is written."""
+    with shared_tmp() as tmp:
+        monkeypatch.setenv("TMPDIR", tmp)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.setattr("tempfile.tempdir", None)
+        name = runtime.shared_by_siblings("test-scope")
+        os.rmdir(name)
+        victim = Path(tmp) / "roots-file"
+        victim.write_text("root's data\n")
+        victim.chmod(0o644)
+        plants = (f"os.mkdir({name!r}, 0o777); os.chmod({name!r}, 0o777)", f"os.symlink({str(victim)!r}, {name!r})")
+        for plant in plants:
+            run_as_nobody(f"import os\n{plant}\n")
+            with pytest.raises(runtime.RuntimeDirError, match="not a private directory"):
+                runtime.shared_by_siblings("test-scope")
+            assert victim.read_text() == "root's data\n"
+            assert os.lstat(name).st_uid == NOBODY
+            run_as_nobody(f"import os\nos.unlink({name!r}) if os.path.islink({name!r}) else os.rmdir({name!r})\n")
+
+
+def test_a_pidfile_of_another_user_is_refused(tmp_path: Path) -> None:
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    os.chown(pidfile, NOBODY, NOBODY)
+    with pytest.raises(TargetError, match="belongs to another user"):
+        from_pidfile(str(pidfile))
+
+
+def test_a_pidfile_others_can_write_is_refused(tmp_path: Path) -> None:
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    pidfile.chmod(0o666)
+    with pytest.raises(TargetError, match="writable by other users"):
+        from_pidfile(str(pidfile))
+
+
+def test_the_cli_refuses_a_pidfile_another_user_wrote(tmp_path: Path) -> None:
+    """The attack: nobody writes the pid of a root process into a pidfile of theirs."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        with shared_tmp() as tmp:
+            pidfile = os.path.join(tmp, "app.pid")
+            run_as_nobody(f"open({pidfile!r}, 'w').write('{victim.pid}\\n')")
+            (tmp_path / "a.py").write_text("A = 1\n")
+            done = subprocess.run([str(Path(sys.executable).parent / "wsgi-reload"), "watch", "--pidfile", pidfile,
+                                   str(tmp_path / "a.py")], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2
+        assert "belongs to another user (uid 65534); refusing to trust it" in done.stderr
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def _spawn_with_pid(pid: int, argv: list[str], attempts: int = 50) -> subprocess.Popen[bytes] | None:
+    """Start a process that gets exactly ``pid`` (root may set the next pid through ns_last_pid)."""
+    for _ in range(attempts):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(argv)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
+    first = subprocess.Popen(["sleep", "60"])
+    target = Target(first.pid)
+    first.kill()
+    first.wait()
+    second = _spawn_with_pid(first.pid, ["sleep", "60"])
+    if second is None:
+        pytest.skip("could not have the kernel hand out the same pid again (ns_last_pid)")
+    try:
+        with pytest.raises(TargetError, match="has exited"):
+            target.send(signal.SIGTERM)
+        time.sleep(0.2)
+        assert second.poll() is None, "the process that reused the pid was signalled"
+    finally:
+        second.kill()
+        second.wait()
+        target.close()
+
+
+def test_a_pidfile_naming_a_reused_pid_is_refused(tmp_path: Path) -> None:
+    first = subprocess.Popen(["sleep", "60"])
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text(f"{first.pid}\n")
+    first.kill()
+    first.wait()
+    time.sleep(2)  # the reused pid starts measurably after the pidfile was written
+    second = _spawn_with_pid(first.pid, ["sleep", "60"])
+    if second is None:
+        pytest.skip("could not have the kernel hand out the same pid again (ns_last_pid)")
+    try:
+        with pytest.raises(TargetError, match="started after the pidfile was written"):
+            from_pidfile(str(pidfile))
+        assert second.poll() is None
+    finally:
+        second.kill()
+        second.wait()
+
+
+PLANT = """
+import os, sys
+tmp, victim, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+for pid in range(first, first + 400):
+    for name in (f"wsgi-reload-django-gunicorn-{pid}.lock", f"wsgi-reload-uwsgi-{pid}.lock"):
+        fd = os.open(os.path.join(tmp, name), os.O_RDWR | os.O_CREAT, 0o644)
+        os.lockf(fd, os.F_LOCK, 0)
+        held.append(fd)
+    for name in (f"wsgi-reload-uwsgi-{pid}.json", f"{pid}.json", f"wsgi-reload-{pid}.json"):
+        os.symlink(victim, os.path.join(tmp, name))
+print("planted", flush=True)
+sys.stdin.read()
+"""
+
+
+def _plant(tmp: str, victim: Path) -> subprocess.Popen[str]:
+    """nobody fills the shared temp directory with the names the old code used, for the next 400
+    pids: lock files it holds locked, and symlinks to a file of root's."""
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        first = int(f.read()) + 1
+    args = [tmp, str(victim), str(first)]
+    planter = run_as_nobody(f"import sys\nsys.argv[1:] = {args!r}\n{PLANT}", background=True)
+    assert isinstance(planter, subprocess.Popen)
+    assert planter.stdout is not None and planter.stdout.readline().strip() == "planted"
+    return planter
+
+
+def _leftovers(tmp: str) -> list[str]:
+    """What root left in the shared temp directory."""
+    return sorted(name for name in os.listdir(tmp) if os.lstat(os.path.join(tmp, name)).st_uid != NOBODY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server_kind", ["gunicorn", "uwsgi", "django-gunicorn"])
+def test_plants_and_locks_in_the_temp_directory_change_nothing(tmp_path: Path, server_kind: str) -> None:
+    from servers import free_port, greeting, gunicorn, make_app, running, server_env, uwsgi, wait_for_body, write
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's data\n")
+    with shared_tmp() as tmp:
+        planter = _plant(tmp, victim)
+        try:
+            port = free_port()
+            env = server_env()
+            env["TMPDIR"] = tmp
+            env.pop("XDG_RUNTIME_DIR", None)
+            if server_kind in ("gunicorn", "uwsgi"):
+                app = make_app(tmp_path)
+                server = uwsgi(app, port, env=env) if server_kind == "uwsgi" else gunicorn(app, port, env=env)
+                first, edit, second = "v1", lambda: write(app / "greeting.py", greeting("v2")), "v2"
+            else:
+                from test_django import django_gunicorn, greeting_view, make_site, page
+
+                site = make_site(tmp_path)
+                server = django_gunicorn(site, port, ["-w", "2"], env)
+                first, edit, second = page("hello"), lambda: greeting_view(site, "planted"), page("planted")
+            with running(server, first):
+                edit()
+                wait_for_body(port, second)
+                assert victim.read_text() == "root's data\n"
+            deadline = time.monotonic() + 10  # the watcher process removes the runtime directory as it exits
+            while _leftovers(tmp) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _leftovers(tmp) == []
+        finally:
+            planter.kill()
+            planter.wait()
+    assert victim.read_text() == "root's data\n"
