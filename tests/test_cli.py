@@ -94,8 +94,9 @@ def test_watch_signals_the_process_only_for_code_that_loads(
     watcher = subprocess.Popen([*CLI, "watch", "--pid", str(proc.pid), "--app", "cli_app:application",
                                 "--interval", "0.1", "--backend", "poll", str(app / "cli_helper.py")],
                                cwd=app, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
     try:
-        time.sleep(1)
+        wait_for_log(watcher, log, "wsgi_reload: watching")  # the baseline is recorded: edits count now
         (app / "cli_helper.py").write_text("VALUE = 2\n")
         wait_for_hups(record, 1)
         (app / "cli_helper.py").write_text("VALUE = (\n")
@@ -107,7 +108,7 @@ def test_watch_signals_the_process_only_for_code_that_loads(
     finally:
         watcher.terminate()
         _, err = watcher.communicate(timeout=10)
-    assert f"{app / 'cli_helper.py'}:1: SyntaxError" in err
+    assert f"{app / 'cli_helper.py'}:1: SyntaxError" in "".join(log) + err
     assert watcher.returncode == 0
 
 

@@ -46,7 +46,6 @@ def test_an_edit_is_served(tmp_path: Path, mode: list[str]) -> None:
     app = make_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, mode), "v1") as server:
-        time.sleep(0.5)
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2", timeout=10)
         server.wait_for_log(RELOADED)
@@ -90,7 +89,6 @@ def test_a_burst_of_fifty_writes_gives_at_most_two_reloads(tmp_path: Path, mode:
     app = make_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, mode), "v1") as server:
-        time.sleep(0.5)
         for n in range(50):
             write(app / "greeting.py", greeting(f"burst-{n}"))
             time.sleep(0.01)

@@ -53,7 +53,6 @@ def test_an_edit_is_served(tmp_path: Path, variant: dict[str, object]) -> None:
     app = make_app(tmp_path)
     port = free_port()
     with running(uwsgi(app, port, **variant), "v1") as server:  # type: ignore[arg-type]
-        time.sleep(0.5)
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2", timeout=10)
         server.wait_for_log(RELOADED)
@@ -106,7 +105,6 @@ def test_a_burst_of_fifty_writes_gives_at_most_two_reloads(tmp_path: Path, lazy:
     app = make_app(tmp_path)
     port = free_port()
     with running(uwsgi(app, port, lazy=lazy), "v1") as server:
-        time.sleep(0.5)
         for n in range(50):
             write(app / "greeting.py", greeting(f"burst-{n}"))
             time.sleep(0.01)
