@@ -111,6 +111,34 @@ def test_a_new_module_is_picked_up_and_watched(tmp_path: Path, mode: list[str]) 
         wait_for_body(port, "extra-2")
 
 
+@pytest.mark.parametrize("mode_name", ["sync", "gthread"])
+def test_a_save_that_breaks_the_app_after_the_check_never_reaches_the_workers(tmp_path: Path, mode_name: str) -> None:
+    """The check is a prediction: here the file breaks after it passed and before the new workers
+    read it (a slow module imported first holds them up). The old workers must keep serving."""
+    app = make_app(tmp_path)
+    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
+    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    port = free_port()
+    env = server_env(check_timeout="6")
+    with running(gunicorn(app, port, MODES[mode_name], env=env), "v1") as server, Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("v2"))
+        server.wait_for_log(RELOADED)
+        write(app / "greeting.py", BROKEN_SAVES["syntax"])  # the new workers are still importing slow.py
+        server.wait_for_log(r"the new workers did not load the app")
+        server.wait_for_log(r"not reloading, the new code does not load")
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+        server.wait_for_log(r"reload done: 2 new workers serving")
+        time.sleep(0.5)  # the old workers finish their last requests
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies <= {"v1", "v3"}
+        assert server.alive()
+
+
 @pytest.mark.parametrize("workers", ["1", "8"])
 def test_every_worker_serves_the_new_code(tmp_path: Path, workers: str) -> None:
     app = make_app(tmp_path)

@@ -56,7 +56,7 @@ def test_a_body_only_edit_is_patched_and_the_state_is_kept(tmp_path: Path) -> No
         hits = wait_for_version(port, "v2")
         assert hits > 6  # the in-memory count went on: no restart
         assert server.count(r"patched in place") == 1
-        assert server.count(r"Hang up") == 0
+        assert server.count(r"Hang up|Handling signal: ttin") == 0
 
 
 def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
@@ -67,13 +67,12 @@ def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
         wait_for_version(port, "v1b")
         write(app / "counting.py", counting("v2", label="changed"))
         server.wait_for_log(r"not patchable .*more than function bodies changed")
-        server.wait_for_log(r"Hang up")
         assert wait_for_version(port, "v2") < 5  # a fresh worker started counting again
         server.wait_for_log(r"reload done")
         write(app / "counting.py", counting("v3", label="changed"))  # the new worker takes patches too
         wait_for_version(port, "v3")
         assert server.count(r"patched in place") == 2
-        assert server.count(r"Hang up") == 1
+        assert server.count(r"reload done") == 1
 
 
 def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:
@@ -86,7 +85,7 @@ def test_patches_under_load_fail_no_request(tmp_path: Path) -> None:
                     wait_for_version(port, f"v{n}")
             _, failures, _ = load.snapshot()
     assert failures == []
-    assert server.count(r"Hang up") == 0
+    assert server.count(r"Hang up|Handling signal: ttin") == 0
 
 
 def test_a_broken_save_is_neither_patched_nor_reloaded(tmp_path: Path) -> None:
@@ -97,4 +96,4 @@ def test_a_broken_save_is_neither_patched_nor_reloaded(tmp_path: Path) -> None:
         wait_for_version(port, "v1")
         write(app / "counting.py", counting("v3"))
         wait_for_version(port, "v3")
-        assert server.count(r"Hang up") == 0
+        assert server.count(r"Hang up|Handling signal: ttin") == 0

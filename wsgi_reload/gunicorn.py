@@ -327,7 +327,8 @@ class _MasterWatch:
                 return
             _log.info("wsgi_reload: not patchable (%s); reloading", reason)
             self.patcher.reset(batch)
-        self.reload()
+        config = set(self.config_files())
+        self.reload(config_changed=any(change.path in config for change in batch))
 
     def fall_back(self, reason: str) -> None:
         _log.warning("wsgi_reload: a worker could not take the patch (%s); reloading", reason)
@@ -335,18 +336,81 @@ class _MasterWatch:
             self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
         self.reload()
 
-    def reload(self) -> None:
-        if not self.preload:
+    def reload(self, config_changed: bool = False) -> None:
+        if self.preload:
+            self._wait_until_promoted()
+            self.handing_over = True
+            os.kill(self.pid, signal.SIGUSR2)
+            _log.info("wsgi_reload: preload_app is on: re-executing the master (USR2) so the new code loads")
+            threading.Thread(target=self.watch_handover, name="wsgi_reload-handover", daemon=True).start()
+            return
+        if config_changed:
+            # Only a HUP re-reads the gunicorn config; it swaps the workers without waiting for them.
             old_workers = set(self.server.WORKERS)
             os.kill(self.pid, signal.SIGHUP)
             threading.Thread(target=self.report_new_workers, args=(old_workers, self.batch_started),
                              name="wsgi_reload-report", daemon=True).start()
             return
-        self._wait_until_promoted()
-        self.handing_over = True
-        os.kill(self.pid, signal.SIGUSR2)
-        _log.info("wsgi_reload: preload_app is on: re-executing the master (USR2) so the new code loads")
-        threading.Thread(target=self.watch_handover, name="wsgi_reload-handover", daemon=True).start()
+        self.swap_workers()
+
+    def swap_workers(self) -> None:
+        """Verify before swap: the old workers retire only once the new ones have loaded the app.
+
+        TTIN adds one worker at a time; a new worker proves it loaded by publishing its
+        manifest (post_worker_init runs after the app import). Then TTOU retires one worker per
+        signal, and gunicorn's manage_workers() retires the oldest: the old generation. If the
+        new workers cannot load within check_timeout, the old generation is made the youngest,
+        so the same TTOUs retire the new workers instead, and the old ones keep serving.
+        """
+        server = self.server
+        old = set(server.WORKERS)
+        count = server.num_workers
+        for _ in range(count):
+            # One at a time: two pending TTINs would merge into one signal.
+            self._signal_master_and_wait(signal.SIGTTIN, lambda before: server.num_workers > before)
+        deadline = time.monotonic() + self.settings.check_timeout
+        fresh: set[int] = set()
+        while time.monotonic() < deadline:
+            fresh = {pid for pid in list(server.WORKERS) if pid not in old and self._has_manifest(pid)}
+            if len(fresh) >= count:
+                break
+            time.sleep(0.02)
+        loaded = len(fresh) >= count
+        real_ages = {pid: worker.age for pid, worker in list(server.WORKERS.items()) if pid in old}
+        if not loaded:
+            youngest = max((w.age for w in list(server.WORKERS.values())), default=0)
+            for offset, pid in enumerate(sorted(real_ages)):
+                worker = server.WORKERS.get(pid)
+                if worker is not None:
+                    # manage_workers() retires the oldest first; far ahead of any respawn in between
+                    worker.age = youngest + 1_000_000 + offset
+        for _ in range(count):
+            self._signal_master_and_wait(signal.SIGTTOU, lambda before: server.num_workers < before)
+        if not loaded:
+            # Restore the ages only once the new workers are gone (while they are still counted,
+            # manage_workers() would retire the oldest), so the next swap retires these first again.
+            deadline = time.monotonic() + self.server.cfg.graceful_timeout + 5
+            while len(server.WORKERS) > count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid, age in real_ages.items():
+                worker = server.WORKERS.get(pid)
+                if worker is not None:
+                    worker.age = age
+        if loaded:
+            self.served_once = True
+            _log.info("wsgi_reload: reload done: %s serving, %.0f ms after the change was seen; "
+                      "the old workers retire", _workers(count, "new "), 1000 * (time.monotonic() - self.batch_started))
+        else:
+            _log.error("wsgi_reload: the new workers did not load the app within %g s (a file changed after the "
+                       "check?); they retire and the old workers keep serving. Saving a fix reloads.",
+                       self.settings.check_timeout)
+
+    def _signal_master_and_wait(self, signum: int, done: Callable[[int], bool], timeout: float = 10.0) -> None:
+        before = self.server.num_workers
+        os.kill(self.pid, signum)
+        deadline = time.monotonic() + timeout
+        while not done(before) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def report_new_workers(self, old_workers: set[int], started: float, what: str = "reload done",
                            timeout: float = 120.0) -> None:
