@@ -139,6 +139,30 @@ def test_a_save_that_breaks_the_app_after_the_check_never_reaches_the_workers(tm
         assert server.alive()
 
 
+def test_a_broken_module_the_workers_import_lazily_is_refused(tmp_path: Path, mode: list[str]) -> None:
+    """A module imported inside a function is not touched by importing the app: the check
+    imports the changed modules the workers had loaded as well."""
+    app = make_app(tmp_path)
+    write(app / "lazy_part.py", 'def text():\n    return "lazy-1"\n')
+    write(app / "greeting.py", "def setup():\n    pass\n\n\ndef text():\n    import lazy_part\n\n"
+                               "    return lazy_part.text()\n")
+    port = free_port()
+    with running(gunicorn(app, port, mode), "lazy-1") as server, Load(port, threads=4) as load:
+        write(app / "lazy_part.py", 'def text():\n    return "lazy-2"\n')  # proves it is watched
+        wait_for_body(port, "lazy-2")
+        server.wait_for_log(r"reload done|stopping the old master")
+        time.sleep(0.5)  # the old workers finish their last requests
+        load.reset_bodies()
+        write(app / "lazy_part.py", 'undefined_name\n\n\ndef text():\n    return "broken"\n')
+        server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
+        time.sleep(2)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"lazy-2"}
+        write(app / "lazy_part.py", 'def text():\n    return "lazy-3"\n')
+        wait_for_body(port, "lazy-3")
+
+
 @pytest.mark.parametrize("workers", ["1", "8"])
 def test_every_worker_serves_the_new_code(tmp_path: Path, workers: str) -> None:
     app = make_app(tmp_path)

@@ -137,6 +137,35 @@ def _load_django_urls() -> None:
     get_resolver().url_patterns  # noqa: B018 - importing the URLconf is the point
 
 
+def module_name(path: str) -> str | None:
+    """The dotted name ``path`` imports as from ``sys.path`` (the longest entry that holds it)."""
+    path = os.path.abspath(path)
+    for entry in sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True):
+        if not path.startswith(entry.rstrip(os.sep) + os.sep) or not path.endswith(".py"):
+            continue
+        parts = path[len(entry.rstrip(os.sep)) + 1:-3].split(os.sep)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts and all(part.isidentifier() for part in parts):
+            return ".".join(parts)
+    return None
+
+
+def import_changed_modules(paths: list[str]) -> None:
+    """Import the changed modules a worker had loaded that the app import did not reach.
+
+    Views and helpers imported inside a function load lazily, on the request that needs
+    them: without this, a broken one would pass the check and fail in the new workers.
+    """
+    loaded = {os.path.abspath(f) for f in (getattr(m, "__file__", None) for m in list(sys.modules.values())) if f}
+    for path in paths:
+        if os.path.abspath(path) in loaded:
+            continue
+        name = module_name(path)
+        if name is not None and name not in sys.modules:
+            importlib.import_module(name)
+
+
 def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
     """The user's file and line to blame: a SyntaxError's own, else the innermost frame of the user's."""
     if isinstance(exc, AppNotFound):
@@ -157,8 +186,7 @@ def main() -> None:
     sys.meta_path.insert(0, _ImportTracer())
     try:
         load_application(payload["app"])
-        for name in payload.get("modules", ()):
-            importlib.import_module(name)  # changed modules a worker loaded lazily
+        import_changed_modules(payload.get("modules", ()))
         result: dict[str, object] = {"ok": True}
     except BaseException as exc:  # SystemExit from an app counts as a failure to load too
         path, line, message = _location(exc)

@@ -87,7 +87,8 @@ def import_app(
     env: Mapping[str, str] | None = None,
     modules: Sequence[str] = (),
 ) -> CheckResult:
-    """Import ``app`` (``module:callable``), then ``modules``, in a fresh interpreter and report how it went.
+    """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
+    in a fresh interpreter, and report how it went.
 
     The interpreter leads its own process group, and the whole group is killed when it is
     done or when ``timeout`` runs out, so a child the app starts at import (or a fork) can
@@ -183,8 +184,13 @@ def check_code(
     *,
     cwd: str | None = None,
     sys_path: Sequence[str] | None = None,
+    loaded_modules: Iterable[str] = (),
 ) -> CheckResult:
-    """The shared pre-reload check, in the mode the settings ask for."""
+    """The shared pre-reload check, in the mode the settings ask for.
+
+    ``loaded_modules`` are the module files the workers run; the changed ones among them are
+    imported after the app, so a module a worker imported lazily is checked too.
+    """
     changed = list(changed)
     if settings.check == "off":
         return CheckResult(True, "off", started_ns=time.time_ns())
@@ -192,7 +198,9 @@ def check_code(
     compiled = compile_files(changed)
     if not compiled.ok or settings.check == "compile" or not settings.app:
         return compiled
-    imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path)
+    loaded = set(loaded_modules)
+    lazy = [path for path in changed if path in loaded and path.endswith(".py")]
+    imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy)
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 

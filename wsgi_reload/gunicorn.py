@@ -31,7 +31,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from . import runtime
-from .check import in_probe
+from .check import check_code, in_probe
 from .files import error_location, module_file
 from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
@@ -284,7 +284,8 @@ class _MasterWatch:
                 worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
         how = "gunicorn (USR2 to the master: preload_app re-exec)" if self.preload else "gunicorn (HUP to the master)"
         self.watcher = Watcher(settings, self.trigger, server=how, sources=[worker_files, self.config_files],
-                               wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch)
+                               wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
+                               check=lambda paths: check_code(paths, settings, loaded_modules=self.worker_files.files))
 
     def start(self) -> None:
         self.watcher.start()

@@ -51,14 +51,15 @@ class ManifestReader:
 
     ``accept(pid)`` says which manifests still count (live workers); a file in several
     manifests keeps the earliest load time, and so do the files a manifest's extra patterns
-    match. After each call, ``live`` holds the accepted pids and ``app_failed`` the pids
-    whose app did not load.
+    match. After each call, ``files`` holds that union, ``live`` the accepted pids and
+    ``app_failed`` the pids whose app did not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
         self.directory = directory
         self.accept = accept
         self.live: set[int] = set()
+        self.files: dict[str, int | None] = {}
         self.app_failed: set[int] = set()
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
@@ -92,6 +93,7 @@ class ManifestReader:
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
         self.live = live
+        self.files = files
         return files
 
     def _read(self, name: str) -> Mapping[str, Any] | None:

@@ -104,7 +104,8 @@ class _ServerWatch:
                                on_tick=self.tick)
 
     def check(self, paths: Sequence[str]) -> CheckResult:
-        return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"])
+        return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
+                          loaded_modules=self.manifests.files)
 
     def reload(self, batch: Sequence[Change]) -> None:
         if not self.manifests.live:
