@@ -148,6 +148,9 @@ BROKEN = {
     "views_syntax": (VIEWS, lambda s: s.replace("def hello(request):", "def hello(request)")),
     "models_exception": (Path("shop") / "models.py", lambda s: s + '\nraise RuntimeError("models cannot load")\n'),
     "settings_error": (Path("mysite") / "settings.py", lambda s: s + "\nINSTALLED_APPS += undefined_apps\n"),
+    "views_name_error": (VIEWS, lambda s: s + "\nundefined_name\n"),
+    "views_missing_import": (VIEWS, lambda s: "import no_such_module_here\n" + s),
+    "template_syntax": (Path("shop") / "templates" / "shop" / "hello.html", lambda s: "{% if %}{% endif %}\n" + s),
 }
 
 

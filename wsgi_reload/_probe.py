@@ -72,12 +72,19 @@ class _ImportTracer(importlib.abc.MetaPathFinder):
         return spec
 
 
-class AppNotFound(Exception):
-    """The app spec names something the module does not have."""
+class Located(Exception):
+    """An error the probe found itself, with the file (and line) to blame and a kind to report."""
 
-    def __init__(self, message: str, file: str | None) -> None:
+    def __init__(self, kind: str, message: str, file: str | None, line: int | None = None) -> None:
         super().__init__(message)
+        self.kind = kind
         self.file = file
+        self.line = line
+
+
+def AppNotFound(message: str, file: str | None) -> Located:  # noqa: N802 - reads as the error it makes
+    """The app spec names something that does not exist."""
+    return Located("AppNotFound", message, file)
 
 
 def load_application(target: str) -> object:
@@ -151,6 +158,48 @@ def module_name(path: str) -> str | None:
     return None
 
 
+def check_django_files(paths: list[str]) -> None:
+    """Compile changed templates with the engine that owns them, and parse changed ``.mo`` files.
+
+    A template that does not compile fails only when a request renders it, and a broken
+    catalog when a translation is activated: neither shows in an import.
+    """
+    if "django.conf" not in sys.modules:
+        return
+    from django.conf import settings
+
+    if not settings.configured:
+        return
+    from django.template import engines
+
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        if path.endswith(".mo"):
+            import gettext
+
+            try:
+                with open(path, "rb") as f:
+                    gettext.GNUTranslations(f)
+            except Exception as exc:
+                raise Located(type(exc).__name__, f"{exc} (a compiled translation catalog)", path) from None
+            continue
+        owners = [engine for engine in engines.all()
+                  if any(os.path.abspath(path).startswith(os.path.abspath(d).rstrip(os.sep) + os.sep)
+                         for d in engine.template_dirs)]
+        if not owners:
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            source = f.read()
+        for engine in owners:
+            try:
+                engine.from_string(source)
+            except Exception as exc:
+                debug = getattr(exc, "template_debug", None) or {}
+                raise Located(type(exc).__name__, f"{exc} (template engine {engine.name!r})", path,
+                              debug.get("line")) from None
+
+
 def import_changed_modules(paths: list[str]) -> None:
     """Import the changed modules a worker had loaded that the app import did not reach.
 
@@ -168,8 +217,8 @@ def import_changed_modules(paths: list[str]) -> None:
 
 def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
     """The user's file and line to blame: a SyntaxError's own, else the innermost frame of the user's."""
-    if isinstance(exc, AppNotFound):
-        return exc.file, None, str(exc)
+    if isinstance(exc, Located):
+        return exc.file, exc.line, str(exc)
     if isinstance(exc, SyntaxError) and exc.filename:
         return os.path.abspath(exc.filename), exc.lineno, exc.msg
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename and not f.filename.startswith("<")]
@@ -187,12 +236,13 @@ def main() -> None:
     try:
         load_application(payload["app"])
         import_changed_modules(payload.get("modules", ()))
+        check_django_files(payload.get("files", ()))
         result: dict[str, object] = {"ok": True}
     except BaseException as exc:  # SystemExit from an app counts as a failure to load too
         path, line, message = _location(exc)
         result = {
             "ok": False,
-            "type": type(exc).__name__,
+            "type": exc.kind if isinstance(exc, Located) else type(exc).__name__,
             "message": message if len(message) <= 1000 else message[:1000] + "...",
             "file": path,
             "line": line,

@@ -86,9 +86,11 @@ def import_app(
     sys_path: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
     modules: Sequence[str] = (),
+    files: Sequence[str] = (),
 ) -> CheckResult:
     """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
-    in a fresh interpreter, and report how it went.
+    in a fresh interpreter, and report how it went. For a Django app, changed template and
+    ``.mo`` files among ``files`` are compiled and parsed too.
 
     The interpreter leads its own process group, and the whole group is killed when it is
     done or when ``timeout`` runs out, so a child the app starts at import (or a fork) can
@@ -106,6 +108,7 @@ def import_app(
         "app": app,
         "cwd": cwd,
         "modules": list(modules),
+        "files": list(files),
     }
     with spawn.data_file(json.dumps(payload).encode()) as stdin, spawn.data_file() as records, \
             spawn.data_file() as stderr:
@@ -200,7 +203,8 @@ def check_code(
         return compiled
     loaded = set(loaded_modules)
     lazy = [path for path in changed if path in loaded and path.endswith(".py")]
-    imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy)
+    imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
+                          files=[path for path in changed if not path.endswith(".py")])
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 
