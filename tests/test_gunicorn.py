@@ -163,6 +163,31 @@ def test_a_broken_module_the_workers_import_lazily_is_refused(tmp_path: Path, mo
         wait_for_body(port, "lazy-3")
 
 
+def test_a_save_that_pauses_mid_write_never_reaches_the_workers(tmp_path: Path) -> None:
+    """An editor truncates, writes a first part that even imports, pauses 300 ms, then writes the
+    rest. File events fire on the first part; the half file must never be served."""
+    pytest.importorskip("watchfiles")
+    app = make_app(tmp_path)
+    port = free_port()
+    env = server_env(backend="events")
+    with running(gunicorn(app, port, ["-w", "2"], env=env), "v1") as server, Load(port, threads=4) as load:
+        for n in range(2, 8):
+            source = greeting(f"v{n}")
+            first_part = source[:source.index("def text")]  # setup() only: imports, then fails per request
+            with open(app / "greeting.py", "w", encoding="utf-8") as f:
+                f.write(first_part)
+                f.flush()
+                os.fsync(f.fileno())
+                time.sleep(0.3)
+                f.write(source[len(first_part):])
+            wait_for_body(port, f"v{n}")
+            server.wait_for_log("reload done", count=n - 1)
+        time.sleep(0.5)
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert server.count(r"wsgi_reload: watching \d+ files by file events") == 1
+
+
 @pytest.mark.parametrize("workers", ["1", "8"])
 def test_every_worker_serves_the_new_code(tmp_path: Path, workers: str) -> None:
     app = make_app(tmp_path)

@@ -7,8 +7,10 @@ slow safety rescan. ``auto`` picks events and falls back to polling with one log
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +24,9 @@ EVENTS_RESCAN_SECONDS = 20.0
 
 MAX_RESTARTS = 5
 """A watcher thread that keeps failing gives up loudly rather than spinning."""
+
+WRITER_POLL_SECONDS = 0.05
+"""How often a file still open for writing is looked at again when no settle window is set."""
 
 MAX_SETTLE_SECONDS = 3.0
 """A file that never stops changing (a log under a glob) must not hold a batch back forever."""
@@ -40,24 +45,62 @@ def settle(
     quiet_seconds: float,
     sleep: Callable[[float], object] = time.sleep,
 ) -> list[Change]:
-    """Keep scanning until the files have been quiet for ``quiet_seconds``; returns the whole batch.
+    """Keep scanning until the files have been quiet for ``quiet_seconds`` and none of them is
+    still open for writing; returns the whole batch.
 
-    ``sleep`` returning True (a stop event's ``wait``) ends the wait early.
+    An editor that truncates a file, writes half, pauses and writes the rest leaves a file
+    that may even import; the kernel knows it is still open for writing (see
+    :func:`open_for_writing`). ``sleep`` returning True (a stop event's ``wait``) ends the wait early.
     """
     batch = {c.path: c for c in changes}
     deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
-    while quiet_seconds > 0 and not sleep(quiet_seconds):
+    pause = quiet_seconds if quiet_seconds > 0 else WRITER_POLL_SECONDS
+    while True:
+        busy = [path for path in batch if open_for_writing(path)]
+        if quiet_seconds <= 0 and not busy:
+            break
+        if sleep(pause):
+            break
         more = scan()
-        if not more:
+        if not more and not busy:
             break
         for change in more:
             earlier = batch.get(change.path)
             if earlier is None or change.kind == "deleted" or earlier.kind == "deleted":
                 batch[change.path] = change
         if time.monotonic() > deadline:
-            log.warning("wsgi_reload: files are still changing after %.1f s; reporting them now", MAX_SETTLE_SECONDS)
+            still = f" ({busy[0]} is still open for writing)" if busy else ""
+            log.warning("wsgi_reload: files are still changing after %.1f s%s; reporting them now",
+                        MAX_SETTLE_SECONDS, still)
             break
     return sorted(batch.values())
+
+
+def open_for_writing(path: str) -> bool:
+    """True when some process has ``path`` open for writing (Linux; False where it cannot be told).
+
+    A read lease can only be taken on a file nobody has open for writing (fcntl(2),
+    F_SETLEASE). Taking one needs the file's owner or CAP_LEASE; elsewhere this says False
+    and the settle window alone applies. The lease is dropped at once; should a writer open
+    the file in that instant, the kernel's lease-break signal is SIGURG, which is ignored by
+    default, instead of SIGIO, which would end the process.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except (OSError, AttributeError):
+        return False
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 class Monitor:
