@@ -348,6 +348,35 @@ def test_a_worker_restarting_while_the_save_is_broken_does_not_stop_the_server(t
         os.kill(worker_pids[0], signal.SIGKILL)  # a crash, a timeout or max_requests
         server.wait_for_log(r"a new worker cannot load the app")
         assert {get(port)[1] for _ in range(10)} == {"v1"}
+        time.sleep(8)  # held broken: the respawns back off (1, 2, 4 s) and the error is logged once
+        assert server.count(r"a new worker cannot load the app") == 1
+        assert server.count(r"Booting worker with pid") <= 2 + 1 + 4
         assert "Worker failed to boot" not in server.log()
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2")
+
+
+@pytest.mark.parametrize("mode_name", ["sync", "gthread"])
+def test_max_requests_restarts_wait_while_the_code_is_broken(tmp_path: Path, mode_name: str) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    args = [*MODES[mode_name], "--max-requests", "150"]
+    with running(gunicorn(app, port, args), "v1") as server, Load(port, threads=4) as load:
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])
+        server.wait_for_log(r"not reloading")
+        restarts = server.count(r"Autorestarting worker")
+        load.reset_bodies()
+        ok_before = load.snapshot()[0]
+        time.sleep(6)
+        ok, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        assert ok - ok_before > 300  # at least two workers' worth of max_requests were served
+        assert server.count(r"Autorestarting worker") == restarts
+        assert server.count(r"a new worker cannot load the app") == 0
+        assert server.count(r"serve on instead of restarting") == 1
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        time.sleep(0.5)
+        _, failures, _ = load.snapshot()
+        assert failures == []

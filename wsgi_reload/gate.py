@@ -51,6 +51,8 @@ class ReloadGate:
         self.log = logger if logger is not None else log
         self.broken: CheckResult | None = None
         self.pending: Sequence[Change] | None = None
+        self.last_passed_ns = 0
+        """When the last passing check began reading the code (``time.time_ns()``)."""
         self._reported: set[tuple[str | None, int | None, str]] = set()
         self._pending_reported = False
 
@@ -68,6 +70,7 @@ class ReloadGate:
         if self.broken is not None:
             self.log.info("wsgi_reload: the code loads again (%s was fixed)", self.broken.file or "the error")
         self.broken = None
+        self.last_passed_ns = result.started_ns
         self._reported.clear()
         failed_imports.clear()
         self.log.info("wsgi_reload: check passed (%s, %.0f ms); reloading %s",

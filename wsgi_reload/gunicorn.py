@@ -20,6 +20,7 @@ config, so only the hooks below may share a name with a gunicorn setting.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -180,7 +181,9 @@ def post_worker_init(worker: Any) -> None:
 
 @_hook
 def pre_request(worker: Any, req: Any) -> None:
-    """Worker, patch mode: apply a newer body-only patch before serving."""
+    """Worker: defer a max_requests restart while the code is broken; in patch mode, apply a newer
+    body-only patch before serving."""
+    _defer_max_requests(worker)
     if _patches is not None:
         _patches.maybe_apply()
 
@@ -210,13 +213,24 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
+BROKEN_MARKER = "code-broken"
+"""In the runtime directory while the code on disk fails the check: workers then defer restarts."""
+
+VERIFIED_MARKER = "code-verified"
+"""Holds when (time.time_ns()) the last passing check began reading the code."""
+
+RESPAWN_BACKOFF_MAX = 30.0
+
+
 def _guarded_load(load: Callable[[], None], loaded_at_ns: int) -> Callable[[], None]:
     """Keep one worker's failed import from stopping the whole server.
 
     gunicorn halts every worker when a new one cannot import the app. Once the server has
     served, a failure here means a save raced this worker's import (retry once) or the
-    code on disk is broken while the other workers still run good code (exit quietly and
-    let gunicorn try again a second later, instead of "Worker failed to boot").
+    code on disk is broken while the other workers still run good code: then the worker
+    waits (longer after each failure, up to 30 s, so a crash loop does not re-import the
+    app every second) and exits, and gunicorn tries again while the others serve. Each
+    distinct error is logged once for the whole server.
     """
 
     def load_wsgi() -> None:
@@ -233,12 +247,83 @@ def _guarded_load(load: Callable[[], None], loaded_at_ns: int) -> Callable[[], N
                 except Exception as again:
                     exc = again
             path, line = error_location(exc)
-            _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
-                       "serving, and gunicorn retries it in a second", path, line, type(exc).__name__, exc)
-        time.sleep(1.0)
+            failures = _count_respawn_failure()
+            delay = min(RESPAWN_BACKOFF_MAX, 2.0 ** (failures - 1))
+            if _first_report(f"{path}:{line}:{type(exc).__name__}:{exc}"):
+                _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
+                           "serving, and new workers are tried again, less often each time (now every %g s)",
+                           path, line, type(exc).__name__, exc, delay)
+        time.sleep(delay)
         sys.exit(1)
 
     return load_wsgi
+
+
+def _first_report(key: str) -> bool:
+    """True for the first worker of the server to report this error (a marker in the runtime dir)."""
+    if _manifest_dir is None:
+        return True
+    name = "reported-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        os.close(os.open(os.path.join(_manifest_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _count_respawn_failure() -> int:
+    """How many new workers in a row could not load the app, this one included."""
+    if _manifest_dir is None:
+        return 1
+    path = os.path.join(_manifest_dir, "respawn-failures")
+    try:
+        with open(path, encoding="ascii") as f:
+            count = int(f.read() or 0) + 1
+    except (OSError, ValueError):
+        count = 1
+    with contextlib.suppress(OSError):
+        runtime.write_atomic(_manifest_dir, "respawn-failures", str(count).encode())
+    return count
+
+
+def _defer_max_requests(worker: Any) -> None:
+    """Worker: a max_requests restart would replace this worker by one that imports the code on
+    disk. While that code is broken, or changed and not yet checked, serve on instead; the
+    restart happens once a check has passed (or the reload replaces this worker anyway)."""
+    if _manifest_dir is None or _worker is None or worker.nr + 1 < worker.max_requests:
+        return
+    if not _code_unverified(_worker):
+        return
+    worker.max_requests = worker.nr + 1 + DEFER_REQUESTS
+    if _first_report("defer-max-requests"):
+        _log.warning("wsgi_reload: the code on disk changed and is not known to load, so workers that reach "
+                     "max_requests serve on instead of restarting into it; they restart once it passes the check")
+
+
+DEFER_REQUESTS = 25
+"""A deferred max_requests restart is looked at again after this many more requests."""
+
+
+def _code_unverified(writer: ManifestWriter) -> bool:
+    """True when the code on disk fails the check, or changed since this worker loaded it and no
+    check has passed on it since. Stats this worker's module files: once per max_requests."""
+    assert _manifest_dir is not None
+    if os.path.exists(os.path.join(_manifest_dir, BROKEN_MARKER)):
+        return True
+    try:
+        with open(os.path.join(_manifest_dir, VERIFIED_MARKER), encoding="ascii") as f:
+            verified_ns = int(f.read() or 0)
+    except (OSError, ValueError):
+        verified_ns = 0
+    since = max(writer.loaded_at_ns, verified_ns)
+    for path in writer.files():
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mtime_ns > since:
+                return True
+    return False
 
 
 def _drop_modules_changed_since(loaded_at_ns: int, exc: BaseException) -> bool:
@@ -317,6 +402,22 @@ class _MasterWatch:
             return
         self.batch_started = time.monotonic()
         self.watcher.gate(batch)
+        self.mark_code_state()
+
+    def mark_code_state(self) -> None:
+        """Tell the workers whether the code on disk loads; a fix also resets the respawn back-off."""
+        gate = self.watcher.gate
+        marker = os.path.join(self.manifest_dir, BROKEN_MARKER)
+        if gate.broken is not None:
+            if not os.path.exists(marker):
+                runtime.write_atomic(self.manifest_dir, BROKEN_MARKER, b"")
+            return
+        if gate.last_passed_ns:
+            runtime.write_atomic(self.manifest_dir, VERIFIED_MARKER, str(gate.last_passed_ns).encode())
+        for name in os.listdir(self.manifest_dir):
+            if name in (BROKEN_MARKER, "respawn-failures") or name.startswith("reported-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.manifest_dir, name))
 
     def trigger(self, batch: Sequence[Change]) -> None:
         if self.patcher is not None:

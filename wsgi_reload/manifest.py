@@ -29,14 +29,14 @@ class ManifestWriter:
         self.patterns = list(patterns)
         self.app_loaded = app_loaded
         self.published_count = -1
-        self._files = ModuleFiles()
+        self.files = ModuleFiles()
         self._lock = threading.Lock()  # gthread workers finish requests on several threads
 
     def publish(self) -> None:
         """Write the manifest now."""
         with self._lock:
             self.published_count = len(sys.modules)
-            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self._files()),
+            body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
                     "patterns": self.patterns, "app_loaded": self.app_loaded()}
             runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
 
