@@ -129,6 +129,17 @@ def test_worker_layouts_reload(tmp_path: Path, args: list[str], processes: int) 
     assert failures == []
 
 
+@pytest.mark.parametrize("threads", [None, "2"], ids=["default-single-thread", "two-threads"])
+def test_single_threaded_workers_get_one_line_with_the_fix(tmp_path: Path, threads: str | None) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    server = uwsgi(app, port, ["--threads", threads] if threads else ["--threads", "1"])
+    with running(server, "v1"):
+        server.wait_for_log(r"wsgi_reload: watching \d+ files")
+        warning = r"single-threaded, so a graceful reload can reset a connection.*add --threads 2"
+        assert server.count(warning) == (1 if threads is None else 0)
+
+
 def test_uwsgi_protocol_socket(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()

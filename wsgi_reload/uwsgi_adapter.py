@@ -102,6 +102,14 @@ def _app_module_name(opt: Any) -> str | None:
     return None
 
 
+def _threads(opt: Any) -> int:
+    value = _text(opt.get("threads"))
+    try:
+        return int(value) if value else 1
+    except ValueError:
+        return 1
+
+
 def _chain_hook(uwsgi: Any, name: str, hook: Callable[[], None]) -> None:
     previous = getattr(uwsgi, name, None)
 
@@ -164,6 +172,11 @@ def start(settings: Settings | None = None,
     if started:
         for path in missing_extra_files(settings):
             _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
+        if _threads(uwsgi.opt) < 2:
+            # core/uwsgi.c gracefully_kill(): a single-threaded worker not inside a request exits at
+            # once, so a connection it accepted in that instant is reset; a plugin cannot change that.
+            _log.warning("wsgi_reload: uWSGI workers are single-threaded, so a graceful reload can reset a "
+                         "connection accepted in the instant it starts; add --threads 2 (threads = 2) to drop none")
     publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare)
     if uwsgi.worker_id() == 0:
         _chain_hook(uwsgi, "post_fork_hook", publisher.publish)  # prefork: the app loads in the master first
