@@ -123,7 +123,7 @@ def test_preload_reexecs_and_serves_the_new_view(site: Path) -> None:
         greeting_view(site, "preloaded")
         wait_for_body(port, page("preloaded"))
         server.wait_for_log(r"Handling signal: usr2")
-        server.wait_for_log(r"stopping the old master")
+        server.wait_for_log(r"reload done: 2 new workers serving, same master pid")
         time.sleep(1)
         assert {get(port)[1] for _ in range(20)} == {page("preloaded")}
         assert server.count(r"Handling signal: usr2") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from servers import (
     BROKEN_SAVES,
     HERE,
     Load,
+    Server,
     free_port,
     get,
     greeting,
@@ -312,6 +314,69 @@ def test_gevent_workers_reload(tmp_path: Path) -> None:
 
 
 @needs_gevent
+def master_pids(server: Server) -> set[int]:
+    return {int(pid) for pid in re.findall(r"Listening at: \S+ \((\d+)\)", server.log())}
+
+
+def preload_reloads_under_load(server: Server, app: Path, port: int, reloads: int = 3) -> None:
+    with Load(port, threads=4) as load:
+        for n in range(2, 2 + reloads):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            wait_for_body(port, f"v{n}")
+            server.wait_for_log(r"reload done: 2 new workers serving, same master pid", count=n - 1)
+        time.sleep(0.5)  # the old workers finish their last requests
+        _, failures, _ = load.snapshot()
+    assert failures == []
+
+
+def test_preload_keeps_the_master_pid(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, MODES["preload"]), "v1") as server:
+        first = master_pids(server)
+        preload_reloads_under_load(server, app, port)
+        assert master_pids(server) == first and len(first) == 1
+        assert server.proc is not None and server.proc.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="running gunicorn as PID 1 of a new pid namespace needs root and unshare")
+def test_preload_as_pid_1_in_a_container(tmp_path: Path) -> None:
+    """As PID 1, retiring the old master (gunicorn's USR2 recipe) would end the container."""
+    app = make_app(tmp_path)
+    port = free_port()
+    server = gunicorn(app, port, MODES["preload"])
+    server.argv = ["unshare", "--pid", "--fork", "--mount-proc", *server.argv]
+    with running(server, "v1"):
+        assert master_pids(server) == {1}
+        preload_reloads_under_load(server, app, port)
+        assert master_pids(server) == {1}
+        assert server.proc is not None and server.proc.poll() is None
+
+
+def test_preload_a_save_breaking_the_reexecuted_import_keeps_the_old_workers_serving(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
+    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    port = free_port()
+    with running(gunicorn(app, port, MODES["preload"]), "v1") as server, Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("v2"))
+        server.wait_for_log(r"Handling signal: usr2")
+        write(app / "greeting.py", BROKEN_SAVES["syntax"])  # the new image is still importing slow.py
+        server.wait_for_log(r"the re-executed master cannot load the app")
+        time.sleep(2)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+        server.wait_for_log(r"reload done: 2 new workers serving, same master pid")
+        time.sleep(0.5)
+        _, failures, _ = load.snapshot()
+        assert failures == []
+        assert len(master_pids(server)) == 1
+
+
 def test_preload_with_gevent_is_refused_clearly_and_keeps_serving(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()

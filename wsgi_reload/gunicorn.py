@@ -353,7 +353,7 @@ class _MasterWatch:
         self.pid = os.getpid()
         self.manifest_dir = manifest_dir
         self.preload = bool(server.cfg.preload_app)
-        self.old_master = server.master_pid if self.preload else 0
+        self.old_workers = [int(p) for p in os.environ.pop(OLD_WORKERS_ENV, "").split(",") if p.isdigit()]
         self.handing_over = False
         self.served_once = False
         self.batch_started = time.monotonic()
@@ -374,8 +374,11 @@ class _MasterWatch:
 
     def start(self) -> None:
         self.watcher.start()
-        if self.old_master:
-            threading.Thread(target=self.retire_old_master, name="wsgi_reload-handover", daemon=True).start()
+        if self.preload:
+            self.server.reexec = lambda: reexec_in_place(self.server)  # USR2 from now on: see reexec_in_place
+        if self.old_workers:
+            threading.Thread(target=self.retire_old_workers, args=(self.old_workers,), name="wsgi_reload-handover",
+                             daemon=True).start()
         else:
             threading.Thread(target=self.report_new_workers, args=(set(), time.monotonic(), "up"),
                              name="wsgi_reload-report", daemon=True).start()
@@ -440,11 +443,10 @@ class _MasterWatch:
 
     def reload(self, config_changed: bool = False) -> None:
         if self.preload:
-            self._wait_until_promoted()
             self.handing_over = True
-            os.kill(self.pid, signal.SIGUSR2)
-            _log.info("wsgi_reload: preload_app is on: re-executing the master (USR2) so the new code loads")
-            threading.Thread(target=self.watch_handover, name="wsgi_reload-handover", daemon=True).start()
+            _log.info("wsgi_reload: preload_app is on: re-executing the master in place (same pid) so the new "
+                      "code loads; the old workers serve until the new ones are up")
+            os.kill(self.pid, signal.SIGUSR2)  # handled on the main thread, by reexec_in_place()
             return
         if config_changed:
             # Only a HUP re-reads the gunicorn config; it swaps the workers without waiting for them.
@@ -536,25 +538,9 @@ class _MasterWatch:
     def _has_manifest(self, pid: int) -> bool:
         return os.path.exists(manifest_path(self.manifest_dir, pid))
 
-    def _wait_until_promoted(self, timeout: float = 60.0) -> None:
-        # gunicorn ignores USR2 from a master whose old master still runs ("Parent exists").
-        deadline = time.monotonic() + timeout
-        while self.server.master_pid and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-    def watch_handover(self, timeout: float = 30.0) -> None:
-        """Old master: wait to be retired; if the new master dies first, go back to watching."""
-        deadline = time.monotonic() + timeout
-        while not self.server.reexec_pid and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while self.server.reexec_pid:
-            time.sleep(0.2)
-        _log.error("wsgi_reload: the re-executed master exited before taking over; "
-                   "the old master keeps serving, and the next change tries again")
-        self.handing_over = False
-
-    def retire_old_master(self, timeout: float = 120.0) -> None:
-        """New master after USR2: once all our workers are up, stop the old master gracefully."""
+    def retire_old_workers(self, old_workers: list[int], timeout: float = 120.0) -> None:
+        """After an in-place re-exec: once our own workers are up, stop the old image's workers
+        (still our children, serving on the inherited sockets) gracefully."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             live = set(self.server.WORKERS)
@@ -562,14 +548,72 @@ class _MasterWatch:
                 break
             time.sleep(0.05)
         else:
-            _log.error("wsgi_reload: the new workers did not come up in %.0f s; leaving the old master %d running",
-                       timeout, self.old_master)
+            _log.error("wsgi_reload: the new workers did not come up in %.0f s; the old workers keep serving",
+                       timeout)
             return
-        if os.getppid() != self.old_master:
-            return  # it is gone already
-        os.kill(self.old_master, signal.SIGTERM)
-        _log.info("wsgi_reload: reload done: %d new workers serving; stopping the old master %d gracefully",
-                  len(live), self.old_master)
+        for pid in old_workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(OSError):
+                os.unlink(manifest_path(self.manifest_dir, pid))
+        self.served_once = True
+        _log.info("wsgi_reload: reload done: %s serving, same master pid %d; the old workers retire",
+                  _workers(len(live), "new "), self.pid)
+
+
+def reexec_in_place(server: Any) -> None:
+    """Replace gunicorn's USR2 re-exec (fork, then exec: a new master pid) by an exec of this very
+    process, so the master keeps its pid: as PID 1 in a container, or under a supervisor that
+    watches that pid. The listening sockets are inherited (GUNICORN_FD; gunicorn makes them
+    inheritable), and so are the old workers, which keep serving until the new image retires them."""
+    cfg = server.cfg
+    cfg.pre_exec(server)
+    environ = dict(cfg.env_orig)
+    environ["GUNICORN_PID"] = str(os.getpid())  # read the listeners from GUNICORN_FD; promoted at once
+    if server.systemd:
+        environ["LISTEN_PID"] = str(os.getpid())
+        environ["LISTEN_FDS"] = str(len(server.LISTENERS))
+    else:
+        environ["GUNICORN_FD"] = ",".join(str(listener.fileno()) for listener in server.LISTENERS)
+    environ[OLD_WORKERS_ENV] = ",".join(str(pid) for pid in server.WORKERS)
+    if _manifest_dir is not None:
+        environ[runtime.RUNTIME_ENV] = _manifest_dir
+    os.chdir(server.START_CTX["cwd"])
+    os.execvpe(server.START_CTX[0], server.START_CTX["args"], environ)
+
+
+OLD_WORKERS_ENV = "_WSGI_RELOAD_OLD_WORKERS"
+"""Set across an in-place re-exec: the old image's workers, for the new image to retire."""
+
+
+def _retry_preload_after_reexec() -> None:
+    """In a re-executed master, a preload import that fails must not halt gunicorn (the old
+    workers are serving): load again every second until a fix is saved."""
+    from gunicorn.app.base import BaseApplication
+
+    load_once = BaseApplication.wsgi
+
+    def wsgi(self: Any) -> Any:
+        reported: set[str] = set()
+        while True:
+            started = time.time_ns()
+            try:
+                return load_once(self)
+            except Exception as exc:
+                path, line = error_location(exc)
+                key = f"{path}:{line}: {type(exc).__name__}: {exc}"
+                if key not in reported:
+                    reported.add(key)
+                    _log.error("wsgi_reload: the re-executed master cannot load the app (%s); the old workers keep "
+                               "serving, and it loads again every second until a fix is saved", key)
+                _drop_modules_changed_since(started, exc)  # the next try reads what was saved since
+                time.sleep(1.0)
+
+    BaseApplication.wsgi = wsgi
+
+
+if os.environ.get(OLD_WORKERS_ENV) and not in_probe():
+    _retry_preload_after_reexec()
 
 
 def _workers(count: int, adjective: str = "") -> str:
