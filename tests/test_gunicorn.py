@@ -314,6 +314,18 @@ def test_gevent_workers_reload(tmp_path: Path) -> None:
 
 
 @needs_gevent
+def test_creating_a_missing_module_is_the_fix(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server:
+        write(app / "greeting.py", "import newmod\n\n" + greeting("unused").replace('return "unused"',
+                                                                                   "return newmod.TEXT"))
+        server.wait_for_log(r"greeting.py:1: ModuleNotFoundError: No module named 'newmod'")
+        assert get(port) == (200, "v1")
+        write(app / "newmod.py", 'TEXT = "from-newmod"\n')  # no other save: its appearance is the fix
+        wait_for_body(port, "from-newmod")
+
+
 def master_pids(server: Server) -> set[int]:
     return {int(pid) for pid in re.findall(r"Listening at: \S+ \((\d+)\)", server.log())}
 

@@ -215,6 +215,18 @@ def import_changed_modules(paths: list[str]) -> None:
             importlib.import_module(name)
 
 
+def where_it_would_be(name: str) -> list[str]:
+    """The files whose appearance would make ``import name`` work: ``name.py`` and
+    ``name/__init__.py`` under each project directory on ``sys.path`` (or under its package)."""
+    package, _, leaf = name.rpartition(".")
+    if package and package in sys.modules:
+        dirs = list(getattr(sys.modules[package], "__path__", []))
+    else:
+        dirs = [p for p in sys.path if p and os.path.isdir(p) and is_user_file(os.path.join(p, "x.py"))]
+        leaf = name.replace(".", os.sep)
+    return [os.path.join(os.path.abspath(d), leaf + suffix) for d in dirs for suffix in (".py", os.sep + "__init__.py")]
+
+
 def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
     """The user's file and line to blame: a SyntaxError's own, else the innermost frame of the user's."""
     if isinstance(exc, Located):
@@ -247,6 +259,7 @@ def main() -> None:
             "file": path,
             "line": line,
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+            "watch_for": where_it_would_be(exc.name) if isinstance(exc, ModuleNotFoundError) and exc.name else [],
         }
     _emit({"event": "result", "result": result})
     # Skip atexit handlers and thread joins the app may have started.

@@ -42,6 +42,8 @@ class CheckResult:
     started_ns: int = 0
     """When the check began reading the code (``time.time_ns()``)."""
     seconds: float = 0.0
+    watch_for: tuple[str, ...] = ()
+    """Files that do not exist yet and would fix the error (a missing module's candidates)."""
 
     def __str__(self) -> str:
         if self.ok:
@@ -141,7 +143,8 @@ def import_app(
     if result["ok"]:
         return CheckResult(True, "import", started_ns=started, seconds=seconds)
     return CheckResult(False, "import", f"{result['type']}: {result['message']}", result["file"], result["line"],
-                       details=result["traceback"], started_ns=started, seconds=seconds)
+                       details=result["traceback"], started_ns=started, seconds=seconds,
+                       watch_for=tuple(result.get("watch_for", ())))
 
 
 @dataclasses.dataclass

@@ -125,6 +125,8 @@ class ReloadGate:
         if result.file:
             # Watched from the moment the check read it, so the fix counts even if it is quick.
             failed_imports.record(result.file, read_at_ns=result.started_ns)
+        for path in result.watch_for:  # a missing module: creating it is the fix
+            failed_imports.record(path, read_at_ns=result.started_ns)
         if result.key in self._reported:
             self.log.debug("wsgi_reload: still broken: %s", result)
             return
