@@ -108,7 +108,9 @@ def test_watch_signals_the_process_only_for_code_that_loads(
     finally:
         watcher.terminate()
         _, err = watcher.communicate(timeout=10)
-    assert f"{app / 'cli_helper.py'}:1: SyntaxError" in "".join(log) + err
+    output = "".join(log) + err
+    assert f"{app / 'cli_helper.py'}:1: SyntaxError" in output
+    assert "[wsgi-reload]" not in output
     assert watcher.returncode == 0
 
 
@@ -131,9 +133,12 @@ def test_watch_rereads_the_pidfile(app: Path, recorder: tuple[subprocess.Popen[b
         assert hups(first_record) == 1
     finally:
         watcher.terminate()
-        watcher.wait(10)
+        _, err = watcher.communicate(timeout=10)
         second.kill()
         second.wait()
+    output = "".join(log) + err
+    assert "by file events" in output
+    assert "changes detected" not in output  # watchfiles' own lines stay out of ours
 
 
 def test_a_signal_that_could_not_be_sent_is_retried(app: Path, recorder: tuple[subprocess.Popen[bytes], Path]) -> None:

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="[wsgi-reload] %(levelname)s %(message)s", stream=sys.stderr)
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "check":
         return _check(args, parser)
     return _watch(args, parser)

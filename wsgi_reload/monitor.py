@@ -298,6 +298,10 @@ class _EventWatcher:
     def _run(self) -> None:
         from watchfiles import watch
 
+        quiet = logging.getLogger("watchfiles")
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)  # its "N changes detected" lines would sit among ours
+
         while not self._stop.is_set():
             with self._lock:
                 dirs = sorted(self._dirs)

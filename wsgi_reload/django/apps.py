@@ -31,13 +31,15 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
         runserver.install()
         if in_probe():
             return
+        host = detect_host()
         try:
             reload_settings()
         except SettingsError as exc:
-            # manage.py check reports it as wsgi_reload.E001; the site serves without reloading.
-            log.error("wsgi_reload: reloading is off: %s", exc)
+            # A reload plugin's setting must never stop a site or a management command:
+            # manage.py check shows it as the warning wsgi_reload.W001.
+            if host is not None:
+                log.error("wsgi_reload: reloading is off: %s", exc)
             return
-        host = detect_host()
         if host == "gunicorn":
             from . import gunicorn
 
@@ -66,10 +68,15 @@ def detect_host() -> str | None:
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """``manage.py check``: a bad ``WSGI_RELOAD`` setting is ``wsgi_reload.E001``."""
+    """``manage.py check``: a bad ``WSGI_RELOAD`` setting is the warning ``wsgi_reload.W001``.
+
+    A warning, not an error: an error would stop ``runserver`` and ``migrate``, and a reload
+    plugin's typo must never stop a site.
+    """
     try:
         reload_settings()
     except SettingsError as exc:
-        return [checks.Error(str(exc), hint="See the settings table in the wsgi_reload README.",
-                             id="wsgi_reload.E001")]
+        return [checks.Warning(f"{exc}; gunicorn and uWSGI serve without reloading, runserver reloads with "
+                               "the default settings", hint="See the settings table in the wsgi_reload README.",
+                               id="wsgi_reload.W001")]
     return []
