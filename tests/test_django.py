@@ -200,6 +200,22 @@ def test_runserver_restarts_on_a_view_edit(site: Path, runserver: tuple[Server, 
     assert server.count(r"shop/views.py changed, reloading") == 1
 
 
+def test_runserver_keeps_serving_the_old_code_through_a_broken_save(site: Path,
+                                                                   runserver: tuple[Server, int]) -> None:
+    server, port = runserver
+    views = site / VIEWS
+    original = views.read_text()
+    write(views, original + "\nundefined_name\n")
+    server.wait_for_log(rf"{views}:\d+: NameError")
+    restarts = server.count(r"Watching for file changes")
+    for _ in range(20):  # Django alone would have restarted into it and refused every connection
+        assert get(port) == (200, page("hello"))
+        time.sleep(0.1)
+    write(views, original.replace('GREETING = "hello"', 'GREETING = "fixed"'))  # the fix: now it restarts
+    wait_for_body(port, page("fixed"), timeout=LIVENESS)
+    assert server.count(r"Watching for file changes") == restarts + 1
+
+
 def test_runserver_resets_templates_without_a_restart(site: Path, runserver: tuple[Server, int]) -> None:
     server, port = runserver
     time.sleep(1)
