@@ -91,12 +91,9 @@ def test_watch_signals_the_process_only_for_code_that_loads(
     app: Path, recorder: tuple[subprocess.Popen[bytes], Path]
 ) -> None:
     proc, record = recorder
-    watcher = subprocess.Popen([*CLI, "watch", "--pid", str(proc.pid), "--app", "cli_app:application",
-                                "--interval", "0.1", "--backend", "poll", str(app / "cli_helper.py")],
-                               cwd=app, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    watcher, log = start_watch(app, "--pid", str(proc.pid), "--app", "cli_app:application", "--interval", "0.1",
+                               "--backend", "poll", str(app / "cli_helper.py"))
     try:
-        wait_for_log(watcher, log, "wsgi_reload: watching")  # the baseline is recorded: edits count now
         (app / "cli_helper.py").write_text("VALUE = 2\n")
         wait_for_hups(record, 1)
         (app / "cli_helper.py").write_text("VALUE = (\n")
@@ -114,17 +111,23 @@ def test_watch_signals_the_process_only_for_code_that_loads(
     assert watcher.returncode == 0
 
 
+def start_watch(app: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """``wsgi-reload watch ARGS`` with its baseline recorded (its start line was logged)."""
+    watcher = subprocess.Popen([*CLI, "watch", *args], cwd=app, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    wait_for_log(watcher, log, "wsgi_reload: watching")
+    return watcher, log
+
+
 def test_watch_rereads_the_pidfile(app: Path, recorder: tuple[subprocess.Popen[bytes], Path]) -> None:
     first, first_record = recorder
     second_record = app / "second.txt"
     second = start_recorder(second_record)
     pidfile = app / "server.pid"
     pidfile.write_text(f"{first.pid}\n")
-    watcher = subprocess.Popen([*CLI, "watch", "--pidfile", str(pidfile), "--signal", "SIGHUP", "--interval", "0.1",
-                                str(app / "*.py")], cwd=app, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    watcher, log = start_watch(app, "--pidfile", str(pidfile), "--signal", "SIGHUP", "--interval", "0.1",
+                               str(app / "*.py"))
     try:
-        wait_for_log(watcher, log, "wsgi_reload: watching")
         (app / "new.py").write_text("A = 1\n")
         wait_for_hups(first_record, 1)
         pidfile.write_text(f"{second.pid}\n")  # a restarted server wrote its new pid
@@ -145,11 +148,9 @@ def test_a_signal_that_could_not_be_sent_is_retried(app: Path, recorder: tuple[s
     proc, record = recorder
     pidfile = app / "server.pid"
     pidfile.write_text(f"{proc.pid}\n")
-    watcher = subprocess.Popen([*CLI, "watch", "--pidfile", str(pidfile), "--interval", "0.1", "--backend", "poll",
-                                str(app / "cli_helper.py")], cwd=app, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    watcher, log = start_watch(app, "--pidfile", str(pidfile), "--interval", "0.1", "--backend", "poll",
+                               str(app / "cli_helper.py"))
     try:
-        wait_for_log(watcher, log, "wsgi_reload: watching")
         pidfile.unlink()  # the server is between two pidfiles
         (app / "cli_helper.py").write_text("VALUE = 2\n")
         wait_for_log(watcher, log, "cannot reload")
@@ -164,10 +165,7 @@ def test_a_signal_that_could_not_be_sent_is_retried(app: Path, recorder: tuple[s
 
 def test_watch_with_pid_stops_when_its_process_exits(app: Path) -> None:
     proc = subprocess.Popen(["sleep", "60"])
-    watcher = subprocess.Popen([*CLI, "watch", "--pid", str(proc.pid), str(app / "cli_helper.py")], cwd=app,
-                               stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    wait_for_log(watcher, log, "wsgi_reload: watching")
+    watcher, _ = start_watch(app, "--pid", str(proc.pid), str(app / "cli_helper.py"))
     proc.kill()
     proc.wait()
     assert watcher.wait(15) == 1

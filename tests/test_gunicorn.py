@@ -113,81 +113,46 @@ def test_a_new_module_is_picked_up_and_watched(tmp_path: Path, mode: list[str]) 
         wait_for_body(port, "extra-2")
 
 
+def slow_app(tmp_path: Path) -> Path:
+    """The test app, with a module that takes 1.5 s to import before greeting.py is read."""
+    app = make_app(tmp_path)
+    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
+    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    return app
+
+
+def break_then_fix(server: Server, app: Path, load: Load, started: str, refused: str, done: str) -> None:
+    """Once the reload has ``started``, break greeting.py while the new code is still importing
+    slow.py; the old code must serve with no failed request, and a fix must then be served."""
+    server.wait_for_log(started)
+    write(app / "greeting.py", BROKEN_SAVES["syntax"])
+    server.wait_for_log(refused)
+    time.sleep(1)
+    _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert bodies == {"v1"}
+    write(app / "greeting.py", greeting("v3"))
+    wait_for_body(load.port, "v3")
+    server.wait_for_log(done)
+    time.sleep(0.5)  # the old workers finish their last requests
+    _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert bodies <= {"v1", "v3"}
+    assert server.alive()
+
+
 @pytest.mark.parametrize("mode_name", ["sync", "gthread"])
 def test_a_save_that_breaks_the_app_after_the_check_never_reaches_the_workers(tmp_path: Path, mode_name: str) -> None:
     """The check is a prediction: here the file breaks after it passed and before the new workers
     read it (a slow module imported first holds them up). The old workers must keep serving."""
-    app = make_app(tmp_path)
-    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
-    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    app = slow_app(tmp_path)
     port = free_port()
     env = server_env(check_timeout="6")
     with running(gunicorn(app, port, MODES[mode_name], env=env), "v1") as server, Load(port, threads=4) as load:
         write(app / "greeting.py", greeting("v2"))
-        server.wait_for_log(RELOADED)
-        write(app / "greeting.py", BROKEN_SAVES["syntax"])  # the new workers are still importing slow.py
-        server.wait_for_log(r"the new workers did not load the app")
+        break_then_fix(server, app, load, RELOADED, r"the new workers did not load the app",
+                       r"reload done: 2 new workers serving")
         server.wait_for_log(r"not reloading, the new code does not load")
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"v1"}
-        write(app / "greeting.py", greeting("v3"))
-        wait_for_body(port, "v3")
-        server.wait_for_log(r"reload done: 2 new workers serving")
-        time.sleep(0.5)  # the old workers finish their last requests
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies <= {"v1", "v3"}
-        assert server.alive()
-
-
-def test_a_broken_module_the_workers_import_lazily_is_refused(tmp_path: Path, mode: list[str]) -> None:
-    """A module imported inside a function is not touched by importing the app: the check
-    imports the changed modules the workers had loaded as well."""
-    app = make_app(tmp_path)
-    write(app / "lazy_part.py", 'def text():\n    return "lazy-1"\n')
-    write(app / "greeting.py", "def setup():\n    pass\n\n\ndef text():\n    import lazy_part\n\n"
-                               "    return lazy_part.text()\n")
-    port = free_port()
-    with running(gunicorn(app, port, mode), "lazy-1") as server, Load(port, threads=4) as load:
-        write(app / "lazy_part.py", 'def text():\n    return "lazy-2"\n')  # proves it is watched
-        wait_for_body(port, "lazy-2")
-        server.wait_for_log(r"reload done|stopping the old master")
-        time.sleep(0.5)  # the old workers finish their last requests
-        load.reset_bodies()
-        write(app / "lazy_part.py", 'undefined_name\n\n\ndef text():\n    return "broken"\n')
-        server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
-        time.sleep(2)
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"lazy-2"}
-        write(app / "lazy_part.py", 'def text():\n    return "lazy-3"\n')
-        wait_for_body(port, "lazy-3")
-
-
-def test_a_save_that_pauses_mid_write_never_reaches_the_workers(tmp_path: Path) -> None:
-    """An editor truncates, writes a first part that even imports, pauses 300 ms, then writes the
-    rest. File events fire on the first part; the half file must never be served."""
-    pytest.importorskip("watchfiles")
-    app = make_app(tmp_path)
-    port = free_port()
-    env = server_env(backend="events")
-    with running(gunicorn(app, port, ["-w", "2"], env=env), "v1") as server, Load(port, threads=4) as load:
-        for n in range(2, 8):
-            source = greeting(f"v{n}")
-            first_part = source[:source.index("def text")]  # setup() only: imports, then fails per request
-            with open(app / "greeting.py", "w", encoding="utf-8") as f:
-                f.write(first_part)
-                f.flush()
-                os.fsync(f.fileno())
-                time.sleep(0.3)
-                f.write(source[len(first_part):])
-            wait_for_body(port, f"v{n}")
-            server.wait_for_log("reload done", count=n - 1)
-        time.sleep(0.5)
-        _, failures, _ = load.snapshot()
-    assert failures == []
-    assert server.count(r"wsgi_reload: watching \d+ files by file events") == 1
 
 
 @pytest.mark.parametrize("workers", ["1", "8"])
@@ -367,25 +332,12 @@ def test_preload_as_pid_1_in_a_container(tmp_path: Path) -> None:
 
 
 def test_preload_a_save_breaking_the_reexecuted_import_keeps_the_old_workers_serving(tmp_path: Path) -> None:
-    app = make_app(tmp_path)
-    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
-    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    app = slow_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, MODES["preload"]), "v1") as server, Load(port, threads=4) as load:
         write(app / "greeting.py", greeting("v2"))
-        server.wait_for_log(r"Handling signal: usr2")
-        write(app / "greeting.py", BROKEN_SAVES["syntax"])  # the new image is still importing slow.py
-        server.wait_for_log(r"the re-executed master cannot load the app")
-        time.sleep(2)
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"v1"}
-        write(app / "greeting.py", greeting("v3"))
-        wait_for_body(port, "v3")
-        server.wait_for_log(r"reload done: 2 new workers serving, same master pid")
-        time.sleep(0.5)
-        _, failures, _ = load.snapshot()
-        assert failures == []
+        break_then_fix(server, app, load, r"Handling signal: usr2", r"the re-executed master cannot load the app",
+                       r"reload done: 2 new workers serving, same master pid")
         assert len(master_pids(server)) == 1
 
 

@@ -68,29 +68,22 @@ class Settings:
         value, each by the environment variable or keyword it came from.
         """
         environ = os.environ if environ is None else environ
+        # (name, value, how the user wrote the name, and the value, and the prefix of near misses)
+        given: list[tuple[str, Any, str, str, str]] = []
+        for key, raw in environ.items():
+            if key.startswith(ENV_PREFIX):
+                name = key[len(ENV_PREFIX):].lower()
+                given.append((name, _parse_env(name, raw), f"environment variable {key}", f"{key}={raw!r}", ENV_PREFIX))
+        for name, value in overrides.items():
+            value = _normalise(name, value)
+            given.append((name, value, f"wsgi_reload setting {name!r}", f"wsgi_reload setting {name}={value!r}", ""))
         values: dict[str, Any] = {}
         problems: list[str] = []
-        for key, raw in environ.items():
-            if not key.startswith(ENV_PREFIX):
-                continue
-            name = key[len(ENV_PREFIX):].lower()
+        for name, value, named, written, prefix in given:
             if name not in _FIELDS:
-                problems.append(f"unknown environment variable {key}{_did_you_mean(name, ENV_PREFIX)}")
-                continue
-            value = _parse_env(name, raw)
-            problem = _problem(name, value)
-            if problem:
-                problems.append(f"{key}={raw!r} {problem}")
-            else:
-                values[name] = value
-        for name, value in overrides.items():
-            if name not in _FIELDS:
-                problems.append(f"unknown wsgi_reload setting {name!r}{_did_you_mean(name)}")
-                continue
-            value = _normalise(name, value)
-            problem = _problem(name, value)
-            if problem:
-                problems.append(f"wsgi_reload setting {name}={value!r} {problem}")
+                problems.append(f"unknown {named}{_did_you_mean(name, prefix)}")
+            elif problem := _problem(name, value):
+                problems.append(f"{written} {problem}")
             else:
                 values[name] = value
         if problems:
