@@ -155,6 +155,55 @@ def test_a_save_that_breaks_the_app_after_the_check_never_reaches_the_workers(tm
         server.wait_for_log(r"not reloading, the new code does not load")
 
 
+def test_a_broken_module_the_workers_import_lazily_is_refused(tmp_path: Path, mode: list[str]) -> None:
+    """A module imported inside a function is not touched by importing the app: the check
+    imports the changed modules the workers had loaded as well."""
+    app = make_app(tmp_path)
+    write(app / "lazy_part.py", 'def text():\n    return "lazy-1"\n')
+    write(app / "greeting.py", "def setup():\n    pass\n\n\ndef text():\n    import lazy_part\n\n"
+                               "    return lazy_part.text()\n")
+    port = free_port()
+    with running(gunicorn(app, port, mode), "lazy-1") as server, Load(port, threads=4) as load:
+        write(app / "lazy_part.py", 'def text():\n    return "lazy-2"\n')  # proves it is watched
+        wait_for_body(port, "lazy-2")
+        server.wait_for_log(r"reload done|stopping the old master")
+        time.sleep(0.5)  # the old workers finish their last requests
+        load.reset_bodies()
+        write(app / "lazy_part.py", 'undefined_name\n\n\ndef text():\n    return "broken"\n')
+        server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
+        time.sleep(2)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"lazy-2"}
+        write(app / "lazy_part.py", 'def text():\n    return "lazy-3"\n')
+        wait_for_body(port, "lazy-3")
+
+
+def test_a_save_that_pauses_mid_write_never_reaches_the_workers(tmp_path: Path) -> None:
+    """An editor truncates, writes a first part that even imports, pauses 300 ms, then writes the
+    rest. File events fire on the first part; the half file must never be served."""
+    pytest.importorskip("watchfiles")
+    app = make_app(tmp_path)
+    port = free_port()
+    env = server_env(backend="events")
+    with running(gunicorn(app, port, ["-w", "2"], env=env), "v1") as server, Load(port, threads=4) as load:
+        for n in range(2, 8):
+            source = greeting(f"v{n}")
+            first_part = source[:source.index("def text")]  # setup() only: imports, then fails per request
+            with open(app / "greeting.py", "w", encoding="utf-8") as f:
+                f.write(first_part)
+                f.flush()
+                os.fsync(f.fileno())
+                time.sleep(0.3)
+                f.write(source[len(first_part):])
+            wait_for_body(port, f"v{n}")
+            server.wait_for_log("reload done", count=n - 1)
+        time.sleep(0.5)
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert server.count(r"wsgi_reload: watching \d+ files by file events") == 1
+
+
 @pytest.mark.parametrize("workers", ["1", "8"])
 def test_every_worker_serves_the_new_code(tmp_path: Path, workers: str) -> None:
     app = make_app(tmp_path)
