@@ -8,10 +8,12 @@ into a config, or chain it into a config that has hooks of its own::
 
 How it works: every worker writes the list of its module files to a manifest after
 ``post_worker_init`` (and again after a request that imported more). The master's
-monitor watches the union of the manifests, the config file and extra files. A change
-that passes the pre-reload check sends SIGHUP to the master; with ``preload_app`` it
-sends SIGUSR2 instead, and the new master stops the old one (SIGTERM, graceful) once
-its own workers are up. A change that fails the check sends nothing.
+watcher thread scans the union of the manifests, the config file and extra files. A
+change that passes the pre-reload check swaps the workers, verified: new ones by TTIN,
+the old ones retired by TTOU only once the new ones have loaded (a config edit sends
+HUP, which re-reads it). With ``preload_app`` the master re-executes itself in place,
+keeping its pid, and retires the old workers once its new ones are up. A change that
+fails the check does nothing but log.
 
 Module-level names here are read by gunicorn as settings when this module is the
 config, so only the hooks below may share a name with a gunicorn setting.
@@ -367,7 +369,8 @@ class _MasterWatch:
                 self.patcher = None
             else:
                 worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
-        how = "gunicorn (USR2 to the master: preload_app re-exec)" if self.preload else "gunicorn (HUP to the master)"
+        how = ("gunicorn (the master re-executes in place: preload_app)" if self.preload
+               else "gunicorn (new workers by TTIN; the old retire by TTOU once those load)")
         self.watcher = Watcher(settings, self.trigger, server=how, sources=[worker_files, self.config_files],
                                wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
                                check=lambda paths: check_code(paths, settings, loaded_modules=self.worker_files.files))
@@ -401,7 +404,7 @@ class _MasterWatch:
 
     def on_batch(self, batch: Sequence[Change]) -> None:
         if self.handing_over:
-            _log.info("wsgi_reload: a new master is taking over; it will pick up these changes")
+            _log.info("wsgi_reload: the master is re-executing; its new image picks up these changes")
             return
         self.batch_started = time.monotonic()
         self.watcher.gate(batch)
