@@ -11,7 +11,9 @@ Template changes still only reset Django's template loaders, as with Django's ow
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -93,6 +95,82 @@ def get_reloader() -> Any:
     return WsgiReloadReloader()
 
 
+LISTENER_ENV = "_WSGI_RELOAD_RUNSERVER_FD"
+"""The listening socket runserver's reloader process holds, inherited by each server process."""
+
+
 def install() -> None:
-    """Make runserver's autoreloader use :class:`WsgiReloadReloader`."""
+    """Make runserver's autoreloader use :class:`WsgiReloadReloader`, and keep its port open
+    across restarts."""
     autoreload.get_reloader = get_reloader
+    if os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true":
+        _adopt_listener()
+    elif not getattr(autoreload.run_with_reloader, "_wsgi_reload", False):
+        autoreload.run_with_reloader = _holding_the_port(autoreload.run_with_reloader)
+
+
+def _holding_the_port(run_with_reloader: Any) -> Any:
+    """Django's reloader process restarts the server process by running a new one after the old
+    one exited, and each binds the port itself: connections in between are refused. Bind it
+    once here instead; each server process inherits it (Django runs them with close_fds=False)
+    and connections wait in its backlog while the next one starts."""
+
+    def run(main_func: Any, *args: Any, **kwargs: Any) -> Any:
+        command = getattr(main_func, "__self__", None)
+        host, port = getattr(command, "addr", None), str(getattr(command, "port", ""))
+        if host is not None and port.isdigit():
+            family = socket.AF_INET6 if getattr(command, "use_ipv6", False) else socket.AF_INET
+            try:
+                listener = socket.socket(family, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((host, int(port)))
+                listener.listen(64)
+            except OSError as exc:
+                log.debug("wsgi_reload: not holding the runserver port (%s); Django binds it", exc)
+            else:
+                listener.set_inheritable(True)
+                os.environ[LISTENER_ENV] = str(listener.fileno())
+                _held.append(listener)  # open for the life of this process
+        return run_with_reloader(main_func, *args, **kwargs)
+
+    run._wsgi_reload = True  # type: ignore[attr-defined]
+    return run
+
+
+_held: list[socket.socket] = []
+"""The reloader process's listening socket (garbage collection would close it)."""
+
+
+def _adopt_listener() -> None:
+    """In a server process: use the inherited listening socket instead of binding the port."""
+    fd = os.environ.get(LISTENER_ENV, "")
+    if not fd.isdigit():
+        return
+    from django.core.servers import basehttp
+
+    def server_bind(self: Any) -> None:
+        self.socket.close()
+        self.socket = socket.socket(fileno=os.dup(int(fd)))
+        self.server_address = self.socket.getsockname()
+        host, port = self.server_address[:2]
+        self.server_name = socket.getfqdn(host)
+        self.server_port = port
+        self.setup_environ()
+        _servers.append(self)
+
+    basehttp.WSGIServer.server_bind = server_bind
+    exit_for_reload = autoreload.trigger_reload
+
+    def trigger_reload(filename: str) -> None:
+        # Connections still queued on the shared socket go to the next process; the ones this
+        # process accepted are answered before it exits (Django exits with them in flight).
+        for server in _servers:
+            server.shutdown()  # stop accepting (called from the reloader's thread, not the server's)
+            server.server_close()  # waits for the request threads; the parent keeps the port open
+        exit_for_reload(filename)
+
+    autoreload.trigger_reload = trigger_reload
+
+
+_servers: list[Any] = []
+"""The server of this process, adopting the reloader process's socket."""
