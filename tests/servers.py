@@ -133,9 +133,10 @@ def hold_broken_saves(server: Server, app: Path, load: Load, wait_reloaded: Call
 class Load:
     """Client threads sending requests in a loop, counting failures (errors or non-200)."""
 
-    def __init__(self, port: int, threads: int = 4) -> None:
+    def __init__(self, port: int, threads: int = 4, path: str = "/") -> None:
         self.port = port
         self.threads = threads
+        self.path = path
         self.ok = 0
         self.failures: list[str] = []
         self.bodies: set[str] = set()
@@ -147,7 +148,7 @@ class Load:
         deadline = time.monotonic() + 600  # a bounded loop, whatever happens to the test
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                status, body = get(self.port, timeout=10)
+                status, body = get(self.port, self.path, timeout=10)
             except OSError as exc:
                 with self._lock:
                     self.failures.append(f"{type(exc).__name__}: {exc}")

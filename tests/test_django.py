@@ -180,6 +180,37 @@ def test_broken_saves_keep_the_old_site_serving(site: Path, kind: str) -> None:
     assert failures == []
 
 
+def test_a_broken_view_module_imported_lazily_is_refused(site: Path) -> None:
+    """Django under gunicorn with no config: a module a view imports inside the function is not
+    touched by importing the app or the URLconf; the check imports the changed ones the workers
+    had loaded."""
+    lazy = site / "shop" / "lazy_part.py"
+    write(lazy, 'def text():\n    return "lazy-1"\n')
+    views = site / VIEWS
+    write(views, views.read_text() + "\n\ndef lazy(request):\n    from . import lazy_part\n\n"
+                 '    return HttpResponse(lazy_part.text(), content_type="text/plain")\n')
+    urls = site / "mysite" / "urls.py"
+    write(urls, urls.read_text().replace("urlpatterns = [", 'urlpatterns = [\n    path("lazy/", views.lazy),'))
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server, \
+            Load(port, threads=4, path="/lazy/") as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        time.sleep(3)  # every worker imported lazy_part and published it (workers publish every 2 s)
+        write(lazy, 'def text():\n    return "lazy-2"\n')
+        wait_for_body(port, "lazy-2", timeout=LIVENESS, path="/lazy/")
+        wait_generation(server, "gunicorn-sync", 2)
+        time.sleep(3)
+        load.reset_bodies()
+        write(lazy, 'undefined_name\n\n\ndef text():\n    return "broken"\n')
+        server.wait_for_log(rf"not reloading, the new code does not load: {lazy}:1: NameError")
+        time.sleep(2)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"lazy-2"}
+        write(lazy, 'def text():\n    return "lazy-3"\n')
+        wait_for_body(port, "lazy-3", timeout=LIVENESS, path="/lazy/")
+
+
 # --- runserver -----------------------------------------------------------------------------
 
 
