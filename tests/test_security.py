@@ -181,7 +181,15 @@ def _plant(tmp: str, victim: Path) -> subprocess.Popen[str]:
 
 def _leftovers(tmp: str) -> list[str]:
     """What root left in the shared temp directory."""
-    return sorted(name for name in os.listdir(tmp) if os.lstat(os.path.join(tmp, name)).st_uid != NOBODY)
+    left = []
+    for name in os.listdir(tmp):
+        try:
+            owner = os.lstat(os.path.join(tmp, name)).st_uid
+        except FileNotFoundError:
+            continue  # removed while we looked: a clean stop finishing its work
+        if owner != NOBODY:
+            left.append(name)
+    return sorted(left)
 
 
 @pytest.mark.slow
