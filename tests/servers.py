@@ -149,7 +149,7 @@ class Load:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 status, body = get(self.port, self.path, timeout=10)
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # a cut response counts too
                 with self._lock:
                     self.failures.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.05)
