@@ -92,7 +92,11 @@ class PatchPublisher:
         except OSError:
             pass
         for change in batch:
-            self.sources.pop(change.path, None)  # seen afresh in the new workers' manifests
+            # The new workers import what the check just passed; read it now, because the next
+            # save can land before the scanner sees their manifests, and would then pass for
+            # the version they run.
+            self.sources.pop(change.path, None)
+            self.remember({change.path: None})
 
     def watch_for_failures(self, on_failure: Callable[[str], object], seconds: float = 30.0) -> None:
         """Call ``on_failure(reason)`` once if a worker reports it could not apply the patch."""
