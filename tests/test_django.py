@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,8 +115,7 @@ def test_a_view_change_is_served_with_no_failed_request(site: Path, kind: str) -
             wait_generation(server, kind, n + 1)
         time.sleep(0.5)
         ok, failures, _ = load.snapshot()
-    assert [f for f in failures if "Refused" in f or "refused" in f] == []
-    assert len(failures) <= 3  # at most one cut response per restart; Django's own restart: 50+
+    assert failures == []
     assert ok > 50
 
 
@@ -212,6 +213,83 @@ def test_a_broken_view_module_imported_lazily_is_refused(site: Path) -> None:
         wait_for_body(port, "lazy-3", timeout=LIVENESS, path="/lazy/")
 
 
+def test_a_view_broken_after_the_check_never_reaches_the_workers(site: Path) -> None:
+    """Django under gunicorn with no config: the views break after the check passed and before
+    the new workers read them (the URLconf imports a slow module first). The old workers serve
+    on, the new ones are held, and the fix completes the swap."""
+    write(site / "shop" / "slow.py", "import time\ntime.sleep(1.5)\n")
+    urls = site / "mysite" / "urls.py"
+    write(urls, "import shop.slow  # noqa: F401\n" + urls.read_text())
+    views = site / VIEWS
+    port = free_port()
+    env = server_env(check_timeout="6")
+    with running(start("gunicorn-sync", site, port, env), page("hello")) as server, Load(port, threads=4) as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        greeting_view(site, "v2")
+        server.wait_for_log(r"Handling signal: ttin")
+        original = views.read_text()
+        write(views, original + "\nundefined_name\n")
+        server.wait_for_log(r"a new worker cannot load the app \(.*views.py:\d+: NameError")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("hello")}
+        write(views, original.replace('GREETING = "v2"', 'GREETING = "v3"'))
+        wait_for_body(port, page("v3"), timeout=LIVENESS)
+        server.wait_for_log(r"reload done: 2 new workers serving")
+        time.sleep(0.5)  # the old workers finish their last requests
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies <= {page("hello"), page("v3")}
+        assert "Worker failed to boot" not in server.log()
+        assert server.alive()
+
+
+def test_a_worker_respawning_into_broken_models_does_not_stop_gunicorn(site: Path) -> None:
+    """Django under gunicorn with no config: a crashed worker respawns while models.py is broken.
+    gunicorn would halt ("Worker failed to boot"); the new worker is held and tried again."""
+    models = site / "shop" / "models.py"
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server:
+        wait_generation(server, "gunicorn-sync", 1)
+        original = models.read_text()
+        write(models, original + '\nraise RuntimeError("models cannot load")\n')
+        server.wait_for_log(r"not reloading, the new code does not load")
+        worker_pids = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", server.log())]
+        os.kill(worker_pids[0], signal.SIGKILL)
+        server.wait_for_log(r"a new worker cannot load the app \(.*models.py:\d+: RuntimeError")
+        assert {get(port)[1] for _ in range(10)} == {page("hello")}
+        time.sleep(4)
+        assert "Worker failed to boot" not in server.log()
+        assert server.count(r"a new worker cannot load the app") == 1
+        write(models, original)
+        greeting_view(site, "fixed")
+        wait_for_body(port, page("fixed"), timeout=LIVENESS)
+        assert server.alive()
+
+
+def test_max_requests_restarts_wait_while_a_view_is_broken(site: Path) -> None:
+    port = free_port()
+    with running(django_gunicorn(site, port, ["-w", "2", "--max-requests", "100"]), page("hello")) as server, \
+            Load(port, threads=4) as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        greeting_view(site, "v2")  # the views change and are broken at once
+        views = site / VIEWS
+        write(views, views.read_text() + "\nundefined_name\n")
+        server.wait_for_log(r"not reloading, the new code does not load")
+        restarts = server.count(r"Autorestarting worker")
+        load.reset_bodies()
+        time.sleep(5)
+        ok, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("hello")}
+        assert server.count(r"Autorestarting worker") == restarts
+        assert server.count(r"serve on instead of restarting") == 1
+        write(views, views.read_text().replace("\nundefined_name\n", ""))
+        wait_for_body(port, page("v2"), timeout=LIVENESS)
+        assert server.alive()
+
+
 # --- runserver -----------------------------------------------------------------------------
 
 
@@ -250,10 +328,14 @@ def test_runserver_keeps_serving_the_old_code_through_a_broken_save(site: Path,
 
 def test_runserver_restarts_refuse_no_connection(site: Path, runserver: tuple[Server, int]) -> None:
     """Django's own restart closes the port until the new process binds it (about 5 refused
-    connections per restart under this load); here the reloader process holds it. A response in
-    flight at the instant of a restart was once seen cut short (IncompleteRead): not asserted
-    here, see the README."""
+    connections per restart under this load) and exits with responses in flight; here the
+    reloader process holds the port and the old process answers what it took first."""
     server, port = runserver
+    views = site / VIEWS
+    # Slow responses, so that some are in flight at every restart.
+    write(views, views.read_text().replace("def hello(request):\n", "def hello(request):\n    import time\n\n"
+                                           "    time.sleep(0.2)\n"))
+    server.wait_for_log(r"Watching for file changes", count=2)
     starts = server.count(r"Watching for file changes")
     with Load(port, threads=4) as load:
         for n in range(1, 4):
@@ -262,8 +344,7 @@ def test_runserver_restarts_refuse_no_connection(site: Path, runserver: tuple[Se
             server.wait_for_log(r"Watching for file changes", count=starts + n)
         time.sleep(0.5)
         ok, failures, _ = load.snapshot()
-    assert [f for f in failures if "Refused" in f or "refused" in f] == []
-    assert len(failures) <= 3  # at most one cut response per restart; Django's own restart: 50+
+    assert failures == []  # Django's own restart: 50+ refused or reset
     assert ok > 50
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -159,18 +160,55 @@ def _adopt_listener() -> None:
         _servers.append(self)
 
     basehttp.WSGIServer.server_bind = server_bind
+    serve_one = basehttp.ServerHandler.run
+
+    def run(self: Any, application: Any) -> None:
+        with _requests:
+            _requests.count += 1
+        try:
+            serve_one(self, application)
+        finally:
+            with _requests:
+                _requests.count -= 1
+                _requests.notify_all()
+            if _requests.closing:
+                self.request_handler.close_connection = True  # no keep-alive into a stopping process
+
+    basehttp.ServerHandler.run = run
     exit_for_reload = autoreload.trigger_reload
 
     def trigger_reload(filename: str) -> None:
-        # Connections still queued on the shared socket go to the next process; the ones this
-        # process accepted are answered before it exits (Django exits with them in flight).
+        # Connections still queued on the shared socket go to the next process; the requests this
+        # process took are answered before it exits. Django's server_close() does not wait for
+        # them: its request threads are daemons, which socketserver does not join.
         for server in _servers:
             server.shutdown()  # stop accepting (called from the reloader's thread, not the server's)
-            server.server_close()  # waits for the request threads; the parent keeps the port open
+        _requests.closing = True
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with _requests:
+            while time.monotonic() < deadline:
+                # Quiet for a moment: a keep-alive request read just before counts by then.
+                if _requests.count == 0 and not _requests.wait(0.1) and _requests.count == 0:
+                    break
+                _requests.wait(0.05)
+        for server in _servers:
+            server.server_close()  # the parent keeps the port open
         exit_for_reload(filename)
 
     autoreload.trigger_reload = trigger_reload
 
+
+class _Requests(threading.Condition):
+    """The requests this server process is answering, for a restart to wait for."""
+
+    count = 0
+    closing = False
+
+
+_requests = _Requests()
+
+DRAIN_SECONDS = 30.0
+"""A restart waits this long at most for the requests in flight."""
 
 _servers: list[Any] = []
 """The server of this process, adopting the reloader process's socket."""
