@@ -22,7 +22,6 @@ config, so only the hooks below may share a name with a gunicorn setting.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import os
@@ -33,7 +32,7 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
-from . import runtime
+from . import markers, runtime
 from .check import check_code, in_probe
 from .files import error_location, module_file
 from .hybrid import PatchApplier, PatchPublisher
@@ -171,7 +170,7 @@ def post_fork(server: Any, worker: Any) -> None:
     if _master is not None and _master.patcher is not None:
         _patches = PatchApplier(_manifest_dir)
     if _master is not None and _master.served_once and not server.cfg.preload_app:
-        worker.load_wsgi = _guarded_load(worker.load_wsgi, loaded_at)
+        worker.load_wsgi = _guarded_load(worker.load_wsgi, worker, loaded_at)
 
 
 @_hook
@@ -215,24 +214,17 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
-BROKEN_MARKER = "code-broken"
-"""In the runtime directory while the code on disk fails the check: workers then defer restarts."""
-
-VERIFIED_MARKER = "code-verified"
-"""Holds when (time.time_ns()) the last passing check began reading the code."""
-
 RESPAWN_BACKOFF_MAX = 30.0
 
 
-def _guarded_load(load: Callable[[], None], loaded_at_ns: int) -> Callable[[], None]:
+def _guarded_load(load: Callable[[], None], worker: Any, loaded_at_ns: int) -> Callable[[], None]:
     """Keep one worker's failed import from stopping the whole server.
 
     gunicorn halts every worker when a new one cannot import the app. Once the server has
     served, a failure here means a save raced this worker's import (retry once) or the
     code on disk is broken while the other workers still run good code: then the worker
-    waits (longer after each failure, up to 30 s, so a crash loop does not re-import the
-    app every second) and exits, and gunicorn tries again while the others serve. Each
-    distinct error is logged once for the whole server.
+    holds back (see :func:`hold_failed_worker`) and exits, and gunicorn tries again while
+    the others serve.
     """
 
     def load_wsgi() -> None:
@@ -248,47 +240,84 @@ def _guarded_load(load: Callable[[], None], loaded_at_ns: int) -> Callable[[], N
                     return
                 except Exception as again:
                     exc = again
-            path, line = error_location(exc)
-            failures = _count_respawn_failure()
-            delay = min(RESPAWN_BACKOFF_MAX, 2.0 ** (failures - 1))
-            if _first_report(f"{path}:{line}:{type(exc).__name__}:{exc}"):
-                _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
-                           "serving, and new workers are tried again, less often each time (now every %g s)",
-                           path, line, type(exc).__name__, exc, delay)
-        time.sleep(delay)
+            hold_failed_worker(worker, exc, loaded_at_ns)
         sys.exit(1)
 
     return load_wsgi
 
 
+def hold_failed_worker(worker: Any, exc: BaseException, loaded_at_ns: int) -> None:
+    """A new worker could not load the app while others serve: log the error once for the whole
+    server, then wait before gunicorn tries again (longer after each failure, up to 30 s, so a
+    crash loop does not re-import the app every second; at once when a check passes on newer
+    code). The worker never accepts a connection meanwhile, and tells the master it is alive."""
+    path, line = error_location(exc)
+    failures = markers.count_respawn_failure(_manifest_dir) if _manifest_dir else 1
+    delay = min(RESPAWN_BACKOFF_MAX, 2.0 ** (failures - 1))
+    if _first_report(f"{path}:{line}:{type(exc).__name__}:{exc}"):
+        _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
+                   "serving, and new workers are tried again, less often each time (now every %g s)",
+                   path, line, type(exc).__name__, exc, delay)
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and (_manifest_dir is None or markers.verified_ns(_manifest_dir) <= loaded_at_ns):
+        with contextlib.suppress(Exception):
+            worker.notify()  # else gunicorn's timeout would kill it as stuck
+        time.sleep(0.1)
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    """``worker_exit`` for a worker whose master runs none of our code (Django with no gunicorn
+    config): remove its manifest, and turn gunicorn's "Worker failed to boot", which halts the
+    server, into a held worker that exits with 1 and is tried again, once this server has served."""
+    if _worker is None or _manifest_dir is None:
+        return
+    if worker.booted:
+        with contextlib.suppress(OSError):
+            os.unlink(_worker.path)
+        return
+    exc = sys.exc_info()[1]
+    if not isinstance(exc, SystemExit) or exc.code not in (server.WORKER_BOOT_ERROR, server.APP_LOAD_ERROR):
+        return
+    from .watch_process import watcher_running
+
+    if not watcher_running(_manifest_dir):
+        return  # the server never served: a broken app at start stops it, as gunicorn does
+    hold_failed_worker(worker, exc.__context__ or exc, _worker.loaded_at_ns)
+    raise SystemExit(1)
+
+
+def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Sequence[str] = (),
+                 before_publish: Callable[[], object] | None = None,
+                 after_publish: Callable[[], object] | None = None) -> None:
+    """Give a booting worker this adapter's worker-side hooks, from inside its app import.
+
+    For Django under gunicorn with no gunicorn config: the master runs none of our code, so
+    the hooks go into this worker's copy of the config. ``before_publish`` runs after the app
+    loaded and before the worker serves (an error there fails the boot); the manifest is then
+    the worker's proof that it loaded.
+    """
+    global _manifest_dir, _worker
+    _manifest_dir = directory
+    _worker = ManifestWriter(directory, loaded_at_ns, patterns=patterns)
+    cfg = worker.cfg
+
+    def loaded(worker: Any) -> None:
+        if before_publish is not None:
+            before_publish()
+        post_worker_init(worker)
+        if after_publish is not None:
+            after_publish()
+
+    loaded.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
+    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": pre_request,
+                                            "post_request": post_request, "worker_exit": _worker_exit}
+    for name, hook in hooks.items():
+        current = getattr(cfg, name)
+        cfg.set(name, hook if current is cfg.settings[name].default else _chain(current, hook))
+
+
 def _first_report(key: str) -> bool:
-    """True for the first worker of the server to report this error (a marker in the runtime dir)."""
-    if _manifest_dir is None:
-        return True
-    name = "reported-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    try:
-        os.close(os.open(os.path.join(_manifest_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o600))
-    except FileExistsError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _count_respawn_failure() -> int:
-    """How many new workers in a row could not load the app, this one included."""
-    if _manifest_dir is None:
-        return 1
-    path = os.path.join(_manifest_dir, "respawn-failures")
-    try:
-        with open(path, encoding="ascii") as f:
-            count = int(f.read() or 0) + 1
-    except (OSError, ValueError):
-        count = 1
-    with contextlib.suppress(OSError):
-        runtime.write_atomic(_manifest_dir, "respawn-failures", str(count).encode())
-    return count
+    return _manifest_dir is None or markers.first_report(_manifest_dir, key)
 
 
 def _defer_max_requests(worker: Any) -> None:
@@ -313,14 +342,9 @@ def _code_unverified(writer: ManifestWriter) -> bool:
     """True when the code on disk fails the check, or changed since this worker loaded it and no
     check has passed on it since. Stats this worker's module files: once per max_requests."""
     assert _manifest_dir is not None
-    if os.path.exists(os.path.join(_manifest_dir, BROKEN_MARKER)):
+    if markers.code_broken(_manifest_dir):
         return True
-    try:
-        with open(os.path.join(_manifest_dir, VERIFIED_MARKER), encoding="ascii") as f:
-            verified_ns = int(f.read() or 0)
-    except (OSError, ValueError):
-        verified_ns = 0
-    since = max(writer.loaded_at_ns, verified_ns)
+    since = max(writer.loaded_at_ns, markers.verified_ns(_manifest_dir))
     for path in writer.files():
         with contextlib.suppress(OSError):
             if os.stat(path).st_mtime_ns > since:
@@ -411,19 +435,7 @@ class _MasterWatch:
         self.mark_code_state()
 
     def mark_code_state(self) -> None:
-        """Tell the workers whether the code on disk loads; a fix also resets the respawn back-off."""
-        gate = self.watcher.gate
-        marker = os.path.join(self.manifest_dir, BROKEN_MARKER)
-        if gate.broken is not None:
-            if not os.path.exists(marker):
-                runtime.write_atomic(self.manifest_dir, BROKEN_MARKER, b"")
-            return
-        if gate.last_passed_ns:
-            runtime.write_atomic(self.manifest_dir, VERIFIED_MARKER, str(gate.last_passed_ns).encode())
-        for name in os.listdir(self.manifest_dir):
-            if name in (BROKEN_MARKER, "respawn-failures") or name.startswith("reported-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.manifest_dir, name))
+        markers.mark_code_state(self.manifest_dir, self.watcher.gate)
 
     def trigger(self, batch: Sequence[Change]) -> None:
         if self.patcher is not None:

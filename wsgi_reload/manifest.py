@@ -51,8 +51,8 @@ class ManifestReader:
 
     ``accept(pid)`` says which manifests still count (live workers); a file in several
     manifests keeps the earliest load time, and so do the files a manifest's extra patterns
-    match. After each call, ``files`` holds that union, ``live`` the accepted pids and
-    ``app_failed`` the pids whose app did not load.
+    match. After each call, ``files`` holds that union, ``live`` the accepted pids, ``loaded``
+    what each says of its app, and ``app_failed`` every pid whose app did not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
@@ -61,11 +61,14 @@ class ManifestReader:
         self.live: set[int] = set()
         self.files: dict[str, int | None] = {}
         self.app_failed: set[int] = set()
+        self.loaded: dict[int, bool | None] = {}
+        """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
         files: dict[str, int | None] = {}
         live: set[int] = set()
+        loaded: dict[int, bool | None] = {}
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -80,6 +83,7 @@ class ManifestReader:
             if manifest is None:
                 continue
             live.add(int(stem))
+            loaded[int(stem)] = manifest.get("app_loaded")
             loaded_at = manifest["loaded_at_ns"]
             paths = list(manifest["files"])
             for pattern in manifest.get("patterns", ()):
@@ -93,6 +97,7 @@ class ManifestReader:
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
         self.live = live
+        self.loaded = loaded
         self.files = files
         return files
 

@@ -26,13 +26,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import runtime, spawn
+from . import markers, runtime, spawn
 from .check import CheckResult, check_code
 from .gate import ActionFailed
 from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
 from .settings import Settings
+from .swap import SignalledSwap
 from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.watch_process")
@@ -60,10 +61,12 @@ def watcher_running(runtime_dir: str) -> bool:
 
 
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
-                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT) -> int | None:
+                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, swap: bool = False) -> int | None:
     """Start this server's watcher process unless one runs; returns its pid when one was started.
 
-    Two workers may race here; the second watcher finds the lock taken and exits at once.
+    A reload sends the master ``signal_name``, or with ``swap`` swaps a gunicorn master's
+    workers verified (:class:`wsgi_reload.swap.SignalledSwap`). Two workers may race here;
+    the second watcher finds the lock taken and exits at once.
     """
     if watcher_running(runtime_dir):
         return None
@@ -71,6 +74,7 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
         "runtime_dir": runtime_dir,
         "master_pid": master_pid,
         "signal": signal_name,
+        "swap": swap,
         "server": server,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
         "loaded_at_ns": loaded_at_ns,
@@ -97,17 +101,30 @@ class _ServerWatch:
         self.signum = signal.Signals["SIG" + config["signal"]]
         self.manifests = ManifestReader(self.runtime_dir, accept=_alive)
         self.checked_start: set[int] = set()
-        server = f"{config['server']} ({config['signal']} to the master, pid {target.pid})"
+        self.swap = SignalledSwap(target, self.manifests, self.settings.check_timeout) if config.get("swap") else None
+        how = "new workers by TTIN, the old retired by TTOU once those load" if self.swap else f"{config['signal']}"
+        server = f"{config['server']} ({how}; master pid {target.pid})"
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.manifests], modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
-                               on_tick=self.tick)
+                               on_tick=self.tick, on_batch=self.on_batch if self.swap else None)
 
     def check(self, paths: Sequence[str]) -> CheckResult:
         return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
                           loaded_modules=self.manifests.files)
 
+    def on_batch(self, batch: Sequence[Change]) -> None:
+        self.watcher.gate(batch)
+        markers.mark_code_state(self.runtime_dir, self.watcher.gate)  # workers defer max_requests on it
+
     def reload(self, batch: Sequence[Change]) -> None:
+        if self.swap is not None:
+            markers.mark_code_state(self.runtime_dir, self.watcher.gate)  # releases workers held on old errors
+            started = time.monotonic()
+            count = self.swap()
+            log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the check passed; the old "
+                     "workers retire", count, "" if count == 1 else "s", 1000 * (time.monotonic() - started))
+            return
         if not self.manifests.live:
             # Between two generations, or left behind by a uWSGI --lazy-apps reload (its new
             # workers found a new runtime directory): hold the reload until workers are back.

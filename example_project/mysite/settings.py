@@ -10,10 +10,10 @@ DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
 INSTALLED_APPS = [
+    "wsgi_reload.django",  # first: under gunicorn it then guards the import of every app after it
     "django.contrib.contenttypes",
     "django.contrib.staticfiles",
     "shop",
-    "wsgi_reload.django",
 ]
 
 MIDDLEWARE = [

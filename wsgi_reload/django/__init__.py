@@ -5,3 +5,12 @@ reload after the shared pre-reload check (``django.setup()``, the WSGI applicati
 the root URLconf, in a fresh interpreter). Under ``manage.py runserver`` the app gives
 Django's autoreloader a reloader class built on the shared scanner.
 """
+
+import sys as _sys
+
+if "gunicorn.arbiter" in _sys.modules:
+    # Imported by django.setup() in a booting gunicorn worker: take the reload hooks now, before
+    # the models and the rest of the apps load, so that a failure there is held, not fatal.
+    from .gunicorn import adopt_booting_worker as _adopt
+
+    _adopt()

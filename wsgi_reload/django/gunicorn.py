@@ -1,12 +1,16 @@
 """Django under gunicorn, with no gunicorn config: one watcher for the whole server.
 
-Without ``--preload`` the master never imports Django, so each worker publishes its module
-list into the server's private runtime directory and makes sure the server's one watcher
-process runs (:mod:`wsgi_reload.watch_process`); that process checks a change and sends
-the master SIGHUP.
+Without ``--preload`` the master never imports Django, so our code first runs in each new
+worker, while ``django.setup()`` imports ``wsgi_reload.django``. From there the worker
+takes the gunicorn adapter's worker-side hooks into its own copy of the config
+(:func:`adopt_booting_worker`): it loads the URLconf before it serves, publishes its module
+list as its proof that it loaded, makes sure the server's one watcher process runs
+(:mod:`wsgi_reload.watch_process`), and, once the server has served, a failed boot holds
+the worker instead of halting gunicorn. The watcher process checks a change and swaps
+the workers by TTIN and TTOU (:mod:`wsgi_reload.swap`).
 
 With ``--preload`` Django loads inside the master: the gunicorn adapter's hooks are added
-to the running arbiter, and its preload path (USR2, then retiring the old master) applies.
+to the running arbiter, and its preload path (an in-place re-exec) applies.
 """
 
 from __future__ import annotations
@@ -14,17 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from types import FrameType
 from typing import Any
 
-from .. import runtime
+from .. import markers, runtime
+from ..check import in_probe
 from ..logs import forward_to
-from ..manifest import ManifestWriter
-from ..settings import Settings
-from ..watch_process import ensure_watcher
-from .files import django_watch_patterns, load_urlconf, preload_views, reload_settings
+from ..settings import Settings, SettingsError
+from ..watch_process import ensure_watcher, watcher_running
+from .files import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -33,18 +36,112 @@ _STARTED_NS = time.time_ns()
 
 
 def start() -> None:
-    """Start watching for this gunicorn server, from the master (preload) or a worker."""
+    """From the app's ``ready()``: route our log lines into gunicorn's, and in a preloading master
+    hand the watching to the gunicorn adapter's hooks (workers were adopted at import)."""
     server_log = logging.getLogger("gunicorn.error")  # gunicorn's own error log
     forward_to(lambda level, message: server_log.log(level, message))
-    gunicorn_adapter = sys.modules.get("wsgi_reload.gunicorn")
-    if gunicorn_adapter is not None and getattr(gunicorn_adapter, "_manifest_dir", None):
+    if _config_hooks_watch():
         log.info("wsgi_reload: the gunicorn config hooks already watch this server")
         return
     arbiter = _arbiter_loading_us()
     if arbiter is not None:
         _install_preload_hooks(arbiter)
+    elif not _adopted:
+        log.error("wsgi_reload: reloading is off: this gunicorn worker was not found booting (a custom worker "
+                  "class?); use the gunicorn config instead: gunicorn -c python:wsgi_reload.gunicorn ...")
+
+
+def _config_hooks_watch() -> bool:
+    adapter = sys.modules.get("wsgi_reload.gunicorn")
+    return adapter is not None and getattr(adapter, "_master", None) is not None
+
+
+_adopted = False
+
+
+def adopt_booting_worker() -> None:
+    """In a gunicorn worker importing Django: take the adapter's worker-side hooks (see above)."""
+    global _adopted
+    found = _booting_worker()
+    if found is None or _config_hooks_watch() or in_probe():
         return
-    _WorkerPublisher(reload_settings()).start()
+    arbiter, worker = found
+    if arbiter.cfg.preload_app:
+        return
+    from .. import gunicorn as adapter
+
+    try:
+        directory = runtime.for_server(arbiter.pid)
+    except (OSError, runtime.RuntimeDirError) as exc:
+        log.error("wsgi_reload: reloading is off: %s", exc)
+        return
+    state: dict[str, Settings] = {}
+
+    def before_publish() -> None:
+        try:
+            state["settings"] = reload_settings()
+        except SettingsError:
+            return  # the app's ready() says so
+        served_before = watcher_running(directory)
+        try:
+            load_urlconf()
+        except Exception as exc:
+            if served_before:
+                # The old workers serve on; this one is held, then tried again.
+                adapter.hold_failed_worker(worker, exc, _STARTED_NS)
+                raise SystemExit(1) from None
+            log.warning("wsgi_reload: worker %d cannot load the URLconf (%s: %s)", os.getpid(),
+                        type(exc).__name__, exc)
+        assert adapter._worker is not None
+        adapter._worker.patterns = django_watch_patterns()
+
+    def after_publish() -> None:
+        settings = state.get("settings")
+        if settings is None:
+            return
+        started = ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
+                                 swap=True,
+                                 settings=settings, loaded_at_ns=_STARTED_NS)
+        if started:
+            log.info("wsgi_reload: worker %d started this server's watcher process (pid %d)", os.getpid(), started)
+        log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
+
+    adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish)
+    _adopted = True
+    earlier = _project_apps_before_us()
+    if earlier and markers.first_report(directory, "apps-before-us"):
+        log.warning("wsgi_reload: %s come%s before \"wsgi_reload.django\" in INSTALLED_APPS, so a save that breaks "
+                    "%s while new workers start would stop gunicorn; list \"wsgi_reload.django\" first",
+                    ", ".join(earlier), "s" if len(earlier) == 1 else "", "it" if len(earlier) == 1 else "them")
+
+
+def _project_apps_before_us() -> list[str]:
+    """The INSTALLED_APPS entries before ours that are not installed packages (the project's own)."""
+    from django.conf import settings
+
+    earlier = []
+    for entry in settings.INSTALLED_APPS:
+        if entry.startswith("wsgi_reload.django"):
+            break
+        module = sys.modules.get(entry.rsplit(".apps.", 1)[0])
+        path = getattr(module, "__file__", None) or ""
+        if not entry.startswith("django.") and "-packages" + os.sep not in path:
+            earlier.append(entry)
+    return earlier
+
+
+def _booting_worker() -> tuple[Any, Any] | None:
+    """The Arbiter and worker of the gunicorn worker process booting right now, if any."""
+    from gunicorn.arbiter import Arbiter
+
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        arbiter = frame.f_locals.get("self")
+        worker = frame.f_locals.get("worker")
+        if frame.f_code.co_name == "spawn_worker" and isinstance(arbiter, Arbiter) and worker is not None:
+            return None if worker.booted else (arbiter, worker)
+        frame = frame.f_back
+    return None
 
 
 def _arbiter_loading_us() -> Any:
@@ -80,38 +177,3 @@ def _install_preload_hooks(arbiter: Any) -> None:
         default = cfg.settings[name].default
         cfg.set(name, hook if current is default else adapter._chain(current, hook))
     log.info("wsgi_reload: preload_app: watching through the gunicorn adapter's hooks")
-
-
-class _WorkerPublisher:
-    """A worker's part: publish its modules to the server's runtime directory, and make sure the
-    server's one watcher process runs. The scan and the check happen there, never in a worker."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.master = os.getppid()
-
-    def start(self) -> None:
-        threading.Thread(target=self.run, name="wsgi_reload-django", daemon=True).start()
-
-    def run(self) -> None:
-        from django.apps import apps
-
-        deadline = time.monotonic() + 60
-        while not apps.ready and time.monotonic() < deadline:
-            time.sleep(0.02)
-        preload_views()
-        try:
-            directory = runtime.for_server(self.master)
-            writer = ManifestWriter(directory, _STARTED_NS, patterns=django_watch_patterns())
-            writer.publish()
-            started = ensure_watcher(directory, master_pid=self.master, signal_name="HUP", server="gunicorn",
-                                     settings=self.settings, loaded_at_ns=_STARTED_NS)
-        except (OSError, runtime.RuntimeDirError) as exc:
-            log.error("wsgi_reload: reloading is off: %s", exc)
-            return
-        if started:
-            log.info("wsgi_reload: worker %d started this server's watcher process (pid %d)", os.getpid(), started)
-        log.info("wsgi_reload: worker %d publishes its modules to the watcher", os.getpid())
-        while True:
-            time.sleep(2)
-            writer.publish_if_grown()

@@ -1,0 +1,156 @@
+"""Verify before swap, for a gunicorn master that runs none of our code and can only be signalled.
+
+Django under gunicorn with no gunicorn config has no hook in the master, so the watcher
+process drives gunicorn's own signals (``Arbiter.handle_ttin``/``handle_ttou``):
+
+1. TTIN once per serving worker: gunicorn forks one more worker each time;
+2. wait until as many new workers have published a manifest saying their app loaded;
+3. TTOU as many times: ``Arbiter.manage_workers`` retires the oldest workers, the old ones.
+
+A new worker that cannot load never serves: its boot guard (``wsgi_reload.gunicorn``)
+holds it, then lets gunicorn try it again. The swap then stays pending and completes
+once the new workers have loaded, on a retry or after the next good save.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from .gate import ActionFailed
+from .manifest import ManifestReader
+from .process import Target, TargetError
+
+SIGNAL_GAP = 0.05
+"""Two equal signals that reach a Python process before its handler ran count once; space them."""
+
+
+class SignalledSwap:
+    """One swap of a gunicorn master's workers, carried out (and resumed) by signals."""
+
+    def __init__(self, master: Target, manifests: ManifestReader, load_timeout: float) -> None:
+        self.master = master
+        self.manifests = manifests
+        self.load_timeout = load_timeout
+        self.retiring: set[int] = set()
+        self.added = 0
+
+    def __call__(self) -> int:
+        """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
+        have not loaded (the old ones serve on); calling again resumes the same swap."""
+        self.manifests()
+        loaded_now = {pid for pid in self.manifests.live if pid not in self.manifests.app_failed}
+        if not self.retiring:
+            if not loaded_now:
+                raise ActionFailed("no worker of this server is up")
+            self.retiring, self.added = set(loaded_now), 0
+        # Wait for the new workers' app import only when they were just added; a resumed swap
+        # looks once, so the watcher goes on seeing saves meanwhile.
+        wait = self.load_timeout if self.added < len(self.retiring) else 0.0
+        while self.added < len(self.retiring):
+            before = children(self.master.pid)
+            self._send(signal.SIGTTIN)
+            self.added += 1
+            deadline = time.monotonic() + 5.0
+            while before is not None and children(self.master.pid) == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + wait
+        while True:
+            self.manifests()
+            fresh = {pid for pid in self.manifests.live - self.retiring if pid not in self.manifests.app_failed}
+            if len(fresh) >= self.added:
+                break
+            if time.monotonic() >= deadline:
+                raise ActionFailed(f"{len(fresh)} of {self.added} new workers have loaded the app; the old ones "
+                                   "serve until all have")
+            time.sleep(0.02)
+        for _ in range(self.added):
+            self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
+        count, self.retiring, self.added = self.added, set(), 0
+        return count
+
+    def _send(self, signum: int) -> None:
+        try:
+            self.master.send(signum)
+        except TargetError as exc:
+            self.retiring, self.added = set(), 0
+            raise ActionFailed(str(exc)) from None
+        wait_until_delivered(self.master.pid, signum)
+        time.sleep(SIGNAL_GAP)
+
+
+def children(pid: int) -> frozenset[int] | None:
+    """The pids of a process's children (Linux), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return frozenset(int(p) for p in f.read().split())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
+    """Wait while ``signum`` is still pending for ``pid`` (Linux's ShdPnd); at once elsewhere."""
+    bit = 1 << (signum - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                pending = next((int(line.split()[1], 16) for line in f if line.startswith("ShdPnd:")), 0)
+        except (OSError, ValueError):
+            return
+        if not pending & bit:
+            return
+        time.sleep(0.005)
+
+
+
+class WorkerChain:
+    """uWSGI ``--lazy-apps``: replace the workers one at a time, each only once the one before has
+    loaded the app, as ``uwsgi.chain_reload()`` does from inside the master (core/master_checks.c,
+    uwsgi_master_check_chain); a watcher outside the master does it worker by worker.
+
+    SIGHUP to a uWSGI worker is its graceful stop (``gracefully_kill``); the master respawns it,
+    and with ``--lazy-apps`` the new worker imports the app itself. It proves it loaded by
+    publishing a manifest that says so. A new worker that cannot load never serves (its guard
+    in ``wsgi_reload.uwsgi_adapter`` holds it), so the chain stops there with the other
+    workers serving, and resumes on a retry or after the next good save.
+    """
+
+    def __init__(self, manifests: ManifestReader, load_timeout: float) -> None:
+        self.manifests = manifests
+        self.load_timeout = load_timeout
+        self.retiring: list[int] = []
+        self.known: set[int] = set()
+        self.signalled: set[int] = set()
+
+    def __call__(self) -> int:
+        """Replace every worker; returns how many. :class:`ActionFailed` while one has not loaded."""
+        if not self.retiring:
+            loaded = self._loaded()
+            if not loaded:
+                raise ActionFailed("no worker of this server is up")
+            self.retiring, self.known, self.signalled = sorted(loaded), set(self.manifests.live), set()
+        count = len(self.retiring)
+        while self.retiring:
+            old = self.retiring[0]
+            # A resumed chain looks once, so the watcher goes on seeing saves meanwhile.
+            wait = 0.0 if old in self.signalled else self.load_timeout
+            if old not in self.signalled:
+                self.signalled.add(old)
+                try:
+                    Target(old, f"uWSGI worker {old}").send(signal.SIGHUP)
+                except TargetError:
+                    pass  # already gone: its replacement may be loading
+            deadline = time.monotonic() + wait
+            while not (fresh := self._loaded() - self.known):
+                if time.monotonic() >= deadline:
+                    raise ActionFailed(f"the new worker replacing {old} has not loaded the app; the other workers "
+                                       "serve until it has")
+                time.sleep(0.02)
+            self.known |= fresh
+            self.retiring.pop(0)
+        return count
+
+    def _loaded(self) -> set[int]:
+        self.manifests()
+        return {pid for pid, loaded in self.manifests.loaded.items() if loaded}
