@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +23,7 @@ from servers import (
     hold_broken_saves,
     make_app,
     running,
+    server_env,
     uwsgi,
     wait_for_body,
     write,
@@ -140,6 +145,70 @@ def test_single_threaded_workers_get_one_line_with_the_fix(tmp_path: Path, threa
         assert server.count(warning) == (1 if threads is None else 0)
 
 
+PAUSE_AFTER_ACCEPT = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* Widens the instant between accept() and the start of a request in uWSGI: once the file
+   named by PAUSE_FILE exists, say which pid accepted a connection, then pause a second. */
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    static int (*real)(int, struct sockaddr *, socklen_t *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "accept4");
+    int client = real(fd, addr, len, flags);
+    const char *pause_file = getenv("PAUSE_FILE");
+    if (client >= 0 && pause_file && access(pause_file, F_OK) == 0) {
+        FILE *f = fopen(pause_file, "w");
+        if (f) { fprintf(f, "%d", getpid()); fclose(f); }
+        usleep(1000000);
+    }
+    return client;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the accept() pause shim")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_why_single_threaded_workers_can_reset_a_connection_on_reload(tmp_path: Path, threads: str) -> None:
+    """The reason behind the start-up warning, shown on real uWSGI: a worker that has accepted a
+    connection but not begun reading it is not yet in_request, and the graceful-stop signal
+    makes a single-threaded worker exit there (gracefully_kill() in core/uwsgi.c). A worker with
+    two threads only stops accepting and answers. A shim pauses the worker right after accept()
+    to hold that instant open; nothing else is changed."""
+    shim = tmp_path / "pause_after_accept.so"
+    source = tmp_path / "pause_after_accept.c"
+    source.write_text(PAUSE_AFTER_ACCEPT)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"], check=True)
+    app = make_app(tmp_path)
+    port = free_port()
+    pause_file = tmp_path / "paused"
+    env = server_env()
+    env.update(LD_PRELOAD=str(shim), PAUSE_FILE=str(pause_file))
+    server = uwsgi(app, port, ["--threads", threads], processes=1, env=env)
+    with running(server, "v1"):
+        pause_file.write_text("")
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+        connection.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while not pause_file.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker = int(pause_file.read_text())
+        pause_file.unlink()
+        os.kill(worker, signal.SIGHUP)  # what the reload sends each worker
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+        connection.close()
+        if threads == "1":
+            assert answer == b"", "a single-threaded worker exits with the accepted connection unanswered"
+        else:
+            assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"v1")
+
+
 def test_uwsgi_protocol_socket(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()
@@ -180,3 +249,32 @@ def test_importing_outside_uwsgi_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stdout == "app carries on\n"
     assert done.stderr.strip().count("\n") == 0
     assert "not running under uWSGI" in done.stderr and "--import wsgi_reload.uwsgi" in done.stderr
+
+
+def test_lazy_apps_chain_keeps_serving_when_a_new_worker_cannot_load(tmp_path: Path) -> None:
+    """--lazy-apps: the workers are replaced one at a time. Here the code breaks after the check
+    passed and while the first new worker imports a slow module: that worker is held (it never
+    serves), the other keeps serving the old code, and the fix completes the chain."""
+    app = make_app(tmp_path)
+    write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
+    write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
+    port = free_port()
+    server = uwsgi(app, port, lazy=True, env=server_env(check_timeout="6"))
+    with running(server, "v1"), Load(port, threads=4) as load:
+        wait_for_instance(server, 1, {"lazy": True})
+        write(app / "greeting.py", greeting("v2"))
+        server.wait_for_log(RELOADED)
+        server.wait_for_log(r"respawned worker|Respawned uWSGI worker")
+        write(app / "greeting.py", BROKEN_SAVES["syntax"])
+        server.wait_for_log(r"a new worker cannot load the app")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+        server.wait_for_log(r"reload done: 2 new workers serving")
+        time.sleep(0.5)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies <= {"v1", "v3"}

@@ -214,9 +214,6 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
-RESPAWN_BACKOFF_MAX = 30.0
-
-
 def _guarded_load(load: Callable[[], None], worker: Any, loaded_at_ns: int) -> Callable[[], None]:
     """Keep one worker's failed import from stopping the whole server.
 
@@ -247,22 +244,10 @@ def _guarded_load(load: Callable[[], None], worker: Any, loaded_at_ns: int) -> C
 
 
 def hold_failed_worker(worker: Any, exc: BaseException, loaded_at_ns: int) -> None:
-    """A new worker could not load the app while others serve: log the error once for the whole
-    server, then wait before gunicorn tries again (longer after each failure, up to 30 s, so a
-    crash loop does not re-import the app every second; at once when a check passes on newer
-    code). The worker never accepts a connection meanwhile, and tells the master it is alive."""
-    path, line = error_location(exc)
-    failures = markers.count_respawn_failure(_manifest_dir) if _manifest_dir else 1
-    delay = min(RESPAWN_BACKOFF_MAX, 2.0 ** (failures - 1))
-    if _first_report(f"{path}:{line}:{type(exc).__name__}:{exc}"):
-        _log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
-                   "serving, and new workers are tried again, less often each time (now every %g s)",
-                   path, line, type(exc).__name__, exc, delay)
-    deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and (_manifest_dir is None or markers.verified_ns(_manifest_dir) <= loaded_at_ns):
-        with contextlib.suppress(Exception):
-            worker.notify()  # else gunicorn's timeout would kill it as stuck
-        time.sleep(0.1)
+    """Hold a worker that could not load the app (:func:`wsgi_reload.markers.hold_failed_worker`),
+    telling the master it is alive, else gunicorn's timeout would kill it as stuck."""
+    if _manifest_dir is not None:
+        markers.hold_failed_worker(_manifest_dir, exc, loaded_at_ns, heartbeat=worker.notify)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:

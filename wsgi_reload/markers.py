@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import time
+from collections.abc import Callable
 
 from . import runtime
+from .files import error_location
 from .gate import ReloadGate
+
+log = logging.getLogger("wsgi_reload.workers")
+
+RESPAWN_BACKOFF_MAX = 30.0
 
 BROKEN = "code-broken"
 VERIFIED = "code-verified"
@@ -74,3 +82,24 @@ def count_respawn_failure(directory: str) -> int:
     with contextlib.suppress(OSError):
         runtime.write_atomic(directory, RESPAWN_FAILURES, str(count).encode())
     return count
+
+
+def hold_failed_worker(directory: str, exc: BaseException, loaded_at_ns: int,
+                       heartbeat: Callable[[], object] | None = None) -> None:
+    """A new worker could not load the app while others serve: log the error once for the whole
+    server, then wait before the server tries again (longer after each failure, up to 30 s, so a
+    crash loop does not re-import the app every second; at once when a check passes on code newer
+    than this worker read). The worker never accepts a connection meanwhile; ``heartbeat`` tells
+    the master it is alive."""
+    path, line = error_location(exc)
+    delay = min(RESPAWN_BACKOFF_MAX, 2.0 ** (count_respawn_failure(directory) - 1))
+    if first_report(directory, f"{path}:{line}:{type(exc).__name__}:{exc}"):
+        log.error("wsgi_reload: a new worker cannot load the app (%s:%s: %s: %s); the other workers keep "
+                  "serving, and new workers are tried again, less often each time (now every %g s)",
+                  path, line, type(exc).__name__, exc, delay)
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and verified_ns(directory) <= loaded_at_ns:
+        if heartbeat is not None:
+            with contextlib.suppress(Exception):
+                heartbeat()
+        time.sleep(0.1)

@@ -126,10 +126,11 @@ class WorkerChain:
     def __call__(self) -> int:
         """Replace every worker; returns how many. :class:`ActionFailed` while one has not loaded."""
         if not self.retiring:
-            loaded = self._loaded()
-            if not loaded:
+            self.manifests()
+            if not self.manifests.live:
                 raise ActionFailed("no worker of this server is up")
-            self.retiring, self.known, self.signalled = sorted(loaded), set(self.manifests.live), set()
+            # Every worker, loaded or not: after a start with broken code none has the app.
+            self.retiring, self.known, self.signalled = sorted(self.manifests.live), set(self.manifests.live), set()
         count = len(self.retiring)
         while self.retiring:
             old = self.retiring[0]

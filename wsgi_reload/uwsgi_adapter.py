@@ -9,19 +9,21 @@ runs in a worker's signal handler, and a worker never waits for a scan or a chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import runtime
+from . import markers, runtime
 from .check import in_probe
 from .logs import forward_to
-from .manifest import ManifestWriter
+from .manifest import ManifestReader, ManifestWriter
 from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import UWSGI_LOG_FORMAT, ensure_watcher
+from .watch_process import UWSGI_LOG_FORMAT, alive, ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.uwsgi")
 
@@ -34,7 +36,8 @@ HOW_TO_RUN = ("run the app with uwsgi --master and --import wsgi_reload.uwsgi, o
 
 
 class Publisher:
-    """A worker's part: keep the watcher told which files this worker runs."""
+    """A worker's part: keep the watcher told which files this worker runs, and whether its app
+    loaded (with ``--lazy-apps`` that is the worker's proof for the chain reload)."""
 
     def __init__(self, directory: str, app_module: str | None,
                  prepare: Callable[[], Iterable[str] | None] | None = None) -> None:
@@ -43,9 +46,66 @@ class Publisher:
         self.prepared = prepare is None
         self.writer: ManifestWriter | None = None
         self.directory = directory
+        self.load_finished = False
+        """False while a --lazy-apps worker may still be importing its app."""
+        self.failed = False
 
     def app_loaded(self) -> bool | None:
-        return None if self.app_module is None else self.app_module in sys.modules
+        """True once the app module finished importing; False if it failed; None while unknown."""
+        if self.app_module is None:
+            return None
+        module = sys.modules.get(self.app_module)
+        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return True
+        return False if self.failed or self.load_finished else None
+
+    def publish_once_loaded(self, timeout: float = 600.0) -> None:
+        """--lazy-apps: publish again as soon as the app has loaded, from a daemon thread (uWSGI
+        runs no Python code of ours between the app import and the first request)."""
+
+        def run() -> None:
+            deadline = time.monotonic() + timeout
+            while not self.failed and time.monotonic() < deadline:
+                if self.app_loaded():
+                    self.publish_safely()
+                    return
+                time.sleep(0.01)
+
+        threading.Thread(target=run, name="wsgi_reload-loaded", daemon=True).start()
+
+    def hold_if_the_app_fails(self) -> None:
+        """--lazy-apps: if this worker's app import fails while other workers serve, hold it (it
+        never accepts) and let the master start it again, instead of serving without an app.
+
+        uWSGI reports a failed app import with PyErr_Print (plugins/python/pyloader.c), which
+        calls ``sys.excepthook``: that is where the failure can be seen before the worker
+        accepts. Any later error is passed through untouched.
+        """
+        previous = sys.excepthook
+
+        def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            previous(kind, value, tb)
+            if self.app_loaded() or self.failed:
+                return
+            sys.excepthook = previous
+            self.failed = True
+            if not self.others_serve():
+                # Nothing better to serve: uWSGI goes on without an app, as it always does, and
+                # the watcher, told so, reloads as soon as the code loads.
+                self.publish_safely()
+                return
+            if self.writer is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.writer.path)
+            markers.hold_failed_worker(self.directory, value, _LOADED_NS)
+            os._exit(1)  # the master starts this worker again
+
+        sys.excepthook = excepthook
+
+    def others_serve(self) -> bool:
+        reader = ManifestReader(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
+        reader()
+        return any(reader.loaded.values())
 
     def publish(self) -> None:
         """Publish this worker's files (first in each worker: say so, and let Django load its views)."""
@@ -60,11 +120,17 @@ class Publisher:
         self.writer.publish()
 
     def after_request(self) -> None:
+        if self.writer is None or not self.prepared:
+            self.publish_safely()
+            return
         try:
-            if self.writer is None or not self.prepared:
-                self.publish()
-            else:
-                self.writer.publish_if_grown()
+            self.writer.publish_if_grown()
+        except Exception:
+            _log.exception("wsgi_reload: publishing this worker's modules failed")
+
+    def publish_safely(self) -> None:
+        try:
+            self.publish()
         except Exception:
             _log.exception("wsgi_reload: publishing this worker's modules failed")
 
@@ -164,8 +230,11 @@ def start(settings: Settings | None = None,
     master = uwsgi.masterpid()
     try:
         directory = runtime.for_server(master)
+        # --lazy-apps workers import the app themselves (worker_id is set while this is imported).
+        lazy = uwsgi.worker_id() > 0
         started = ensure_watcher(directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
-                                 loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT)
+                                 loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT,
+                                 replace="chain" if lazy else "signal")
     except (OSError, runtime.RuntimeDirError) as exc:
         _log.error("wsgi_reload: reloading is off: %s", exc)
         return None
@@ -179,8 +248,11 @@ def start(settings: Settings | None = None,
                          "connection accepted in the instant it starts; add --threads 2 (threads = 2) to drop none")
     publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare)
     if uwsgi.worker_id() == 0:
-        _chain_hook(uwsgi, "post_fork_hook", publisher.publish)  # prefork: the app loads in the master first
+        publisher.load_finished = True  # prefork: the app loads in the master, before the fork
+        _chain_hook(uwsgi, "post_fork_hook", publisher.publish)
     else:
-        publisher.publish()  # --lazy-apps: what this worker has so far; the app's modules follow its requests
+        publisher.publish()  # --lazy-apps: what this worker has so far; the app's modules follow
+        publisher.hold_if_the_app_fails()
+        publisher.publish_once_loaded()
     _chain_hook(uwsgi, "after_req_hook", publisher.after_request)
     return publisher

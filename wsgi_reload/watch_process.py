@@ -33,7 +33,7 @@ from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
 from .settings import Settings
-from .swap import SignalledSwap
+from .swap import SignalledSwap, WorkerChain
 from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.watch_process")
@@ -61,12 +61,13 @@ def watcher_running(runtime_dir: str) -> bool:
 
 
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
-                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, swap: bool = False) -> int | None:
+                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal") -> int | None:
     """Start this server's watcher process unless one runs; returns its pid when one was started.
 
-    A reload sends the master ``signal_name``, or with ``swap`` swaps a gunicorn master's
-    workers verified (:class:`wsgi_reload.swap.SignalledSwap`). Two workers may race here;
-    the second watcher finds the lock taken and exits at once.
+    How a reload replaces the workers: ``"signal"`` sends the master ``signal_name``;
+    ``"swap"`` swaps a gunicorn master's workers, verified (:class:`wsgi_reload.swap.SignalledSwap`);
+    ``"chain"`` replaces uWSGI ``--lazy-apps`` workers one by one (:class:`wsgi_reload.swap.WorkerChain`).
+    Two workers may race here; the second watcher finds the lock taken and exits at once.
     """
     if watcher_running(runtime_dir):
         return None
@@ -74,7 +75,7 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
         "runtime_dir": runtime_dir,
         "master_pid": master_pid,
         "signal": signal_name,
-        "swap": swap,
+        "replace": replace,
         "server": server,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
         "loaded_at_ns": loaded_at_ns,
@@ -99,15 +100,23 @@ class _ServerWatch:
         self.runtime_dir: str = config["runtime_dir"]
         self.settings = Settings.load({}, **config["settings"])
         self.signum = signal.Signals["SIG" + config["signal"]]
-        self.manifests = ManifestReader(self.runtime_dir, accept=_alive)
+        self.manifests = ManifestReader(self.runtime_dir, accept=alive)
         self.checked_start: set[int] = set()
-        self.swap = SignalledSwap(target, self.manifests, self.settings.check_timeout) if config.get("swap") else None
-        how = "new workers by TTIN, the old retired by TTOU once those load" if self.swap else f"{config['signal']}"
+        replace = config.get("replace", "signal")
+        self.swap: SignalledSwap | WorkerChain | None = None
+        if replace == "swap":
+            self.swap = SignalledSwap(target, self.manifests, self.settings.check_timeout)
+            how = "new workers by TTIN, the old retired by TTOU once those load"
+        elif replace == "chain":
+            self.swap = WorkerChain(self.manifests, self.settings.check_timeout)
+            how = "a chain: one worker at a time, the next once the new one has loaded"
+        else:
+            how = config["signal"]
         server = f"{config['server']} ({how}; master pid {target.pid})"
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.manifests], modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
-                               on_tick=self.tick, on_batch=self.on_batch if self.swap else None)
+                               on_tick=self.tick, on_batch=self.on_batch)
 
     def check(self, paths: Sequence[str]) -> CheckResult:
         return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
@@ -136,7 +145,7 @@ class _ServerWatch:
 
     def tick(self) -> None:
         """Housekeeping in the watcher thread: workers whose app failed at start, a pending reload."""
-        failed = self.manifests.app_failed - self.checked_start
+        failed = (self.manifests.app_failed & self.manifests.live) - self.checked_start
         if failed:
             self.checked_start |= failed
             self.recover_start(sorted(failed))
@@ -157,7 +166,7 @@ class _ServerWatch:
         self.watcher.start()
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
-            if self.manifests.app_failed - self.checked_start:
+            if (self.manifests.app_failed & self.manifests.live) - self.checked_start:
                 self.watcher.monitor.wake()
             if self.manifests.live:
                 seen_workers_at = time.monotonic()
@@ -168,7 +177,8 @@ class _ServerWatch:
         runtime.remove(self.runtime_dir)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a process of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

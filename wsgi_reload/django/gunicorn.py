@@ -100,7 +100,7 @@ def adopt_booting_worker() -> None:
         if settings is None:
             return
         started = ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
-                                 swap=True,
+                                 replace="swap",
                                  settings=settings, loaded_at_ns=_STARTED_NS)
         if started:
             log.info("wsgi_reload: worker %d started this server's watcher process (pid %d)", os.getpid(), started)
