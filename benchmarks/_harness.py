@@ -8,17 +8,42 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import BROKEN_SAVES, Load, Server, greeting, make_app, wait_for_body, write  # noqa: E402
+from servers import (  # noqa: E402
+    BROKEN_SAVES,
+    HERE,
+    Load,
+    Server,
+    free_port,
+    greeting,
+    make_app,
+    server_env,
+    wait_for_body,
+    write,
+)
 
 BIG_APP_MODULES = 1500
+
+
+@dataclass
+class Site:
+    """An app to edit: each edit returns the body expected once it is served."""
+
+    app: Path
+    edit: Callable[[int], str]
+    break_it: Callable[[], None]
+    fix: Callable[[], str]
+    path: str = "/"
+    notes: list[str] = field(default_factory=list)
 
 
 def big_app(modules: int = BIG_APP_MODULES) -> Path:
@@ -34,6 +59,50 @@ def big_app(modules: int = BIG_APP_MODULES) -> Path:
     (package / "__init__.py").write_text("\n".join(lines) + "\n")
     (app / "app.py").write_text("import bigpkg  # noqa: F401\n" + (app / "app.py").read_text())
     return app
+
+
+def big_site(modules: int = BIG_APP_MODULES) -> Site:
+    """:func:`big_app`, edited through greeting.py."""
+    app = big_app(modules)
+
+    def edit(n: int) -> str:
+        write(app / "greeting.py", greeting(f"v{n}"))
+        return f"v{n}"
+
+    def fix() -> str:
+        write(app / "greeting.py", greeting("fixed"))
+        return "fixed"
+
+    return Site(app, edit, lambda: write(app / "greeting.py", BROKEN_SAVES["syntax"]), fix)
+
+
+def django_site(with_plugin: bool) -> Site:
+    """A fresh copy of the example Django site, edited through its view's GREETING; without the
+    plugin, "wsgi_reload.django" is taken out of INSTALLED_APPS (for the peers and the floor)."""
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="wsgi-reload-bench-"))
+    site = root / "site"
+    shutil.copytree(HERE.parent / "example_project", site, ignore=shutil.ignore_patterns("db.sqlite3", "__pycache__"))
+    if not with_plugin:
+        settings = site / "mysite" / "settings.py"
+        settings.write_text(settings.read_text().replace('    "wsgi_reload.django",', ""))
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=site, check=True, env=server_env())
+    views = site / "shop" / "views.py"
+    original = views.read_text()
+
+    def with_greeting(text: str) -> str:
+        return original.replace('GREETING = "hello"', f'GREETING = "{text}"')
+
+    def edit(n: int) -> str:
+        write(views, with_greeting(f"v{n}"))
+        return f"v{n} from the template\n"
+
+    def fix() -> str:
+        write(views, with_greeting("fixed"))
+        return "fixed from the template\n"
+
+    return Site(site, edit, lambda: write(views, with_greeting("broken") + "\nundefined_name\n"), fix)
 
 
 def tree_cpu_seconds(pgid: int) -> float:
@@ -52,59 +121,76 @@ def tree_cpu_seconds(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name: str, start: Callable[[Path, int], Server], edits: int, idle_seconds: float,
-            broken_seconds: float = 5.0) -> dict[str, str]:
-    """Run one server through idle time, ``edits`` reloads under load, and one broken save."""
-    from servers import free_port
+def idle_cpu_per_minute(server: Server, seconds: float) -> float:
+    """CPU-seconds per minute of the server's whole process tree while nothing changes."""
+    assert server.proc is not None
+    time.sleep(3)  # start-up work settles
+    before = tree_cpu_seconds(server.proc.pid)
+    time.sleep(seconds)
+    return 60 * (tree_cpu_seconds(server.proc.pid) - before) / seconds
 
-    app = big_app()
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: int, idle_seconds: float,
+            broken_seconds: float = 5.0, expect: str | None = None) -> dict[str, str]:
+    """Run one server through idle time, ``edits`` reloads under load, and one broken save."""
     port = free_port()
-    server = start(app, port)
+    server = start(site.app, port)
     row: dict[str, str] = {"server": name}
     try:
-        server.start("v1", ready_timeout=120)
-        time.sleep(3)
-        assert server.proc is not None
-        before = tree_cpu_seconds(server.proc.pid)
-        time.sleep(idle_seconds)
-        row["idle CPU %"] = f"{100 * (tree_cpu_seconds(server.proc.pid) - before) / idle_seconds:.2f}"
-
+        server.start(expect, ready_timeout=120)
+        row["idle CPU-s/min"] = f"{idle_cpu_per_minute(server, idle_seconds):.3f}"
         latencies = []
-        with Load(port, threads=4) as load:
+        with Load(port, threads=4, path=site.path) as load:
             for n in range(2, 2 + edits):
-                write(app / "greeting.py", greeting(f"v{n}"))
-                latencies.append(wait_for_body(port, f"v{n}", timeout=60))
+                expected = site.edit(n)
+                latencies.append(wait_for_body(port, expected, timeout=60, path=site.path))
                 time.sleep(1.5)  # let the reload finish before the next edit
             ok, failures, _ = load.snapshot()
-        cuts = statistics.quantiles(latencies, n=20)
-        row["latency p50 s"] = f"{statistics.median(latencies):.2f}"
-        row["latency p95 s"] = f"{cuts[18]:.2f}"
-        row["failed during reloads"] = f"{len(failures)} of {ok + len(failures)}"
-
-        good = f"v{1 + edits}"
-        with Load(port, threads=4) as load:
-            write(app / "greeting.py", BROKEN_SAVES["syntax"])
+        row["save to served p50 s"] = f"{statistics.median(latencies):.2f}"
+        row["p95 s"] = f"{percentile(latencies, 0.95):.2f}"
+        row["p99 s"] = f"{percentile(latencies, 0.99):.2f}"
+        row["failed, good saves"] = f"{len(failures)} of {ok + len(failures)}"
+        with Load(port, threads=4, path=site.path) as load:
+            site.break_it()
             time.sleep(broken_seconds)
             ok, failures, bodies = load.snapshot()
         row["failed while broken"] = f"{len(failures)} of {ok + len(failures)}"
-        kinds = sorted({f.split(":")[0] for f in failures})
-        served = ["old code"] if ok and bodies <= {good} else sorted(bodies)
-        row["served while broken"] = ", ".join(served + kinds)[:40]
-        write(app / "greeting.py", greeting("fixed"))
+        expected = site.fix()
         try:
-            wait_for_body(port, "fixed", timeout=15)
-            row["recovers after the fix"] = "yes"
+            wait_for_body(port, expected, timeout=15, path=site.path)
+            row["recovers"] = "yes"
         except AssertionError:
-            row["recovers after the fix"] = "no (restart needed)"
+            row["recovers"] = "no (restart needed)"
     finally:
         server.stop()
     return row
 
 
-def print_table(rows: list[dict[str, str]]) -> None:
-    columns = list(rows[0])
+def measure_idle(name: str, start: Callable[[Path, int], Server], site: Site, idle_seconds: float,
+                 expect: str | None = None) -> dict[str, str]:
+    """A server with no reloader: only its idle CPU, the floor for the others."""
+    port = free_port()
+    server = start(site.app, port)
+    try:
+        server.start(expect, ready_timeout=120)
+        return {"server": name, "idle CPU-s/min": f"{idle_cpu_per_minute(server, idle_seconds):.3f}"}
+    finally:
+        server.stop()
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    columns = list(dict.fromkeys(c for r in rows for c in r))
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in columns}
-    print("| " + " | ".join(c.ljust(widths[c]) for c in columns) + " |")
-    print("|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|")
-    for r in rows:
-        print("| " + " | ".join(r.get(c, "").ljust(widths[c]) for c in columns) + " |")
+    lines = ["| " + " | ".join(c.ljust(widths[c]) for c in columns) + " |",
+             "|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|"]
+    lines += ["| " + " | ".join(r.get(c, "-").ljust(widths[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, str]]) -> None:
+    print(table(rows))

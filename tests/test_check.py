@@ -393,3 +393,36 @@ def test_a_crashed_watcher_thread_says_so_and_restarts(tmp_path: Path, caplog: p
 def test_poll_backend_is_used_when_asked(tmp_path: Path) -> None:
     monitor, batches = run_monitor(tmp_path, "poll", edits=1, gap=0)
     assert monitor.backend == "poll" and len(batches) == 1
+
+
+def test_events_hear_a_release_switched_by_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``current -> releases/r1`` switched to r2 changes nothing inside r1: the event backend
+    watches the link's directory too, so the switch wakes it with no safety rescan (turned off
+    here), and the watches move to r2, so the next edit there is heard as well."""
+    pytest.importorskip("watchfiles")
+    import wsgi_reload.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
+    for release in ("r1", "r2"):
+        (tmp_path / "releases" / release).mkdir(parents=True)
+        (tmp_path / "releases" / release / "app.py").write_text(f"RELEASE = {release!r}\n")
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "r1")
+    watched = str(current / "app.py")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(watched,), backend="events", settle=0.1)
+    with Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.backend == "events"
+        time.sleep(0.5)
+        switching = tmp_path / "current.new"
+        switching.symlink_to(tmp_path / "releases" / "r2")
+        os.replace(switching, current)  # what `ln -sfn` and deploy tools do
+        deadline = time.monotonic() + 10
+        while not batches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batches == [[Change(watched, "modified")]]
+        time.sleep(0.5)
+        (tmp_path / "releases" / "r2" / "app.py").write_text("RELEASE = 'r2, edited'\n")
+        while len(batches) < 2 and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert batches[1:] == [[Change(watched, "modified")]]

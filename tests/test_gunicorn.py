@@ -44,7 +44,7 @@ def mode(request: pytest.FixtureRequest) -> list[str]:
 
 
 def test_an_edit_is_served(tmp_path: Path, mode: list[str]) -> None:
-    # Liveness only; benchmarks/reload_gunicorn.py measures the latency (under 2 s with polling defaults).
+    # Liveness only; benchmarks/compare.py measures the latency.
     app = make_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, mode), "v1") as server:

@@ -54,7 +54,7 @@ def variant(request: pytest.FixtureRequest) -> dict[str, object]:
 
 
 def test_an_edit_is_served(tmp_path: Path, variant: dict[str, object]) -> None:
-    # Liveness only; benchmarks/reload_uwsgi.py measures the latency (under 3 s with polling defaults).
+    # Liveness only; benchmarks/compare.py measures the latency.
     app = make_app(tmp_path)
     port = free_port()
     with running(uwsgi(app, port, **variant), "v1") as server:  # type: ignore[arg-type]

@@ -221,9 +221,18 @@ class Monitor:
         return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait)
 
     def _dirs_to_watch(self) -> set[str]:
+        """The directories to hear events from, resolved (inotify watches what a path pointed
+        at when it was added), plus the directory of each symlink on the way to them: a release
+        switch (``current -> releases/r2``) changes nothing inside the old release, only the
+        link, and resolving again then moves the watches to the new release."""
         dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
         dirs.update(self._wake_dirs)
-        return {d for d in dirs if os.path.isdir(d)}
+        watched: set[str] = set()
+        for directory in dirs:
+            if os.path.isdir(directory):
+                watched.add(os.path.realpath(directory))
+                watched.update(symlink_parents(directory))
+        return watched
 
     def _start_events(self) -> None:
         wanted = self.settings.backend
@@ -237,6 +246,19 @@ class Monitor:
                 return
         level = logging.WARNING if wanted == "events" else logging.INFO
         log.log(level, "wsgi_reload: file events unavailable (%s); polling every %s s", reason, self.settings.interval)
+
+
+def symlink_parents(path: str) -> set[str]:
+    """The resolved directories that hold a symlink found on the way to ``path``."""
+    parents: set[str] = set()
+    walked = os.sep
+    for part in os.path.abspath(path).split(os.sep):
+        if not part:
+            continue
+        walked = os.path.join(walked, part)
+        if os.path.islink(walked):
+            parents.add(os.path.realpath(os.path.dirname(walked)))
+    return parents
 
 
 def _events_unavailable(dirs: Iterable[str]) -> str | None:
