@@ -426,3 +426,30 @@ def test_events_hear_a_release_switched_by_symlink(tmp_path: Path, monkeypatch: 
         while len(batches) < 2 and time.monotonic() < deadline + 10:
             time.sleep(0.05)
         assert batches[1:] == [[Change(watched, "modified")]]
+
+
+def test_events_hear_a_new_file_in_a_new_subdirectory_of_a_glob(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A glob such as templates/**/*.html gains files in directories that did not exist when the
+    watches were set: every directory under its root is watched, the new one included once it
+    appears (the safety rescan is off here, so only events can report it)."""
+    pytest.importorskip("watchfiles")
+    import wsgi_reload.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
+    templates = tmp_path / "templates"
+    (templates / "shop").mkdir(parents=True)
+    (templates / "shop" / "hello.html").write_text("hello\n")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(templates / "**" / "*.html"),), backend="events", settle=0.1)
+    with Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.backend == "events"
+        time.sleep(0.5)
+        (templates / "shop" / "emails").mkdir()
+        time.sleep(0.5)  # the new directory is heard, and then watched
+        created = templates / "shop" / "emails" / "welcome.html"
+        created.write_text("welcome\n")
+        deadline = time.monotonic() + 10
+        while not any(Change(str(created), "created") in batch for batch in batches) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(Change(str(created), "created") in batch for batch in batches), batches

@@ -178,6 +178,30 @@ def expand(pattern: str, base: str | None = None) -> tuple[set[str], bool]:
     return {os.path.abspath(path)}, False
 
 
+def pattern_dirs(pattern: str, base: str | None = None, limit: int = 4096) -> set[str]:
+    """The directories a glob or directory pattern can gain files in: its fixed root and every
+    directory below it (hidden ones and ``__pycache__`` aside), at most ``limit`` of them; none
+    for a plain file."""
+    path = os.path.join(os.getcwd() if base is None else base, os.path.expanduser(pattern))
+    if is_glob(pattern):
+        parts = path.split(os.sep)
+        fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+        root = os.sep.join(parts[:fixed]) or os.sep
+        if "**" not in pattern:
+            return {root} if os.path.isdir(root) else set()
+    elif os.path.isdir(path):
+        root = path
+    else:
+        return set()
+    found: set[str] = set()
+    for directory, subdirs, _ in os.walk(root):
+        found.add(os.path.abspath(directory))
+        if len(found) >= limit:
+            break
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d != "__pycache__"]
+    return found
+
+
 def error_location(exc: BaseException) -> tuple[str | None, int | None]:
     """The file and line an exception points at: a SyntaxError's own, else the last frame's."""
     if isinstance(exc, SyntaxError) and exc.filename:

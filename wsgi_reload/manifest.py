@@ -61,6 +61,8 @@ class ManifestReader:
         self.live: set[int] = set()
         self.files: dict[str, int | None] = {}
         self.app_failed: set[int] = set()
+        self.patterns: set[str] = set()
+        """The extra patterns the live manifests name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
@@ -69,6 +71,7 @@ class ManifestReader:
         files: dict[str, int | None] = {}
         live: set[int] = set()
         loaded: dict[int, bool | None] = {}
+        patterns: set[str] = set()
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -86,6 +89,7 @@ class ManifestReader:
             loaded[int(stem)] = manifest.get("app_loaded")
             loaded_at = manifest["loaded_at_ns"]
             paths = list(manifest["files"])
+            patterns.update(manifest.get("patterns", ()))
             for pattern in manifest.get("patterns", ()):
                 # Template and locale globs: a file newer than the worker's load is stale there too.
                 paths.extend(expand(pattern)[0])
@@ -98,6 +102,7 @@ class ManifestReader:
             del self._cache[gone]
         self.live = live
         self.loaded = loaded
+        self.patterns = patterns
         self.files = files
         return files
 

@@ -227,6 +227,7 @@ class Monitor:
         link, and resolving again then moves the watches to the new release."""
         dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
         dirs.update(self._wake_dirs)
+        dirs.update(self.scanner.growing_dirs())
         watched: set[str] = set()
         for directory in dirs:
             if os.path.isdir(directory):

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
-from .files import ModuleFiles, PathFilter, expand, failed_imports
+from .files import ModuleFiles, PathFilter, expand, failed_imports, pattern_dirs
 from .settings import Settings
 
 log = logging.getLogger("wsgi_reload.scanner")
@@ -112,6 +112,17 @@ class Scanner:
         for path, read_at in failed_imports().items():
             entries[path] = read_at
         return entries
+
+    def growing_dirs(self) -> set[str]:
+        """Directories where a watched glob or directory can gain a file, new subdirectories
+        included: an event watcher must hear about a file created there."""
+        patterns = list(self.settings.extra_files)
+        for source in self._sources:
+            patterns.extend(getattr(source, "patterns", ()))
+        dirs: set[str] = set()
+        for pattern in patterns:
+            dirs |= pattern_dirs(pattern, self._base_dir)
+        return dirs
 
     def scan(self) -> list[Change]:
         """Stat every watched file; return what changed since the last scan, sorted by path."""
