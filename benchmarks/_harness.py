@@ -106,7 +106,9 @@ def django_site(with_plugin: bool) -> Site:
 
 
 def tree_cpu_seconds(pgid: int) -> float:
-    """User plus system CPU of every live process in a process group."""
+    """User plus system CPU of every live process in a process group, plus wsgi_reload's own
+    processes that lead sessions of their own (a watcher process, a warm check process): one
+    server runs at a time here, so those are this server's."""
     ticks = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -114,9 +116,11 @@ def tree_cpu_seconds(pgid: int) -> float:
         try:
             with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                ours = b"wsgi_reload" in f.read()
         except OSError:
             continue
-        if int(fields[2]) == pgid:
+        if int(fields[2]) == pgid or (ours and int(entry) != os.getpid()):
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import decimal
+import email.message
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from wsgi_reload import Change, Monitor, ReloadGate, Scanner, Settings, SettingsError
 from wsgi_reload.check import check_code, compile_files, import_app
 from wsgi_reload.files import failed_imports
+from wsgi_reload.warm import checks_forked, close_all, wait_ready
 
 
 @pytest.fixture(autouse=True)
@@ -189,9 +194,27 @@ def test_bad_settings_fail_with_one_clear_line(
 # --- a check that cannot hang ----------------------------------------------------------------
 
 
-def probe(tmp_path: Path, source: str, app: str = "probe_app:application", timeout: float = 30.0) -> object:
+@pytest.fixture(params=["cold", "warm"])
+def warm(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Each check below runs in a fresh interpreter, and forked from a warm probe process."""
+    yield request.param == "warm"
+    close_all()
+
+
+PRELOADED = [json.__file__, email.message.__file__, decimal.__file__]
+"""Standard-library modules for a warm probe process to import first (any installed ones do)."""
+
+
+def probe(tmp_path: Path, source: str, app: str = "probe_app:application", timeout: float = 30.0,
+          warm: bool = False) -> object:
     (tmp_path / "probe_app.py").write_text(source)
-    return import_app(app, cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path[1:]], timeout=timeout)
+    sys_path = [str(tmp_path), *sys.path[1:]]
+    if warm:
+        (tmp_path / "warm_up.py").write_text(APP)
+        import_app("warm_up:application", cwd=str(tmp_path), sys_path=sys_path, warm_from=PRELOADED)  # starts it
+        assert wait_ready(), "the warm probe process never became ready"
+    return import_app(app, cwd=str(tmp_path), sys_path=sys_path, timeout=timeout,
+                      warm_from=PRELOADED if warm else None)
 
 
 APP = "\ndef application(environ, start_response):\n    return []\n"
@@ -210,9 +233,9 @@ def _gone(pid: int) -> bool:
     "import subprocess\nCHILD = subprocess.Popen(['sleep', '75']).pid\n",
     "import os, time\nCHILD = os.fork()\nif CHILD == 0:\n    time.sleep(75)\n    os._exit(0)\n",
 ], ids=["child-process", "fork"])
-def test_a_child_started_at_import_neither_fails_nor_holds_up_the_check(tmp_path: Path, spawn: str) -> None:
+def test_a_child_started_at_import_neither_fails_nor_holds_up_the_check(tmp_path: Path, spawn: str, warm: bool) -> None:
     source = spawn + "open('child.pid', 'w').write(str(CHILD))\n" + APP
-    result = probe(tmp_path, source, timeout=60)
+    result = probe(tmp_path, source, timeout=60, warm=warm)
     assert result.ok, result  # valid code; before, "took longer than 30 s" and 75 s of waiting
     child = int((tmp_path / "child.pid").read_text())
     deadline = time.monotonic() + 10
@@ -221,8 +244,8 @@ def test_a_child_started_at_import_neither_fails_nor_holds_up_the_check(tmp_path
     assert _gone(child), "the check left the app's child process running"
 
 
-def test_an_error_report_over_64_kib_is_read_whole(tmp_path: Path) -> None:
-    result = probe(tmp_path, "raise RuntimeError('x' * 200_000)\n")
+def test_an_error_report_over_64_kib_is_read_whole(tmp_path: Path, warm: bool) -> None:
+    result = probe(tmp_path, "raise RuntimeError('x' * 200_000)\n", warm=warm)
     assert not result.ok and result.stage == "import"
     assert (result.file, result.line) == (str(tmp_path / "probe_app.py"), 1)
     assert result.message.startswith("RuntimeError: xxx") and len(result.message) < 2000
@@ -232,9 +255,9 @@ def test_an_error_report_over_64_kib_is_read_whole(tmp_path: Path) -> None:
     ("import os\nos._exit(0)\n", "exited with code 0"),
     ("import ctypes\nctypes.string_at(0)\n", "crashed (SIGSEGV)"),
 ])
-def test_an_exit_or_a_crash_at_import_names_the_users_file(tmp_path: Path, source: str, words: str) -> None:
+def test_an_exit_or_a_crash_at_import_names_the_users_file(tmp_path: Path, source: str, words: str, warm: bool) -> None:
     (tmp_path / "probe_helper.py").write_text(source)
-    result = probe(tmp_path, "import probe_helper\n" + APP)
+    result = probe(tmp_path, "import probe_helper\n" + APP, warm=warm)
     assert not result.ok
     assert result.file == str(tmp_path / "probe_helper.py")
     assert words in result.message
@@ -247,22 +270,47 @@ def test_a_missing_app_module_names_the_app_spec_not_importlib(tmp_path: Path) -
     assert "importlib" not in str(result)
 
 
-def test_a_missing_import_names_the_importing_file_and_line(tmp_path: Path) -> None:
-    result = probe(tmp_path, "x = 1\nimport no_such_module_here\n" + APP)
+def test_a_missing_import_names_the_importing_file_and_line(tmp_path: Path, warm: bool) -> None:
+    result = probe(tmp_path, "x = 1\nimport no_such_module_here\n" + APP, warm=warm)
     assert (result.file, result.line) == (str(tmp_path / "probe_app.py"), 2)
     assert "No module named 'no_such_module_here'" in result.message
 
 
-def test_a_missing_callable_names_the_module_file(tmp_path: Path) -> None:
-    result = probe(tmp_path, "x = 1\n", app="probe_app:app")
+def test_a_missing_callable_names_the_module_file(tmp_path: Path, warm: bool) -> None:
+    result = probe(tmp_path, "x = 1\n", app="probe_app:app", warm=warm)
     assert result.file == str(tmp_path / "probe_app.py")
     assert "has no attribute 'app' (the app is probe_app:app)" in result.message
 
 
-def test_a_hang_names_the_file_still_running(tmp_path: Path) -> None:
+def test_a_hang_names_the_file_still_running(tmp_path: Path, warm: bool) -> None:
     (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
-    result = probe(tmp_path, "import slow\n" + APP, timeout=1)
+    result = probe(tmp_path, "import slow\n" + APP, timeout=1, warm=warm)
     assert result.stage == "timeout" and result.file == str(tmp_path / "slow.py")
+
+
+def test_a_warm_check_reads_the_project_afresh_and_survives_a_hang(tmp_path: Path) -> None:
+    """Forked checks share the warm process's installed packages, never the project: an edit
+    between two checks is seen, and a check that hung and was killed leaves it usable."""
+    assert probe(tmp_path, "VALUE = 1\n" + APP, warm=True).ok
+    broken = probe(tmp_path, "VALUE = 1\nundefined_name\n" + APP, warm=True)
+    assert (broken.file, broken.line, broken.message) == (str(tmp_path / "probe_app.py"), 2,
+                                                          "NameError: name 'undefined_name' is not defined")
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    assert probe(tmp_path, "import slow\n" + APP, timeout=1, warm=True).stage == "timeout"
+    assert probe(tmp_path, "VALUE = 2\n" + APP, warm=True).ok
+    assert checks_forked() >= 2  # these ran in the warm process, not cold
+    close_all()
+
+
+def test_a_changed_installed_package_retires_the_warm_process(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    assert probe(tmp_path, APP, warm=True).ok
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"):
+        result = import_app("probe_app:application", cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path[1:]],
+                            warm_from=PRELOADED, changed=[json.__file__])
+    assert result.ok
+    assert "an installed package changed; the warm check process starts again" in caplog.text
+    close_all()
 
 
 def test_a_check_beside_a_forking_thread_does_not_hang(tmp_path: Path) -> None:

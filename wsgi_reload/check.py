@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import spawn
+from . import spawn, warm
 from .settings import Settings
 
 PROBE_ENV = "_WSGI_RELOAD_PROBE"
@@ -42,6 +42,8 @@ class CheckResult:
     started_ns: int = 0
     """When the check began reading the code (``time.time_ns()``)."""
     seconds: float = 0.0
+    warm: bool = False
+    """The import ran forked from a warm probe process (:mod:`wsgi_reload.warm`)."""
     watch_for: tuple[str, ...] = ()
     """Files that do not exist yet and would fix the error (a missing module's candidates)."""
 
@@ -89,6 +91,8 @@ def import_app(
     env: Mapping[str, str] | None = None,
     modules: Sequence[str] = (),
     files: Sequence[str] = (),
+    warm_from: Iterable[str] | None = None,
+    changed: Iterable[str] = (),
 ) -> CheckResult:
     """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
     in a fresh interpreter, and report how it went. For a Django app, changed template and
@@ -98,6 +102,10 @@ def import_app(
     done or when ``timeout`` runs out, so a child the app starts at import (or a fork) can
     neither outlive the check nor hold it up. Nothing is read from a pipe: the payload goes
     in and the records come out through unlinked temporary files.
+
+    With ``warm_from`` (the module files the workers run) the check is forked from a warm
+    probe process that has imported the installed packages among them (:mod:`wsgi_reload.warm`),
+    once one is ready; the probe and what it reports are the same.
     """
     started = time.time_ns()
     clock = time.monotonic()
@@ -112,17 +120,27 @@ def import_app(
         "modules": list(modules),
         "files": list(files),
     }
+    warm_probe = None
+    if warm_from is not None:
+        warm_probe = warm.probe_for(cwd, payload["sys_path"], child_env, changed, warm_from, _PROBE_SOURCE)
     with spawn.data_file(json.dumps(payload).encode()) as stdin, spawn.data_file() as records, \
             spawn.data_file() as stderr:
-        try:
-            pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _PROBE_SOURCE], env=child_env,
-                              stdin=stdin, stderr=stderr, extra_fd=records.fileno())
-        except OSError as exc:
-            return CheckResult(False, "import", f"cannot start the check interpreter: {exc}", started_ns=started)
-        try:
-            exited, code = spawn.wait_exit(pid, timeout)
-        finally:
-            spawn.kill_group(pid)
+        forked = warm_probe.run(stdin, records, stderr, timeout) if warm_probe is not None else None
+        if forked is not None:
+            exited, code = forked
+        else:
+            for f in (stdin, records, stderr):
+                f.seek(0)
+            records.truncate()
+            try:
+                pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _PROBE_SOURCE], env=child_env,
+                                  stdin=stdin, stderr=stderr, extra_fd=records.fileno())
+            except OSError as exc:
+                return CheckResult(False, "import", f"cannot start the check interpreter: {exc}", started_ns=started)
+            try:
+                exited, code = spawn.wait_exit(pid, timeout)
+            finally:
+                spawn.kill_group(pid)
         seconds = time.monotonic() - clock
         records.seek(0)
         outcome = _read_records(records.read().decode("utf-8", errors="replace"))
@@ -141,7 +159,7 @@ def import_app(
         return CheckResult(False, "import", f"{_exit_description(code)} while importing {what}{detail}", loading,
                            details=errors, started_ns=started, seconds=seconds)
     if result["ok"]:
-        return CheckResult(True, "import", started_ns=started, seconds=seconds)
+        return CheckResult(True, "import", started_ns=started, seconds=seconds, warm=forked is not None)
     return CheckResult(False, "import", f"{result['type']}: {result['message']}", result["file"], result["line"],
                        details=result["traceback"], started_ns=started, seconds=seconds,
                        watch_for=tuple(result.get("watch_for", ())))
@@ -207,7 +225,8 @@ def check_code(
     loaded = set(loaded_modules)
     lazy = [path for path in changed if path in loaded and path.endswith(".py")]
     imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
-                          files=[path for path in changed if not path.endswith(".py")])
+                          files=[path for path in changed if not path.endswith(".py")],
+                          warm_from=loaded or None, changed=changed)
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 

@@ -73,8 +73,9 @@ class ReloadGate:
         self.last_passed_ns = result.started_ns
         self._reported.clear()
         failed_imports.clear()
+        stage = f"{result.stage}, warm" if result.warm else result.stage
         self.log.info("wsgi_reload: check passed (%s, %.0f ms); reloading %s",
-                      result.stage, 1000 * (time.monotonic() - detected), self.server)
+                      stage, 1000 * (time.monotonic() - detected), self.server)
         return self._act(batch)
 
     def _check_until_current(self, batch: list[Change]) -> tuple[list[Change], CheckResult]:

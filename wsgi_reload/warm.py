@@ -1,0 +1,191 @@
+"""Warm checks: a process that has imported the installed packages the app uses forks each check.
+
+A cold check starts a fresh interpreter and imports Django (say) and every other package
+again before it reaches the project's code. A warm probe process (``_warm_probe.py``)
+imports those packages once, never any project file, and forks one child per check, which
+runs the same probe as a cold check: the project is imported afresh each time, so the
+check sees exactly what a cold check would. A changed file of an installed package retires
+the warm process (its copy is stale); the check then runs cold and a new one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sysconfig
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from . import spawn
+
+log = logging.getLogger("wsgi_reload.check")
+
+_SOURCE = (Path(__file__).with_name("_warm_probe.py")).read_text(encoding="utf-8")
+
+
+def library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple(sorted({os.path.abspath(paths[k]) + os.sep
+                         for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}))
+
+
+LIBRARY_DIRS = library_dirs()
+
+
+def preload_names(files: Iterable[str], sys_path: Sequence[str]) -> list[str]:
+    """The importable names of the installed-package modules among ``files``, parents first."""
+    entries = sorted({os.path.abspath(p) + os.sep for p in sys_path if p}, key=len, reverse=True)
+    names: set[str] = set()
+    for path in files:
+        if not path.endswith(".py") or not path.startswith(LIBRARY_DIRS):
+            continue
+        entry = next((e for e in entries if path.startswith(e)), None)
+        if entry is None:
+            continue
+        parts = path[len(entry):-3].split(os.sep)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts and all(part.isidentifier() for part in parts) and parts[0] != "wsgi_reload":
+            names.add(".".join(parts))
+    return sorted(names, key=lambda n: (n.count("."), n))
+
+
+class WarmProbe:
+    """One warm probe process for one (directory, sys.path, environment)."""
+
+    def __init__(self, *, cwd: str, sys_path: Sequence[str], env: Mapping[str, str], probe: str,
+                 preload: Sequence[str]) -> None:
+        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        payload = {"cwd": cwd, "sys_path": list(sys_path), "preload": list(preload), "probe": probe}
+        try:
+            with spawn.data_file(json.dumps(payload).encode()) as stdin:
+                self.pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _SOURCE], env=env, stdin=stdin,
+                                       extra_fd=theirs.fileno())
+        finally:
+            theirs.close()
+        self.state = "starting"
+        self.why = ""
+        self.forked = 0
+        """How many checks it has run."""
+
+    def ready(self) -> bool:
+        """True once it has preloaded and can fork checks; never blocks."""
+        if self.state == "starting" and select.select([self._control], [], [], 0)[0]:
+            answer = self._receive(0)
+            if answer is not None and answer.get("ready"):
+                self.state = "ready"
+            else:
+                self.state = "failed"
+                self.why = answer.get("why", "it exited") if answer else "it exited"
+                self.close()
+        return self.state == "ready"
+
+    def run(self, stdin: IO[bytes], records: IO[bytes], stderr: IO[bytes],
+            timeout: float) -> tuple[bool, int | None] | None:
+        """Run one check; (exited, exit code) as :func:`wsgi_reload.spawn.wait_exit` gives them,
+        or None when this warm process cannot be used (the caller runs the check cold)."""
+        try:
+            socket.send_fds(self._control, [b"check"], [stdin.fileno(), records.fileno(), stderr.fileno()])
+            started = self._receive(5.0)
+        except OSError:
+            started = None
+        if started is None or "pid" not in started:
+            self.close()
+            return None
+        pid = started["pid"]
+        self.forked += 1
+        finished = self._receive(timeout)
+        if finished is None:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            finished = self._receive(5.0)  # the warm process reaps it and says so
+            if finished is None:
+                self.close()
+            return False, None
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # whatever the app started at import
+        return True, finished.get("status")
+
+    def _receive(self, timeout: float) -> dict[str, Any] | None:
+        if not select.select([self._control], [], [], timeout)[0]:
+            return None
+        try:
+            data = self._control.recv(65536)
+        except OSError:
+            return None
+        return json.loads(data) if data else None
+
+    def close(self) -> None:
+        """Stop the warm process (it exits on end of file; SIGKILL makes sure)."""
+        if self.state == "closed":
+            return
+        self.state = "closed" if self.state != "failed" else "failed"
+        with contextlib.suppress(OSError):
+            self._control.close()
+        spawn.kill_group(self.pid)
+
+
+_probes: dict[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], WarmProbe] = {}
+_said_why: set[str] = set()
+
+
+def probe_for(cwd: str, sys_path: Sequence[str], env: Mapping[str, str], changed: Iterable[str],
+              loaded_modules: Iterable[str], probe_source: str) -> WarmProbe | None:
+    """The warm probe process for this check when it is ready; else None (check cold), after
+    starting one for the next check. A changed installed-package file retires it."""
+    key = (cwd, tuple(sys_path), tuple(sorted(env.items())))
+    probe = _probes.get(key)
+    if probe is not None and any(path.startswith(LIBRARY_DIRS) for path in changed):
+        log.info("wsgi_reload: an installed package changed; the warm check process starts again")
+        probe.close()
+        probe = None
+        del _probes[key]
+    if probe is not None and probe.state == "closed":
+        probe = None  # it stopped answering: start another
+        del _probes[key]
+    if probe is not None:
+        if probe.ready():
+            return probe
+        if probe.state == "starting":
+            return None
+        if probe.why and probe.why not in _said_why:
+            _said_why.add(probe.why)
+            log.info("wsgi_reload: checks run cold, each in a fresh interpreter (%s)", probe.why)
+        return None
+    preload = preload_names(loaded_modules, sys_path)
+    if preload:
+        try:
+            _probes[key] = WarmProbe(cwd=cwd, sys_path=sys_path, env=env, probe=probe_source, preload=preload)
+        except OSError as exc:
+            log.debug("wsgi_reload: no warm check process: %s", exc)
+    return None
+
+
+def checks_forked() -> int:
+    """How many checks the current warm probe processes have run (tests, benchmarks)."""
+    return sum(probe.forked for probe in _probes.values())
+
+
+def close_all() -> None:
+    """Stop every warm probe process (tests, and a watcher that stops)."""
+    while _probes:
+        _, probe = _probes.popitem()
+        probe.close()
+
+
+def wait_ready(timeout: float = 30.0) -> bool:
+    """Wait until every warm probe process has preloaded (tests, benchmarks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(probe.ready() or probe.state != "starting" for probe in _probes.values()):
+            return all(probe.state == "ready" for probe in _probes.values())
+        time.sleep(0.01)
+    return False
+
