@@ -3,7 +3,7 @@
     python benchmarks/compare.py [--edits 20] [--idle-seconds 30] [--only gunicorn uwsgi django]
                                  [--backend events] [--write-readme]
 
-- gunicorn: the test app plus 1,500 imported modules, ``-w 2`` sync workers; wsgi_reload as
+- gunicorn: the test app plus ``--modules`` imported modules (1,500), ``-w 2`` sync workers; wsgi_reload as
   the README starts it (``-c configs/reload_config.py``), against ``--reload``.
 - uWSGI: the same app, ``--master --processes 2 --threads 2``; ``--import wsgi_reload.uwsgi``
   against ``--py-autoreload 1``.
@@ -65,7 +65,7 @@ def run_server(name: str, args: argparse.Namespace) -> list[dict[str, str]]:
     config = str(HERE.parent / "configs" / "reload_config.py")
     ours = f"wsgi_reload ({args.backend})"
     backend = {"backend": args.backend}
-    site: Callable[[], Site] = big_site
+    site: Callable[[], Site] = lambda: big_site(args.modules)  # noqa: E731
     if name == "gunicorn":
         cases = [(ours, gunicorn("-c", config, **backend)), ("gunicorn --reload", gunicorn("--reload"))]
         plain, expect = gunicorn(), "v1"
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["gunicorn", "uwsgi", "django"],
                         default=["gunicorn", "uwsgi", "django"])
     parser.add_argument("--backend", choices=["events", "poll"], default="events")
+    parser.add_argument("--modules", type=int, default=1500, help="imported modules added to the gunicorn and "
+                        "uWSGI app (0: the small test app)")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     machine = (f"{platform.system()} {platform.release()}, {os.cpu_count()} cores, Python "
@@ -101,7 +103,8 @@ def main() -> None:
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--write-readme", "").strip()
     sections = [f"Measured by `{command.strip()}` on {machine}.\n"]
     for name in args.only:
-        title = {"gunicorn": "gunicorn, 1,500-module app", "uwsgi": "uWSGI, 1,500-module app",
+        size = f"{args.modules:,}-module app" if args.modules else "small app"
+        title = {"gunicorn": f"gunicorn, {size}", "uwsgi": f"uWSGI, {size}",
                  "django": "Django example site under gunicorn"}[name]
         sections.append(f"**{title}**\n\n{table(run_server(name, args))}\n")
     text = "\n".join(sections)

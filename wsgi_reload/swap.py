@@ -103,7 +103,6 @@ def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
         time.sleep(0.005)
 
 
-
 class WorkerChain:
     """uWSGI ``--lazy-apps``: replace the workers one at a time, each only once the one before has
     loaded the app, as ``uwsgi.chain_reload()`` does from inside the master (core/master_checks.c,

@@ -63,6 +63,9 @@ class Publisher:
         """--lazy-apps: publish again as soon as the app has loaded, from a daemon thread (uWSGI
         runs no Python code of ours between the app import and the first request)."""
 
+        if self.app_module is None:
+            return  # the app's module is unknown, and the watcher reloads with SIGHUP to the master
+
         def run() -> None:
             deadline = time.monotonic() + timeout
             while not self.failed and time.monotonic() < deadline:
@@ -230,8 +233,9 @@ def start(settings: Settings | None = None,
     master = uwsgi.masterpid()
     try:
         directory = runtime.for_server(master)
-        # --lazy-apps workers import the app themselves (worker_id is set while this is imported).
-        lazy = uwsgi.worker_id() > 0
+        # --lazy-apps workers import the app themselves (worker_id is set while this is imported);
+        # a chain needs to know the app's module to tell when a new worker has loaded it.
+        lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None
         started = ensure_watcher(directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
                                  loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT,
                                  replace="chain" if lazy else "signal")
