@@ -2,8 +2,9 @@
 
 :mod:`wsgi_reload.warm` runs this file's source with ``python -I -B -c``; like ``_probe.py``
 it must not import ``wsgi_reload``. Its payload (JSON on standard input) names the
-directory, ``sys.path``, the modules to import first and the probe's source. While those
-load, importing any file of the project's own raises ImportError, so no project code (a
+directory, ``sys.path``, the library directories, the modules to import first and the
+probe's source. While those load, importing any file of the project's own raises
+ImportError, so no project code (a
 settings module a package reads at import, say) is ever cached here: each check's child
 imports the project afresh, exactly as a cold check would.
 
@@ -22,27 +23,21 @@ import json
 import os
 import socket
 import sys
-import sysconfig
 import threading
 from typing import Any
 
 CONTROL_FD = 3
 
 
-def _library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    return tuple(sorted({os.path.abspath(paths[k]) + os.sep
-                         for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}))
-
-
-LIBRARY_DIRS = _library_dirs()
-
-
 class _NoProjectCode(importlib.abc.MetaPathFinder):
-    """While preloading: refuse every module whose file is not the standard library's or an
-    installed package's, and count the refusals."""
+    """While preloading: refuse every module whose file is not under ``library_dirs`` (the
+    standard library's and the installed packages', as the watcher reckons them), and count
+    the refusals."""
 
     refused = 0
+
+    def __init__(self, library_dirs: tuple[str, ...]) -> None:
+        self.library_dirs = library_dirs
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         for finder in sys.meta_path:
@@ -52,18 +47,18 @@ class _NoProjectCode(importlib.abc.MetaPathFinder):
             if spec is None:
                 continue
             origin = spec.origin if spec.has_location else None
-            if origin and not os.path.abspath(origin).startswith(LIBRARY_DIRS):
+            if origin and not os.path.abspath(origin).startswith(self.library_dirs):
                 self.refused += 1
                 raise ImportError(f"{name} is project code, not preloaded")
             return spec
         return None
 
 
-def preload(names: list[str]) -> None:
+def preload(names: list[str], library_dirs: tuple[str, ...]) -> None:
     """Import ``names``; a package that fails here, or that reached for project code (and may
     have cached its absence, as ``try: import local_settings`` does), is forgotten with all it
     imported, so each check's child imports it afresh, as the workers did."""
-    blocker = _NoProjectCode()
+    blocker = _NoProjectCode(library_dirs)
     sys.meta_path.insert(0, blocker)
     try:
         for name in names:
@@ -114,7 +109,7 @@ def main() -> None:
     os.chdir(payload["cwd"])
     sys.path[:] = payload["sys_path"]
     control = socket.socket(fileno=CONTROL_FD)
-    preload(payload["preload"])
+    preload(payload["preload"], tuple(payload["library_dirs"]))
     if threading.active_count() > 1:
         control.send(json.dumps({"ready": False, "why": "a preloaded package started a thread"}).encode())
         return

@@ -104,6 +104,12 @@ def _site_dirs() -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+def library_dirs() -> tuple[str, ...]:
+    """The standard library's and the installed packages' directories, each ending in a separator
+    (for ``str.startswith``): what is not under one of them is the project's own code."""
+    return tuple(sorted({d.rstrip(os.sep) + os.sep for d in (*_stdlib_dirs(), *_site_dirs())}))
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip(os.sep) + os.sep)
 

@@ -17,23 +17,17 @@ import os
 import select
 import signal
 import socket
-import sysconfig
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from . import spawn
+from .files import library_dirs
 
 log = logging.getLogger("wsgi_reload.check")
 
 _SOURCE = (Path(__file__).with_name("_warm_probe.py")).read_text(encoding="utf-8")
-
-
-def library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    return tuple(sorted({os.path.abspath(paths[k]) + os.sep
-                         for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}))
 
 
 LIBRARY_DIRS = library_dirs()
@@ -63,7 +57,8 @@ class WarmProbe:
     def __init__(self, *, cwd: str, sys_path: Sequence[str], env: Mapping[str, str], probe: str,
                  preload: Sequence[str]) -> None:
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        payload = {"cwd": cwd, "sys_path": list(sys_path), "preload": list(preload), "probe": probe}
+        payload = {"cwd": cwd, "sys_path": list(sys_path), "preload": list(preload), "probe": probe,
+                   "library_dirs": list(LIBRARY_DIRS)}
         try:
             with spawn.data_file(json.dumps(payload).encode()) as stdin:
                 self.pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _SOURCE], env=env, stdin=stdin,

@@ -132,27 +132,27 @@ def _project_apps_before_us() -> list[str]:
 
 def _booting_worker() -> tuple[Any, Any] | None:
     """The Arbiter and worker of the gunicorn worker process booting right now, if any."""
-    from gunicorn.arbiter import Arbiter
-
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        arbiter = frame.f_locals.get("self")
-        worker = frame.f_locals.get("worker")
-        if frame.f_code.co_name == "spawn_worker" and isinstance(arbiter, Arbiter) and worker is not None:
-            return None if worker.booted else (arbiter, worker)
-        frame = frame.f_back
-    return None
+    frame = _arbiter_frame("spawn_worker")  # Arbiter.spawn_worker() runs the worker's boot
+    worker = None if frame is None else frame.f_locals.get("worker")
+    if frame is None or worker is None or worker.booted:
+        return None
+    return frame.f_locals["self"], worker
 
 
 def _arbiter_loading_us() -> Any:
     """The gunicorn Arbiter whose preload is importing Django right now, if any."""
+    frame = _arbiter_frame("setup")  # Arbiter.setup() imports the app when preload_app is on
+    return None if frame is None else frame.f_locals["self"]
+
+
+def _arbiter_frame(method: str) -> FrameType | None:
+    """The frame of the gunicorn Arbiter's ``method`` on this thread's call stack, if any."""
     from gunicorn.arbiter import Arbiter
 
-    frame: FrameType | None = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if frame.f_code.co_name == "setup" and isinstance(candidate, Arbiter):
-            return candidate  # Arbiter.setup() imports the app when preload_app is on
+        if frame.f_code.co_name == method and isinstance(frame.f_locals.get("self"), Arbiter):
+            return frame
         frame = frame.f_back
     return None
 
