@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import email.message
 import json
@@ -408,10 +409,26 @@ def test_the_settle_window_turns_a_burst_into_one_batch(tmp_path: Path) -> None:
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
 
 
-def test_the_event_backend_reports_changes(tmp_path: Path) -> None:
-    pytest.importorskip("watchfiles")
+@pytest.fixture(params=["inotify", "watchfiles"])
+def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each event test runs on both sources of events, with the safety rescan off, so that
+    only an event can report a change."""
+    import wsgi_reload.inotify as inotify_module
+    import wsgi_reload.monitor as monitor_module
+
+    if request.param == "watchfiles":
+        pytest.importorskip("watchfiles")
+        monkeypatch.setattr(inotify_module, "unavailable", lambda: "turned off in this test")
+    elif inotify_module.unavailable():
+        pytest.skip(inotify_module.unavailable() or "")
+    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
+    monkeypatch.setattr(monitor_module, "INOTIFY_RESCAN_SECONDS", 3600.0)
+    return str(request.param)
+
+
+def test_the_event_backend_reports_changes(tmp_path: Path, event_source: str) -> None:
     monitor, batches = run_monitor(tmp_path, "events", edits=1, gap=0)
-    assert monitor.backend == "events"
+    assert monitor.backend == "events" and f"({event_source};" in monitor.describe()
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
 
 
@@ -443,14 +460,10 @@ def test_poll_backend_is_used_when_asked(tmp_path: Path) -> None:
     assert monitor.backend == "poll" and len(batches) == 1
 
 
-def test_events_hear_a_release_switched_by_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_events_hear_a_release_switched_by_symlink(tmp_path: Path, event_source: str) -> None:
     """``current -> releases/r1`` switched to r2 changes nothing inside r1: the event backend
     watches the link's directory too, so the switch wakes it with no safety rescan (turned off
     here), and the watches move to r2, so the next edit there is heard as well."""
-    pytest.importorskip("watchfiles")
-    import wsgi_reload.monitor as monitor_module
-
-    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
     for release in ("r1", "r2"):
         (tmp_path / "releases" / release).mkdir(parents=True)
         (tmp_path / "releases" / release / "app.py").write_text(f"RELEASE = {release!r}\n")
@@ -476,15 +489,10 @@ def test_events_hear_a_release_switched_by_symlink(tmp_path: Path, monkeypatch: 
         assert batches[1:] == [[Change(watched, "modified")]]
 
 
-def test_events_hear_a_new_file_in_a_new_subdirectory_of_a_glob(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_events_hear_a_new_file_in_a_new_subdirectory_of_a_glob(tmp_path: Path, event_source: str) -> None:
     """A glob such as templates/**/*.html gains files in directories that did not exist when the
     watches were set: every directory under its root is watched, the new one included once it
     appears (the safety rescan is off here, so only events can report it)."""
-    pytest.importorskip("watchfiles")
-    import wsgi_reload.monitor as monitor_module
-
-    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
     templates = tmp_path / "templates"
     (templates / "shop").mkdir(parents=True)
     (templates / "shop" / "hello.html").write_text("hello\n")
@@ -501,3 +509,114 @@ def test_events_hear_a_new_file_in_a_new_subdirectory_of_a_glob(tmp_path: Path,
         while not any(Change(str(created), "created") in batch for batch in batches) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert any(Change(str(created), "created") in batch for batch in batches), batches
+
+
+def inotify_watches_of_root() -> int:
+    """An upper bound of the watches root holds now, in every process (the limit is per user;
+    a forked child shows its parent's instance again)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != 0:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    count += sum(line.startswith("inotify wd:") for line in f)
+        except OSError:
+            continue
+    return count
+
+
+def watches_free() -> int:
+    """How many more watches the kernel grants now, found by taking them."""
+    import shutil
+    import tempfile
+
+    from wsgi_reload.inotify import DirectoryWatcher, WatchLimitReached
+
+    probe = DirectoryWatcher(lambda: None)
+    scratch = tempfile.mkdtemp(prefix="wsgi-reload-probe-")
+    directories = [os.path.join(scratch, str(n)) for n in range(inotify_watches_of_root() + 1)]
+    for directory in directories:
+        os.mkdir(directory)
+    try:
+        probe.set_directories(directories)
+        return len(directories)
+    except WatchLimitReached:
+        return len(probe.directories)
+    finally:
+        probe.stop()
+        shutil.rmtree(scratch)
+
+
+@contextlib.contextmanager
+def inotify_watch_limit(headroom: int) -> Iterator[None]:
+    """fs.inotify.max_user_watches lowered to what root uses now plus ``headroom``, then put back."""
+    import wsgi_reload.inotify as inotify_module
+
+    if os.geteuid() != 0:
+        pytest.skip("lowering fs.inotify.max_user_watches needs root")
+    if inotify_module.unavailable():
+        pytest.skip(inotify_module.unavailable() or "")
+    limit = Path(inotify_module.MAX_WATCHES_FILE)
+    saved = limit.read_text()
+    try:
+        upper_bound = inotify_watches_of_root()
+        limit.write_text(str(upper_bound))
+        limit.write_text(str(upper_bound - watches_free() + headroom))
+        yield
+    finally:
+        limit.write_text(saved)
+
+
+def wait_for_batch(batches: list[list[Change]], count: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while len(batches) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_watch_limit_at_start_means_polling_and_one_clear_line(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    for n in range(6):
+        (tmp_path / f"d{n}").mkdir()
+        (tmp_path / f"d{n}" / "page.html").write_text("0")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(tmp_path / "**" / "*.html"),), backend="events", interval=0.1, settle=0)
+    monitor = Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b)))
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"):
+        with inotify_watch_limit(headroom=3):
+            monitor.start()
+        try:
+            assert monitor.backend == "poll"
+            (tmp_path / "d4" / "page.html").write_text("changed")
+            wait_for_batch(batches)
+        finally:
+            monitor.stop()
+    lines = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(lines) == 1 and "the inotify watch limit is reached" in lines[0], lines
+    assert "fs.inotify.max_user_watches=" in lines[0] and "polling every 0.1 s" in lines[0]
+    assert batches == [[Change(str(tmp_path / "d4" / "page.html"), "modified")]]
+
+
+def test_a_watch_limit_reached_later_switches_to_polling(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """New directories under a glob need new watches; when the limit refuses them, the monitor
+    says so once and polls from then on, and the new directories' files still count."""
+    (tmp_path / "d0").mkdir()
+    (tmp_path / "d0" / "page.html").write_text("0")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(tmp_path / "**" / "*.html"),), backend="events", interval=0.1, settle=0)
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"), inotify_watch_limit(headroom=6), \
+            Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.backend == "events"
+        for n in range(1, 12):
+            (tmp_path / f"d{n}").mkdir()
+        deadline = time.monotonic() + 10
+        while monitor.backend == "events" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert monitor.backend == "poll"
+        (tmp_path / "d11" / "page.html").write_text("new")
+        wait_for_batch(batches)
+    stopped = [r.getMessage() for r in caplog.records if "file events stopped" in r.getMessage()]
+    assert len(stopped) == 1 and "the inotify watch limit is reached" in stopped[0], stopped
+    assert "failed" not in caplog.text
+    assert batches == [[Change(str(tmp_path / "d11" / "page.html"), "created")]]

@@ -1,8 +1,9 @@
 """Runs a scanner in a daemon thread and reports settled batches of changes.
 
 Two backends share one loop: ``poll`` scans every ``interval`` seconds; ``events`` sleeps
-until inotify (through ``watchfiles``) reports activity in a watched directory, with a
-slow safety rescan. ``auto`` picks events and falls back to polling with one log line.
+until a watched directory changes, with a slow safety rescan. On Linux the events come from
+inotify itself (:mod:`.inotify`, standard library only, asleep while nothing changes);
+elsewhere from ``watchfiles``. ``auto`` picks events and falls back to polling with one log line.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from . import inotify
 from .scanner import Change, Scanner
 
 log = logging.getLogger("wsgi_reload.monitor")
 
 EVENTS_RESCAN_SECONDS = 20.0
-"""With events, a full rescan this often; new module directories are also picked up when a manifest changes."""
+"""With watchfiles, a full rescan this often; new module directories are also picked up when a manifest changes."""
+
+INOTIFY_RESCAN_SECONDS = 300.0
+"""With inotify itself, a full rescan this seldom: the kernel reports a lost event (a queue
+overflow) as an event, so the rescan only guards against what no event covers."""
 
 MAX_RESTARTS = 5
 """A watcher thread that keeps failing gives up loudly rather than spinning."""
@@ -125,7 +131,8 @@ class Monitor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._events: _EventWatcher | None = None
+        self._events: _EventWatcher | inotify.DirectoryWatcher | None = None
+        self._rescan_seconds = EVENTS_RESCAN_SECONDS
         self._first: list[Change] = []
         self._on_tick = on_tick
         self._on_tick_pending = tick_pending
@@ -165,7 +172,8 @@ class Monitor:
     def describe(self) -> str:
         """How it watches: 'file events' or 'polling every N s'."""
         if self.backend == "events":
-            return f"file events (a safety rescan every {EVENTS_RESCAN_SECONDS:g} s)"
+            source = "inotify" if isinstance(self._events, inotify.DirectoryWatcher) else "watchfiles"
+            return f"file events ({source}; a safety rescan every {self._rescan_seconds:g} s)"
         return f"polling every {self.settings.interval:g} s"
 
     def _run(self) -> None:
@@ -189,7 +197,7 @@ class Monitor:
         if self._events is not None:
             self._wake.set()  # a change made while inotify was starting has no event: look again now
         while not self._stop.is_set():
-            timeout = EVENTS_RESCAN_SECONDS if self._events is not None else self.settings.interval
+            timeout = self._rescan_seconds if self._events is not None else self.settings.interval
             if self._on_tick is not None and self._on_tick_pending():
                 timeout = min(timeout, self.settings.interval)
             self._wake.wait(timeout)
@@ -202,7 +210,22 @@ class Monitor:
             if self._on_tick is not None:
                 self._on_tick()
             if self._events is not None:
-                self._events.set_dirs(self._dirs_to_watch())
+                self._watch_dirs()
+
+    def _watch_dirs(self) -> None:
+        assert self._events is not None
+        if isinstance(self._events, _EventWatcher):
+            self._events.set_dirs(self._dirs_to_watch())
+            return
+        try:
+            if self._events.set_directories(self._dirs_to_watch()):
+                self._wake.set()  # what was saved in a new directory before its watch has no event
+        except OSError as exc:
+            self._events.stop()
+            self._events = None
+            self.backend = "poll"
+            log.warning("wsgi_reload: file events stopped (%s); polling every %s s from now on",
+                        exc.strerror or exc, self.settings.interval)
 
     def _safe_scan(self) -> list[Change]:
         try:
@@ -236,17 +259,45 @@ class Monitor:
         return watched
 
     def _start_events(self) -> None:
-        wanted = self.settings.backend
-        reason = _events_unavailable(self._dirs_to_watch())
+        dirs = self._dirs_to_watch()
+        network = _network_mount(dirs)
+        reason: str | None
+        if network:
+            reason = f"{network[0]} is on a {network[1]} filesystem, where inotify misses remote changes"
+        elif inotify.unavailable() is None:
+            reason = self._start_inotify(dirs)
+        else:
+            reason = self._start_watchfiles(dirs)
         if reason is None:
-            watcher = _EventWatcher(self._wake, self._dirs_to_watch(), self._name + "-events")
-            reason = watcher.start()
-            if reason is None:
-                self._events = watcher
-                self.backend = "events"
-                return
-        level = logging.WARNING if wanted == "events" else logging.INFO
+            self.backend = "events"
+            return
+        level = logging.WARNING if self.settings.backend == "events" else logging.INFO
         log.log(level, "wsgi_reload: file events unavailable (%s); polling every %s s", reason, self.settings.interval)
+
+    def _start_inotify(self, dirs: set[str]) -> str | None:
+        try:
+            watcher = inotify.DirectoryWatcher(self._wake.set, self._name + "-events")
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        try:
+            watcher.set_directories(dirs)
+        except OSError as exc:
+            watcher.stop()
+            return exc.strerror or str(exc)
+        self._events = watcher.start()
+        self._rescan_seconds = INOTIFY_RESCAN_SECONDS
+        return None
+
+    def _start_watchfiles(self, dirs: set[str]) -> str | None:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            return "watchfiles is not installed: pip install 'wsgi_reload[fast]'"
+        watcher = _EventWatcher(self._wake, dirs, self._name + "-events")
+        reason = watcher.start()
+        if reason is None:
+            self._events = watcher
+        return reason
 
 
 def symlink_parents(path: str) -> set[str]:
@@ -260,17 +311,6 @@ def symlink_parents(path: str) -> set[str]:
         if os.path.islink(walked):
             parents.add(os.path.realpath(os.path.dirname(walked)))
     return parents
-
-
-def _events_unavailable(dirs: Iterable[str]) -> str | None:
-    try:
-        import watchfiles  # noqa: F401
-    except ImportError:
-        return "watchfiles is not installed: pip install 'wsgi_reload[fast]'"
-    network = _network_mount(dirs)
-    if network:
-        return f"{network[0]} is on a {network[1]} filesystem, where inotify misses remote changes"
-    return None
 
 
 def _network_mount(dirs: Iterable[str]) -> tuple[str, str] | None:

@@ -1,0 +1,187 @@
+"""Linux inotify through ctypes: a thread that sleeps in ``poll()`` until a watched directory changes.
+
+Nothing wakes while nothing changes: no timer, no GIL taken on a step. The kernel queues
+the events of every watched directory on one descriptor and says so when its queue
+overflows (``IN_Q_OVERFLOW``), so a lost event is itself an event. See inotify(7).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("wsgi_reload.inotify")
+
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+DIRECTORY_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+                  | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+"""Every way a file in a directory, or the directory itself, can change; symlink swaps are moves."""
+
+EVENT_HEADER = struct.Struct("iIII")
+"""struct inotify_event: wd, mask, cookie, len, then ``len`` bytes of name."""
+
+DEBOUNCE_SECONDS = 0.05
+"""After the first event, how long more events are gathered before the monitor is woken."""
+
+MAX_WATCHES_FILE = "/proc/sys/fs/inotify/max_user_watches"
+
+
+class WatchLimitReached(OSError):
+    """inotify_add_watch said ENOSPC: the user's ``fs.inotify.max_user_watches`` is used up."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def unavailable() -> str | None:
+    """Why inotify cannot be used here, or None."""
+    if _libc() is None:
+        return "inotify needs Linux and a C library that has it"
+    return None
+
+
+def max_user_watches() -> int | None:
+    """The per-user watch limit, where the kernel tells it."""
+    try:
+        with open(MAX_WATCHES_FILE, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+class DirectoryWatcher:
+    """Wakes ``on_change()`` once per burst of changes in any of a set of directories (not
+    recursive). The set can change while it runs: only the difference is added or removed."""
+
+    def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify") -> None:
+        libc = _libc()
+        if libc is None:
+            raise OSError(errno.ENOSYS, "inotify is not available")
+        self._libc = libc
+        self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self._fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self._on_change = on_change
+        self._name = name
+        self._lock = threading.Lock()
+        self._watches: dict[str, int] = {}
+        self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self.overflows = 0
+
+    @property
+    def directories(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._watches)
+
+    def set_directories(self, directories: Iterable[str]) -> bool:
+        """Watch exactly these directories; True when one was added (what changed in it before
+        the watch has no event, so the caller looks once more). Directories that vanished or
+        cannot be read are skipped. Raises :class:`WatchLimitReached` when the limit is hit."""
+        wanted = set(directories)
+        added = False
+        with self._lock:
+            for directory in set(self._watches) - wanted:
+                self._libc.inotify_rm_watch(self._fd, self._watches.pop(directory))
+            for directory in sorted(wanted - set(self._watches)):
+                wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), DIRECTORY_MASK)
+                if wd >= 0:
+                    self._watches[directory] = wd
+                    added = True
+                    continue
+                err = ctypes.get_errno()
+                if err == errno.ENOSPC:
+                    raise WatchLimitReached(err, f"the inotify watch limit is reached after {len(self._watches)} "
+                                            f"directories (fs.inotify.max_user_watches={max_user_watches()})")
+                if err not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
+                    raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
+        return added
+
+    def start(self) -> DirectoryWatcher:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        try:
+            os.write(self._stop_write, b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for fd in (self._fd, self._stop_read, self._stop_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._stop_read, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}  # no timeout: asleep until the kernel has news
+            if self._stop_read in ready:
+                return
+            self._drain()
+            # A save is many events (truncate, writes, close, often a rename): gather the burst.
+            while True:
+                more = {fd for fd, _ in poller.poll(DEBOUNCE_SECONDS * 1000)}
+                if self._stop_read in more:
+                    return
+                if not more:
+                    break
+                self._drain()
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("wsgi_reload: handling a file event failed")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            offset = 0
+            while offset + EVENT_HEADER.size <= len(data):
+                _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
+                offset += EVENT_HEADER.size + length
+                if mask & IN_Q_OVERFLOW:
+                    self.overflows += 1
