@@ -13,7 +13,10 @@ from servers import Load, Server, free_port, get, gunicorn, make_app, running, s
 
 pytestmark = pytest.mark.slow
 
-COUNTING = 'LABEL = "count"\n\n\ndef text(hits):\n    return f"{version} {{hits}}"\n'
+COUNTING = 'LABEL = "count"\nTITLE = LABEL.title()\n\n\ndef text(hits):\n    return f"{version} {{hits}}"\n'
+WITH_HELPER = ('LABEL = "count"\nTITLE = LABEL.title()\nSEPARATOR = " "\n\n\ndef joined(version, hits):\n'
+               '    return version + SEPARATOR + str(hits)\n\n\n'
+               'def text(hits):\n    return joined("{version}", hits)\n')
 
 
 def counting(version: str, label: str = "count") -> str:
@@ -59,14 +62,27 @@ def test_a_body_only_edit_is_patched_and_the_state_is_kept(tmp_path: Path) -> No
         assert server.count(r"Hang up|Handling signal: ttin") == 0
 
 
+def test_a_body_edit_with_a_new_helper_and_constant_is_patched(tmp_path: Path) -> None:
+    with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
+        for _ in range(5):
+            get(port)
+        write(app / "counting.py", WITH_HELPER.format(version="v2"))
+        hits = wait_for_version(port, "v2")
+        assert hits > 6  # the in-memory count went on: no restart
+        assert server.count(r"patched in place") == 1
+        assert server.count(r"Hang up|Handling signal: ttin|not patchable|could not take") == 0
+
+
 def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
+    """TITLE = LABEL.title() is unchanged but computed from LABEL, which changes: only a
+    restart gives the workers a TITLE that matches."""
     with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
         for _ in range(5):
             get(port)
         write(app / "counting.py", counting("v1b"))  # first a patch
         wait_for_version(port, "v1b")
         write(app / "counting.py", counting("v2", label="changed"))
-        server.wait_for_log(r"not patchable .*more than function bodies changed")
+        server.wait_for_log(r"not patchable .*line 2 was computed from LABEL, which changed above it")
         assert wait_for_version(port, "v2") < 5  # a fresh worker started counting again
         server.wait_for_log(r"reload done")
         write(app / "counting.py", counting("v3", label="changed"))  # the new worker takes patches too

@@ -183,7 +183,7 @@ def post_worker_init(worker: Any) -> None:
 @_hook
 def pre_request(worker: Any, req: Any) -> None:
     """Worker: defer a max_requests restart while the code is broken; in patch mode, apply a newer
-    body-only patch before serving."""
+    patch before serving."""
     _defer_max_requests(worker)
     if _patches is not None:
         _patches.maybe_apply()
@@ -426,7 +426,7 @@ class _MasterWatch:
         if self.patcher is not None:
             reason = self.patcher.publish(batch)
             if reason is None:
-                _log.info("wsgi_reload: patched in place, no restart: each worker takes the new bodies "
+                _log.info("wsgi_reload: patched in place, no restart: each worker takes the new code "
                           "before its next request")
                 self.patcher.watch_for_failures(self.fall_back)
                 return

@@ -1,39 +1,53 @@
 """In-process hot reload and hot patching, for processes that cannot restart.
 
-``importlib.reload`` alone leaves ``from mod import func`` copies, registered callbacks,
-bound methods and existing instances on the old code. Here a module is re-executed and
-the new code is then carried over onto the OLD function and class objects, so every
-existing reference runs the new code and instances keep ``isinstance`` and ``super()``.
+``importlib.reload`` alone re-runs the whole module (``CACHE = {}`` starts over) and leaves
+``from mod import func`` copies, registered callbacks, bound methods and existing instances
+on the old code. Here the old and new source are compared by top-level statement
+(:mod:`.statements`): only new or changed statements run, in a scratch namespace; a
+definition whose function bodies alone changed runs nothing, its code is swapped. The new
+code is then carried over onto the OLD function and class objects, so every existing
+reference runs it and instances keep ``isinstance`` and ``super()``; unchanged statements,
+their objects and every reference to them are left alone. The result is applied in one
+step: no other thread runs while the module's names and code are swapped, and a failure
+before that leaves the module exactly as it was. Where running statements piecemeal would
+be wrong (an unchanged statement computed from a changed one), the whole module runs again,
+and the report says why.
 
 What cannot be carried over (a closure with other free variables, a function that became
-a class, a changed ``__slots__`` layout or base classes) keeps the old object, is logged
-precisely and is reported as "needs restart". A file that does not load changes nothing.
-Frames already running, generators and coroutines keep the code they started with.
+a class, a changed ``__slots__`` layout or base classes, a class built by a custom metaclass
+such as a Django model) keeps the old object, is logged precisely and is reported as
+"needs restart". Frames already running, generators and coroutines keep the code they
+started with.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import importlib.util
 import logging
 import os
 import sys
-import threading
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from . import statements
 from .files import error_location, module_file
 from .monitor import Monitor
+from .patch import code_tree, loaded_functions, patch_lock
 from .scanner import Change, Scanner
 from .settings import Settings
 
 log = logging.getLogger("wsgi_reload.hot")
 
-_patch_lock = threading.RLock()
-"""Held while code is swapped, so two patches never interleave."""
+_patch_lock = patch_lock
 
-F = TypeVar("F", bound=Callable[..., Any])
+PAUSE_SWITCH_INTERVAL = 1.0
+"""Seconds another thread may wait for the GIL while a module is swapped (it takes microseconds)."""
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -41,9 +55,22 @@ class PatchReport:
     """What one reload or hotfix did."""
 
     patched: list[str] = dataclasses.field(default_factory=list)
+    """Functions and classes that now run the new code, in place."""
     added: list[str] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)
+    """Names bound to a new value (a changed constant, import or assignment)."""
+    removed: list[str] = dataclasses.field(default_factory=list)
     needs_restart: list[str] = dataclasses.field(default_factory=list)
+    whole_module: str | None = None
+    """Why the whole module ran again instead of only what changed, or None."""
     error: str | None = None
+
+    def extend(self, other: PatchReport) -> None:
+        """Add another module's report to this one."""
+        for field in ("patched", "added", "changed", "removed", "needs_restart"):
+            getattr(self, field).extend(getattr(other, field))
+        self.whole_module = self.whole_module or other.whole_module
+        self.error = self.error or other.error
 
     @property
     def ok(self) -> bool:
@@ -83,7 +110,39 @@ def _unwrap_descriptor(value: Any) -> Any:
     return value
 
 
+def _accessors(value: Any) -> list[Any]:
+    """The functions inside a class attribute: a method, the function of a classmethod or
+    staticmethod, a property's getter, setter and deleter."""
+    if isinstance(value, property):
+        return [value.fget, value.fset, value.fdel]
+    return [_unwrap_descriptor(value)]
+
+
+def _point_class_cell(value: Any, new_class: type, old_class: type) -> None:
+    """A method that uses zero-argument ``super()`` or ``__class__`` closes over a cell holding
+    the class its body was compiled in. Moved onto the old class, the cell must hold the old
+    class, or ``super()`` fails on every old instance."""
+    for func in _accessors(value):
+        if not isinstance(func, types.FunctionType) or "__class__" not in func.__code__.co_freevars:
+            continue
+        cell = (func.__closure__ or ())[func.__code__.co_freevars.index("__class__")]
+        if cell.cell_contents is new_class:
+            cell.cell_contents = old_class
+
+
+def _same_closure(old: Any, new: Any) -> bool:
+    pairs = zip(_accessors(old), _accessors(new), strict=False)
+    return all(not isinstance(a, types.FunctionType) or not isinstance(b, types.FunctionType)
+               or a.__code__.co_freevars == b.__code__.co_freevars for a, b in pairs)
+
+
 def _patch_class(old: type, new: type, where: str, report: PatchReport) -> bool:
+    if type(old) is not type or type(new) is not type:
+        metaclass = type(old) if type(old) is not type else type(new)
+        report.needs_restart.append(
+            f"{where}: it is built by the metaclass {metaclass.__module__}.{metaclass.__qualname__} (a Django model, "
+            "an enum, an ABC ...), which patching in place would bypass")
+        return False
     if old.__dict__.get("__slots__") != new.__dict__.get("__slots__"):
         report.needs_restart.append(f"{where}: its __slots__ changed")
         return False
@@ -94,11 +153,17 @@ def _patch_class(old: type, new: type, where: str, report: PatchReport) -> bool:
     for name, new_value in new.__dict__.items():
         if name in skip:
             continue
+        _point_class_cell(new_value, new, old)
         old_value = old.__dict__.get(name)
         attribute = f"{where}.{name}"
-        if old_value is not None and _carry(old_value, new_value, attribute, report, inside_class=True):
+        if old_value is not None and _same_closure(old_value, new_value) \
+                and _carry(old_value, new_value, attribute, report, inside_class=True):
             continue
+        # New, or a method that now closes over other variables (it started using super()):
+        # the class gets the new object; references taken from the old one keep the old code.
         setattr(old, name, new_value)
+        if old_value is not None and callable(_unwrap_descriptor(new_value)):
+            report.patched.append(attribute)
     for name in [n for n in old.__dict__ if n not in new.__dict__ and n not in skip]:
         if name != "__doc__":
             delattr(old, name)
@@ -106,9 +171,10 @@ def _patch_class(old: type, new: type, where: str, report: PatchReport) -> bool:
 
 
 def _carry(old: Any, new: Any, where: str, report: PatchReport, inside_class: bool = False) -> bool:
-    """Patch ``old`` in place with ``new``; True when ``old`` now behaves as ``new``."""
+    """Patch ``old`` in place with ``new``; True when ``old`` now behaves as ``new``, or must
+    stay as it is (the reason is then in ``report.needs_restart``)."""
     old_func, new_func = _unwrap_descriptor(old), _unwrap_descriptor(new)
-    if type(old) is not type(new):
+    if type(old) is not type(new) and not (isinstance(old, type) and isinstance(new, type)):
         if isinstance(old, (types.FunctionType, type)) or isinstance(new, (types.FunctionType, type)):
             report.needs_restart.append(f"{where}: it was a {type(old).__name__}, now a {type(new).__name__}")
             return True  # keep the old object: nothing else is safe
@@ -119,8 +185,14 @@ def _carry(old: Any, new: Any, where: str, report: PatchReport, inside_class: bo
     if isinstance(old, type) and isinstance(new, type):
         _patch_class(old, new, where, report)
         return True
-    if isinstance(old, property) and inside_class:
-        return False  # properties are immutable: the new one replaces it, with the module's globals
+    if isinstance(old, property) and isinstance(new, property) and inside_class:
+        pairs = list(zip(_accessors(old), _accessors(new), strict=False))
+        if all((a is None) == (b is None) for a, b in pairs):
+            for a, b in pairs:
+                if isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType):
+                    _patch_function(a, b, where, report)
+            return True
+        return False  # a setter or deleter came or went: the new property replaces the old
     return False
 
 
@@ -141,33 +213,178 @@ def _carry_module(module: types.ModuleType, before: dict[str, Any], report: Patc
             namespace[name] = old
 
 
+@contextlib.contextmanager
+def _others_paused() -> Iterator[None]:
+    """Other Python threads wait while the module is swapped: the interpreter hands the GIL
+    over only after the switch interval, and the swap is over in microseconds, with no I/O.
+    (On a free-threaded build this is only the patch lock.)"""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(PAUSE_SWITCH_INTERVAL)
+    try:
+        with _patch_lock:
+            yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
 # --- reloading modules ------------------------------------------------------------------
 
 
-def reload_module(module: types.ModuleType) -> PatchReport:
-    """Re-execute ``module`` from its source and carry the new code over; a failure changes nothing."""
-    report = PatchReport()
+def reload_module(module: types.ModuleType, old_source: str | bytes | None = None) -> PatchReport:
+    """Bring ``module`` up to its source file, keeping what did not change; a failure changes nothing.
+
+    ``old_source`` is the source the module runs now; by default the one recorded by
+    :func:`remember_source` or by the last reload. Without either, the whole module runs again.
+    """
     path = module_file(module)
     if path is None or not path.endswith(".py"):
-        report.error = f"{module.__name__} has no Python source to reload"
-        return report
+        return PatchReport(error=f"{module.__name__} has no Python source to reload")
     try:
         with open(path, "rb") as f:
-            code = compile(f.read(), path, "exec", dont_inherit=True)
-    except (OSError, SyntaxError, ValueError) as exc:
+            new_source = f.read()
+    except OSError as exc:
+        return PatchReport(error=_describe(exc))
+    if old_source is None:
+        old_source = _sources.get(module.__name__)
+    report = reload_source(module, old_source, new_source, path)
+    if report.error is None:
+        _sources[module.__name__] = new_source
+    return report
+
+
+_sources: dict[str, bytes] = {}
+"""The source each module runs, to compare the next version with."""
+
+
+def remember_source(module: types.ModuleType) -> None:
+    """Record the source ``module`` runs now (read from its file), so that the next reload
+    runs only what changed. :class:`HotReloader` does this for what it watches."""
+    path = module_file(module)
+    if path is not None and path.endswith(".py"):
+        try:
+            with open(path, "rb") as f:
+                _sources[module.__name__] = f.read()
+        except OSError:
+            pass
+
+
+def reload_source(module: types.ModuleType, old_source: str | bytes | None, new_source: str | bytes,
+                  filename: str, *, whole_module: bool = True) -> PatchReport:
+    """Apply the change from ``old_source`` (what ``module`` runs) to ``new_source`` in place.
+
+    Only new or changed top-level statements run; see the module docstring. When that is not
+    safe, or ``old_source`` is None, the whole module runs again, unless ``whole_module`` is
+    False: then nothing changes and ``report.whole_module`` says why.
+    """
+    report = PatchReport()
+    try:
+        new_tree = ast.parse(new_source, filename)
+        plan = statements.plan(old_source, new_source, filename) if old_source is not None else None
+    except (SyntaxError, ValueError) as exc:
         report.error = _describe(exc)
         return report
+    unsafe = "the source it runs now was not recorded" if plan is None else plan.unsafe
+    if unsafe is not None or plan is None:
+        report.whole_module = unsafe
+        if whole_module:
+            _reload_whole(module, new_tree, filename, report)
+        return report
+    try:
+        swaps = _body_swaps(module, plan, new_tree, filename, report)
+        code = compile(statements.module_for_statements(plan.run, new_tree), filename, "exec", dont_inherit=True)
+        scratch: dict[str, Any] = {}
+        # The module's globals, a scratch namespace for what the statements bind: the module
+        # does not change while they run, and functions they define get the module's globals.
+        exec(code, module.__dict__, scratch)
+    except BaseException as exc:  # noqa: BLE001 - an import-time error of any kind leaves all as it was
+        report.error = _describe(exc)
+        return report
+    _apply(module, plan, scratch, swaps, report)
+    return report
+
+
+def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Module, filename: str,
+                report: PatchReport) -> list[tuple[types.FunctionType, types.CodeType, str]]:
+    """The loaded functions of the definitions whose bodies alone changed, with their new code."""
+    if not plan.bodies:
+        return []
+    changed = set(plan.bodies)
+    codes = dict(code_tree(compile(tree, filename, "exec", dont_inherit=True)))
+    swaps = []
+    found = set()
+    for qualname, func in loaded_functions(module):
+        new = codes.get(qualname)
+        if new is None or qualname.split(".")[0] not in changed:
+            continue
+        found.add(qualname)
+        where = f"{module.__name__}.{qualname}"
+        if func.__code__.co_freevars != new.co_freevars:
+            report.needs_restart.append(f"{where}: its closure now uses {new.co_freevars}, not "
+                                        f"{func.__code__.co_freevars}")
+        elif func.__code__ != new:
+            swaps.append((func, new, where))
+    for qualname in codes:
+        if qualname.split(".")[0] in changed and "<locals>" not in qualname and qualname not in found:
+            report.needs_restart.append(f"{module.__name__}.{qualname}: the loaded function was not found (a "
+                                        "decorator that keeps it out of sight); it runs the old body")
+    return swaps
+
+
+def _apply(module: types.ModuleType, plan: statements.Plan, scratch: dict[str, Any],
+           swaps: list[tuple[types.FunctionType, types.CodeType, str]], report: PatchReport) -> None:
+    namespace = module.__dict__
+    definitions = {s.name for s in plan.run if isinstance(s, statements.DEFINITIONS)}
+    annotations = scratch.pop("__annotations__", None)
+    values = {name: value for name, value in scratch.items() if name not in definitions or name not in namespace}
+    with _others_paused():
+        # New names first, so that new code finds them the moment it is in place.
+        namespace.update(values)
+        if isinstance(annotations, dict):
+            namespace.setdefault("__annotations__", {}).update(annotations)
+        for name in sorted(definitions & set(namespace) - set(values)):
+            if not _carry(namespace[name], scratch[name], f"{module.__name__}.{name}", report):
+                namespace[name] = scratch[name]
+                report.changed.append(f"{module.__name__}.{name}")
+        for func, code, where in swaps:
+            func.__code__ = code
+            report.patched.append(where)
+        for name in plan.removed:
+            namespace.pop(name, None)
+    prefix = module.__name__ + "."
+    report.added += [prefix + name for name in plan.added]
+    report.changed += [prefix + name for name in plan.changed if name in values]
+    report.removed += [prefix + name for name in plan.removed]
+
+
+def _reload_whole(module: types.ModuleType, tree: ast.Module, filename: str, report: PatchReport) -> None:
+    """Run the whole module again in its own namespace, then carry the new code over. Names
+    are overwritten one by one, never missing; on an error the old namespace comes back,
+    in the same dict."""
+    try:
+        code = compile(tree, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        report.error = _describe(exc)
+        return
     with _patch_lock:
         before = dict(module.__dict__)
         try:
             exec(code, module.__dict__)
-        except BaseException as exc:  # an import-time error: put the old namespace back
-            module.__dict__.clear()
-            module.__dict__.update(before)
+        except BaseException as exc:  # noqa: BLE001 - an import-time error: put the old namespace back
+            with _others_paused():
+                module.__dict__.update(before)
+                for name in [n for n in module.__dict__ if n not in before]:
+                    del module.__dict__[name]
             report.error = _describe(exc)
-            return report
+            return
         _carry_module(module, before, report)
-    return report
+
+
+def _summary(report: PatchReport) -> str:
+    parts = [f"{len(report.patched)} patched"]
+    for label, names in (("changed", report.changed), ("added", report.added), ("removed", report.removed)):
+        if names:
+            parts.append(f"{label} {', '.join(names)}")
+    return "; ".join(parts)
 
 
 def _describe(exc: BaseException) -> str:
@@ -227,6 +444,7 @@ class HotReloader:
                 path = module_file(candidate)
                 if path is not None:
                     self._files[path] = name
+                    remember_source(candidate)
         return self
 
     def add_file(self, path: str, module: types.ModuleType | str) -> HotReloader:
@@ -257,15 +475,15 @@ class HotReloader:
         total = PatchReport()
         for module in dependency_order(modules):
             report = reload_module(module)
+            total.extend(report)
             if report.error:
                 log.error("wsgi_reload: %s not reloaded, it does not load: %s; the old code keeps running",
                           module.__name__, report.error)
-                total.error = total.error or report.error
                 continue
-            total.patched += report.patched
-            total.added += report.added
-            total.needs_restart += report.needs_restart
-            log.info("wsgi_reload: reloaded %s in place (%d patched)", module.__name__, len(report.patched))
+            if report.whole_module:
+                log.warning("wsgi_reload: %s ran the whole module again: %s; its module-level state started over",
+                            module.__name__, report.whole_module)
+            log.info("wsgi_reload: reloaded %s in place: %s", module.__name__, _summary(report))
             for reason in report.needs_restart:
                 log.warning("wsgi_reload: needs restart: %s", reason)
         if self.on_reload is not None:
@@ -276,27 +494,50 @@ class HotReloader:
 # --- hotfixes ---------------------------------------------------------------------------
 
 
-def replace(target: Any, name: str | None = None) -> Callable[[F], F]:
+def replace(target: Any, name: str | None = None) -> Callable[[T], T]:
     """Decorator: patch a function or method in place with the decorated function's code.
 
     ``@replace(module_or_class)`` patches the attribute named like the decorated function
-    (or ``name``); ``@replace(some_function)`` patches that function itself. Every existing
-    reference (imports, callbacks, bound methods) runs the new code.
+    (or ``name``); ``@replace(some_function)`` patches that function itself. On a class, the
+    attribute can be a method, a classmethod, a staticmethod or a property, and the decorated
+    function may carry the same decorator or none (a property's getter is then patched).
+    Every existing reference (imports, callbacks, bound methods) runs the new code.
+    Raises ``ValueError`` when the code cannot be moved over (see the module docstring).
     """
 
-    def decorate(new: F) -> F:
-        attribute = name or new.__name__
-        old = target if isinstance(target, types.FunctionType) else getattr(target, attribute)
-        where = getattr(old, "__qualname__", attribute)
+    def decorate(new: T) -> T:
+        new_func = _accessors(new)[0]
+        attribute = name or str(getattr(new_func, "__name__", ""))
+        if isinstance(target, types.FunctionType):
+            old: Any = target
+        elif isinstance(target, type):
+            old = _class_attribute(target, attribute)
+        else:
+            old = getattr(target, attribute)
+        old_func = _accessors(old)[0]
+        where = f"{getattr(old_func, '__module__', '?')}.{getattr(old_func, '__qualname__', attribute)}"
         report = PatchReport()
         with _patch_lock:
-            _carry(old, new, f"{getattr(old, '__module__', '?')}.{where}", report)
+            if isinstance(old, property) and isinstance(new, property):
+                if not _carry(old, new, where, report, inside_class=True):
+                    raise ValueError(f"{where}: the new property has other accessors (a setter or deleter "
+                                     "came or went); define it in the class and reload instead")
+            else:
+                _carry(old_func, new_func, where, report)
         if report.needs_restart:
             raise ValueError("; ".join(report.needs_restart))
         log.info("wsgi_reload: hotfix replaced %s", ", ".join(report.patched))
-        return old  # type: ignore[return-value]
+        return old  # type: ignore[no-any-return]
 
     return decorate
+
+
+def _class_attribute(cls: type, attribute: str) -> Any:
+    """The attribute as stored in the class or a base (the classmethod or property itself)."""
+    for klass in cls.__mro__:
+        if attribute in klass.__dict__:
+            return klass.__dict__[attribute]
+    raise AttributeError(f"{cls.__qualname__} has no attribute {attribute!r} to replace")
 
 
 def apply_file(path: str) -> PatchReport:

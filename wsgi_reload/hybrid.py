@@ -1,10 +1,12 @@
-"""gunicorn's patch mode: body-only edits go into the running workers, anything else reloads.
+"""gunicorn's patch mode: edits that can go into the running workers do, anything else reloads.
 
 The master keeps the source of the app's files as the workers loaded them. When a checked
-batch only changed function bodies (:func:`wsgi_reload.patch.judge`), it publishes a patch
-generation next to the worker manifests; each worker applies it in ``pre_request``, before
-the next request it serves, and reports a function it could not patch, which makes the
-master fall back to a graceful reload.
+batch can be applied statement by statement (:func:`wsgi_reload.patch.judge`: changed
+function bodies, new helpers and constants, where no unchanged statement depends on them),
+it publishes a patch generation next to the worker manifests, with the source each worker
+started from and the new one; each worker applies it in ``pre_request``, before the next
+request it serves (:func:`wsgi_reload.hot.reload_source`), and reports what it could not
+apply, which makes the master fall back to a graceful reload.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from .patch import apply, judge, module_for
+from .hot import reload_source
+from .patch import judge, module_for
 from .scanner import Change
 
 log = logging.getLogger("wsgi_reload.hybrid")
@@ -32,6 +36,8 @@ class PatchPublisher:
         self.manifest_dir = manifest_dir
         self.app_dir = app_dir.rstrip(os.sep) + os.sep
         self.sources: dict[str, bytes] = {}
+        self.loaded: dict[str, bytes] = {}
+        """The source the workers imported, of each file patched since they started."""
         self.patched: dict[str, bytes] = {}
         self.generation = 0
 
@@ -72,8 +78,11 @@ class PatchPublisher:
         self.generation += 1
         # Cumulative, so a worker that skipped a generation catches up; and exactly the source
         # that was judged and checked, never a later save.
+        for path in new_sources:
+            self.loaded.setdefault(path, self.sources[path])
         self.patched.update(new_sources)
-        files = {path: source.decode("latin-1") for path, source in self.patched.items()}
+        files = {path: {"loaded": self.loaded[path].decode("latin-1"), "latest": source.decode("latin-1")}
+                 for path, source in self.patched.items()}
         body = {"generation": self.generation, "files": files}
         path = os.path.join(self.manifest_dir, PATCH_FILE)
         temporary = f"{path}.tmp"
@@ -86,6 +95,7 @@ class PatchPublisher:
     def reset(self, batch: Sequence[Change]) -> None:
         """Before a reload: the new workers import from disk, so no patch applies to them."""
         self.patched.clear()
+        self.loaded.clear()
         self.generation += 1
         try:
             os.unlink(os.path.join(self.manifest_dir, PATCH_FILE))
@@ -122,14 +132,32 @@ class PatchPublisher:
 
 
 class PatchApplier:
-    """Worker side: applies a newer patch generation before the next request."""
+    """Worker side: applies a newer patch generation before the next request.
+
+    A worker forked after a patch was published imports the patched files from disk: the
+    generation published then is its starting point, not a patch to apply.
+    """
 
     def __init__(self, manifest_dir: str) -> None:
         self.manifest_dir = manifest_dir
         self.path = os.path.join(manifest_dir, PATCH_FILE)
         self.generation = 0
+        self.running: dict[str, bytes] = {}
+        """The source this worker runs, of each file a patch named."""
         self._seen: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        patch = self._read()
+        if patch is not None:
+            self.generation = patch["generation"]
+            self.running = {path: f["latest"].encode("latin-1") for path, f in patch["files"].items()}
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                patch: dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return patch
 
     def maybe_apply(self) -> None:
         try:
@@ -139,28 +167,33 @@ class PatchApplier:
         if (st.st_mtime_ns, st.st_size) == self._seen:
             return
         with self._lock:
-            try:
-                with open(self.path, encoding="utf-8") as f:
-                    patch = json.load(f)
-            except (OSError, ValueError):
+            patch = self._read()
+            if patch is None:
                 return
             self._seen = (st.st_mtime_ns, st.st_size)
             if patch["generation"] <= self.generation:
                 return
             self.generation = patch["generation"]
-            for path, text in patch["files"].items():
-                self._apply_file(path, text.encode("latin-1"))
+            for path, versions in patch["files"].items():
+                latest = versions["latest"].encode("latin-1")
+                running = self.running.get(path, versions["loaded"].encode("latin-1"))
+                if running != latest:
+                    self._apply_file(path, running, latest)
 
-    def _apply_file(self, path: str, source: bytes) -> None:
+    def _apply_file(self, path: str, running: bytes, latest: bytes) -> None:
         module = module_for(path)
         if module is None:
+            self.running[path] = latest
             return  # not loaded here: this worker imports the file when it needs it
-        try:
-            patched = apply(module, source, path)
-        except (SyntaxError, ValueError) as exc:
-            reason = f"worker {os.getpid()}: {exc}"
+        report = reload_source(module, running, latest, path, whole_module=False)
+        problems = [report.error] if report.error else []
+        problems += [f"only the whole module can take it: {report.whole_module}"] if report.whole_module else []
+        problems += report.needs_restart
+        if problems:
+            reason = f"worker {os.getpid()}: {'; '.join(problems)}"
             log.warning("wsgi_reload: cannot patch in place: %s", reason)
             with open(os.path.join(self.manifest_dir, f"{os.getpid()}{FAILED_SUFFIX}"), "w", encoding="utf-8") as f:
                 f.write(reason)
             return
-        log.debug("wsgi_reload: worker %d patched %s", os.getpid(), ", ".join(patched))
+        self.running[path] = latest
+        log.debug("wsgi_reload: worker %d patched %s", os.getpid(), ", ".join(report.patched + report.changed))

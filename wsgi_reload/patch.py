@@ -1,22 +1,24 @@
-"""Body-only patches: decide from the old and new source whether an edit can be applied in
-place, and apply it to a loaded module without running its module-level code again.
+"""Patches to running code: whether an edit can go into a running process, and where a
+loaded function's new code is.
 
-An edit is patchable when nothing but function or method bodies changed: the module with
-every function body blanked out compiles to the same tree, and each changed function keeps
-its free variables. Applying it swaps the ``__code__`` of the loaded functions, found by
-qualified name, so every existing reference runs the new body.
+An edit is patchable when the statement-level comparison (:func:`wsgi_reload.statements.plan`)
+finds it safe to run only what changed, and each function whose body alone changed keeps
+its free variables. :func:`wsgi_reload.hot.reload_source` applies it.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import sys
+import threading
 import types
 from collections.abc import Iterator
 
+from . import statements
 from .files import module_file
-from .hot import _patch_lock
+
+patch_lock = threading.RLock()
+"""Held while code is swapped, so two patches never interleave."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,23 +28,6 @@ class Verdict:
     patchable: bool
     reason: str = ""
     changed: tuple[str, ...] = ()
-
-
-class _BlankBodies(ast.NodeTransformer):
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        self.generic_visit(node)
-        node.body = [ast.Pass()]
-        return node
-
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AST:
-        self.generic_visit(node)
-        node.body = [ast.Pass()]
-        return node
-
-
-def _shape(tree: ast.Module) -> str:
-    # Decorators, signatures, defaults, classes and module-level statements stay; bodies go.
-    return ast.dump(_BlankBodies().visit(tree), include_attributes=False)
 
 
 def code_tree(code: types.CodeType, prefix: str = "") -> Iterator[tuple[str, types.CodeType]]:
@@ -60,28 +45,26 @@ def code_tree(code: types.CodeType, prefix: str = "") -> Iterator[tuple[str, typ
 
 
 def judge(old_source: str | bytes, new_source: str | bytes, filename: str) -> Verdict:
-    """Compare two versions of a file: can the new one be applied by swapping function bodies?"""
+    """Compare two versions of a file: can a running process take the new one in place?"""
     try:
-        old_tree, new_tree = ast.parse(old_source, filename), ast.parse(new_source, filename)
+        plan = statements.plan(old_source, new_source, filename)
+        old_codes = dict(code_tree(compile(old_source, filename, "exec", dont_inherit=True)))
+        new_codes = dict(code_tree(compile(new_source, filename, "exec", dont_inherit=True)))
     except SyntaxError as exc:
         return Verdict(False, f"does not parse: {exc.msg}")
-    if _shape(old_tree) != _shape(new_tree):
-        return Verdict(False, "more than function bodies changed")
-    old_codes = dict(code_tree(compile(old_source, filename, "exec", dont_inherit=True)))
-    new_codes = dict(code_tree(compile(new_source, filename, "exec", dont_inherit=True)))
-    if old_codes.keys() != new_codes.keys():
-        return Verdict(False, "the set of functions changed")
-    changed = []
+    if plan.unsafe is not None:
+        return Verdict(False, plan.unsafe)
     for name, new in new_codes.items():
-        old = old_codes[name]
-        if old.co_freevars != new.co_freevars:
+        old = old_codes.get(name)
+        if name.split(".")[0] in plan.bodies and old is not None and old.co_freevars != new.co_freevars:
             return Verdict(False, f"{name} now closes over {new.co_freevars}, not {old.co_freevars}")
-        if old.replace(co_firstlineno=1, co_linetable=b"") != new.replace(co_firstlineno=1, co_linetable=b""):
-            changed.append(name)
-    return Verdict(True, changed=tuple(changed))
+    return Verdict(True, changed=(*plan.bodies, *plan.changed, *plan.added, *plan.removed))
 
 
-def _functions(module: types.ModuleType) -> Iterator[tuple[str, types.FunctionType]]:
+def loaded_functions(module: types.ModuleType) -> Iterator[tuple[str, types.FunctionType]]:
+    """Every function of ``module`` reachable from its namespace, with its qualified name:
+    functions, methods, the functions in classmethods, staticmethods and properties, and
+    what a ``functools.wraps`` wrapper wraps."""
     seen: set[int] = set()
 
     def walk(namespace: dict[str, object], prefix: str) -> Iterator[tuple[str, types.FunctionType]]:
@@ -103,25 +86,6 @@ def _functions(module: types.ModuleType) -> Iterator[tuple[str, types.FunctionTy
                 yield from walk(dict(vars(target)), f"{prefix}{target.__qualname__}.")
 
     yield from walk(dict(vars(module)), "")
-
-
-def apply(module: types.ModuleType, new_source: str | bytes, filename: str) -> list[str]:
-    """Swap in the new bodies of ``module``'s functions; returns what it patched.
-
-    Raises ``ValueError`` naming the function when a loaded function cannot take its new body.
-    """
-    codes = dict(code_tree(compile(new_source, filename, "exec", dont_inherit=True)))
-    patched = []
-    with _patch_lock:
-        for qualname, func in _functions(module):
-            new = codes.get(qualname)
-            if new is None or func.__code__ == new:
-                continue
-            if func.__code__.co_freevars != new.co_freevars:
-                raise ValueError(f"{module.__name__}.{qualname} cannot take the new body: its free variables differ")
-            func.__code__ = new
-            patched.append(f"{module.__name__}.{qualname}")
-    return patched
 
 
 def module_for(path: str) -> types.ModuleType | None:

@@ -1,4 +1,5 @@
 LABEL = "count"
+TITLE = LABEL.title()
 
 
 def text(hits):

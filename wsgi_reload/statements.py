@@ -1,0 +1,227 @@
+"""Two versions of a module, compared by top-level statement: what to run again, what to leave.
+
+A reload that keeps module state runs only the statements that are new or changed, so an
+unchanged ``CACHE = {}`` keeps its dict and every reference to it. That is only right when
+no unchanged statement was computed from something that changed: ``TITLE = LABEL.upper()``
+after a changed ``LABEL``, or ``handler = make_handler()`` after a changed ``make_handler``.
+:func:`plan` finds those, and other shapes it cannot run piecemeal, and says why; the
+caller then runs the whole module instead. Pure syntax: nothing here imports or runs code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import sys
+from collections.abc import Iterable, Iterator
+
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+NESTED_SCOPES_RUN_LATER = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+INLINED_COMPREHENSIONS = sys.version_info >= (3, 12)
+"""PEP 709: from 3.12 list, set and dict comprehensions run in the enclosing frame."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a statement-level reload of one module does."""
+
+    run: tuple[ast.stmt, ...] = ()
+    """New or changed statements whose shape changed, in source order: they run again."""
+    bodies: tuple[str, ...] = ()
+    """Definitions whose function bodies alone changed: their code is swapped, nothing runs."""
+    changed: tuple[str, ...] = ()
+    """Names an old statement bound too, now bound by a statement that runs again."""
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    """Names no statement binds any more: they leave the module."""
+    unsafe: str | None = None
+    """Why only running the whole module is right, or None."""
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.run or self.bodies or self.removed)
+
+
+class _BlankBodies(ast.NodeTransformer):
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        self.generic_visit(node)
+        node.body = [ast.Pass()]
+        return node
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AST:
+        self.generic_visit(node)
+        node.body = [ast.Pass()]
+        return node
+
+
+def shape(node: ast.AST) -> str:
+    """The statement with every function body blanked: equal shapes differ in bodies alone."""
+    import copy
+
+    return ast.dump(_BlankBodies().visit(copy.deepcopy(node)), include_attributes=False)
+
+
+def bound_names(statement: ast.stmt) -> set[str]:
+    """The module-level names a statement binds (``*`` for a star import)."""
+    names: set[str] = set()
+    for node in _walk_run_now(statement, into_definitions=False):
+        if isinstance(node, DEFINITIONS):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _walk_run_now(node: ast.AST, into_definitions: bool = True) -> Iterator[ast.AST]:
+    """The nodes evaluated when ``node`` runs at module level: not the bodies of functions and
+    lambdas (they run when called), and not class bodies unless ``into_definitions``."""
+    yield node
+    if isinstance(node, NESTED_SCOPES_RUN_LATER):
+        if isinstance(node, ast.Lambda):
+            yield from _walk_run_now(node.args)
+            return
+        parts: list[ast.AST | None] = [*node.decorator_list, node.args, node.returns]
+        for part in parts:
+            if part is not None:
+                yield from _walk_run_now(part)
+        return
+    if isinstance(node, ast.ClassDef) and not into_definitions:
+        for part in (*node.decorator_list, *node.bases, *node.keywords):
+            yield from _walk_run_now(part)
+        return
+    for child in ast.iter_child_nodes(node):
+        yield from _walk_run_now(child, into_definitions)
+
+
+def names_read_now(statement: ast.stmt) -> set[str]:
+    """Names a statement looks up while it runs at module level (class bodies included)."""
+    return {n.id for n in _walk_run_now(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def names_called_now(statement: ast.stmt) -> set[str]:
+    """Names a statement calls (or applies as a decorator) while it runs."""
+    called: set[str] = set()
+    for node in _walk_run_now(statement):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called.add(node.func.id)
+        if isinstance(node, DEFINITIONS):
+            called.update(d.id for d in node.decorator_list if isinstance(d, ast.Name))
+    return called
+
+
+def _read_in_nested_scopes_now(statement: ast.stmt) -> set[str]:
+    """Names looked up, while the statement runs, from a scope of its own: a class body, a
+    generator expression, and before 3.12 a comprehension. Those scopes see the module's
+    globals, not the names a piecemeal run has bound so far."""
+    names: set[str] = set()
+    nested: list[ast.AST] = []
+    for node in _walk_run_now(statement, into_definitions=False):
+        if isinstance(node, ast.ClassDef):
+            nested += node.body
+        elif isinstance(node, ast.GeneratorExp) or (
+                not INLINED_COMPREHENSIONS and isinstance(node, ast.ListComp | ast.SetComp | ast.DictComp)):
+            nested.append(node)
+    for part in nested:
+        names.update(n.id for n in _walk_run_now(part) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
+    return names
+
+
+def _functions_reading(tree: ast.Module) -> dict[str, set[str]]:
+    """For each module-level function and class, every name read anywhere inside it."""
+    reads: dict[str, set[str]] = {}
+    for statement in tree.body:
+        if isinstance(statement, DEFINITIONS):
+            reads[statement.name] = {n.id for n in ast.walk(statement)
+                                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return reads
+
+
+def plan(old_source: str | bytes, new_source: str | bytes, filename: str = "<module>") -> Plan:
+    """Compare two versions of a module by top-level statement.
+
+    Raises ``SyntaxError`` when either does not parse.
+    """
+    old_tree, new_tree = ast.parse(old_source, filename), ast.parse(new_source, filename)
+    old_keys = [ast.dump(s, include_attributes=False) for s in old_tree.body]
+    new_keys = [ast.dump(s, include_attributes=False) for s in new_tree.body]
+    matcher = difflib.SequenceMatcher(None, old_keys, new_keys, autojunk=False)
+    kept_old: set[int] = set()
+    kept_new: set[int] = set()
+    for block in matcher.get_matching_blocks():
+        kept_old.update(range(block.a, block.a + block.size))
+        kept_new.update(range(block.b, block.b + block.size))
+    gone = [s for i, s in enumerate(old_tree.body) if i not in kept_old]
+    fresh = [(i, s) for i, s in enumerate(new_tree.body) if i not in kept_new]
+
+    # A definition that only changed inside function bodies is patched by swapping code:
+    # its decorators do not run again (a route registered twice, a signal connected twice).
+    old_shapes = {(s.name, shape(s)): s for s in gone if isinstance(s, DEFINITIONS)}
+    bodies: list[str] = []
+    run: list[tuple[int, ast.stmt]] = []
+    for index, statement in fresh:
+        if isinstance(statement, DEFINITIONS) and (statement.name, shape(statement)) in old_shapes:
+            bodies.append(statement.name)
+            gone.remove(old_shapes.pop((statement.name, shape(statement))))
+        else:
+            run.append((index, statement))
+
+    old_bound = set().union(*(bound_names(s) for s in old_tree.body)) if old_tree.body else set()
+    new_bound = set().union(*(bound_names(s) for s in new_tree.body)) if new_tree.body else set()
+    run_bound = set().union(*(bound_names(s) for _, s in run)) if run else set()
+    gone_bound = set().union(*(bound_names(s) for s in gone)) if gone else set()
+    removed = sorted(gone_bound - new_bound)
+    changed = sorted(run_bound & old_bound)
+    added = sorted(run_bound - old_bound)
+    result = Plan(tuple(s for _, s in run), tuple(bodies), tuple(changed), tuple(added), tuple(removed))
+    reason = _why_unsafe(new_tree, run, kept_new, run_bound, old_bound, set(removed), set(bodies))
+    return dataclasses.replace(result, unsafe=reason)
+
+
+def _why_unsafe(tree: ast.Module, run: list[tuple[int, ast.stmt]], kept: set[int], run_bound: set[str],
+                old_bound: set[str], removed: set[str], bodies: set[str]) -> str | None:
+    for _, statement in run:
+        if isinstance(statement, (ast.Delete, ast.Global, ast.Nonlocal)):
+            return f"line {statement.lineno}: a changed {type(statement).__name__.lower()} statement"
+        if "*" in bound_names(statement):
+            return f"line {statement.lineno}: a changed star import"
+    # Definitions keep their objects (new code is carried onto them); anything else is a new value.
+    carried = {s.name for _, s in run if isinstance(s, DEFINITIONS)} & old_bound
+    rebound = run_bound - carried
+    carried |= bodies
+    first_run = min((i for i in range(len(tree.body)) if i not in kept), default=len(tree.body))
+    for index, statement in enumerate(tree.body):
+        if index not in kept:
+            continue
+        reads = names_read_now(statement)
+        stale = (reads & rebound) if index > first_run else set()
+        called = (names_called_now(statement) & carried) if index > first_run else set()
+        missing = reads & removed
+        line = statement.lineno
+        if stale:
+            return f"line {line} was computed from {', '.join(sorted(stale))}, which changed above it"
+        if called:
+            return f"line {line} calls {', '.join(sorted(called))} while the module loads, and it changed"
+        if missing:
+            return f"line {line} uses {', '.join(sorted(missing))}, which is gone"
+    reads_of = _functions_reading(tree)
+    for _, statement in run:
+        hidden = _read_in_nested_scopes_now(statement) & run_bound
+        for name in names_called_now(statement):
+            hidden |= reads_of.get(name, set()) & run_bound
+        if hidden:
+            return (f"line {statement.lineno} reads {', '.join(sorted(hidden))} from a nested scope while it runs, "
+                    "and that changes in the same save")
+    return None
+
+
+def module_for_statements(statements: Iterable[ast.stmt], tree_of: ast.Module) -> ast.Module:
+    """A module of ``statements`` that keeps the original's ``from __future__`` imports."""
+    future = [s for s in tree_of.body if isinstance(s, ast.ImportFrom) and s.module == "__future__"]
+    body = future + [s for s in statements if s not in future]
+    return ast.Module(body=body, type_ignores=[])
