@@ -432,6 +432,13 @@ def test_the_event_backend_reports_changes(tmp_path: Path, event_source: str) ->
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
 
 
+def test_with_events_a_burst_is_one_batch_too(tmp_path: Path, event_source: str) -> None:
+    """With inotify, quiet is measured from the latest event: every write of the burst moves it."""
+    monitor, batches = run_monitor(tmp_path, "events", edits=10, gap=0.03)
+    assert monitor.backend == "events"
+    assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
+
+
 def test_a_crashed_watcher_thread_says_so_and_restarts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     target = tmp_path / "watched.txt"
     target.write_text("0")

@@ -63,6 +63,27 @@ def test_an_edit_is_served(tmp_path: Path, variant: dict[str, object]) -> None:
         server.wait_for_log(RELOADED)
 
 
+def caught_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+
+
+def test_the_prefork_master_takes_a_nudge_from_the_watcher(tmp_path: Path) -> None:
+    """A graceful reload reaps each old worker on the master's next loop turn, a second apart
+    (core/master.c); the master gets a do-nothing SIGWINCH handler so the watcher can end that
+    wait as each worker exits. The handler is there in each generation of the master."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port, lazy=False, enable="import"), "v1") as server:
+        assert server.proc is not None
+        assert caught_signals(server.proc.pid) & (1 << (signal.SIGWINCH - 1))
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2", timeout=10)
+        wait_for_instance(server, 2, {"lazy": False})
+        assert caught_signals(server.proc.pid) & (1 << (signal.SIGWINCH - 1))  # the re-executed master too
+        assert server.count(r"wsgi_reload: .*Traceback|Exception") == 0
+
+
 def test_ten_reloads_under_load_fail_no_request(tmp_path: Path, variant: dict[str, object]) -> None:
     app = make_app(tmp_path)
     port = free_port()

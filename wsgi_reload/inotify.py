@@ -16,6 +16,7 @@ import select
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger("wsgi_reload.inotify")
@@ -40,9 +41,6 @@ DIRECTORY_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MO
 
 EVENT_HEADER = struct.Struct("iIII")
 """struct inotify_event: wd, mask, cookie, len, then ``len`` bytes of name."""
-
-DEBOUNCE_SECONDS = 0.05
-"""After the first event, how long more events are gathered before the monitor is woken."""
 
 MAX_WATCHES_FILE = "/proc/sys/fs/inotify/max_user_watches"
 
@@ -81,8 +79,8 @@ def max_user_watches() -> int | None:
 
 
 class DirectoryWatcher:
-    """Wakes ``on_change()`` once per burst of changes in any of a set of directories (not
-    recursive). The set can change while it runs: only the difference is added or removed."""
+    """Calls ``on_change()`` as changes arrive in any of a set of directories (not recursive;
+    a burst read at once is one call). The set can change while it runs: only the difference is added or removed."""
 
     def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify") -> None:
         libc = _libc()
@@ -99,7 +97,13 @@ class DirectoryWatcher:
         self._watches: dict[str, int] = {}
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
+        self._last_event = 0.0
         self.overflows = 0
+
+    def last_event(self) -> float:
+        """The :func:`time.monotonic` time the latest event was read (0.0 before any): the
+        monitor measures its settle window from it, since every write moves it."""
+        return self._last_event
 
     @property
     def directories(self) -> frozenset[str]:
@@ -156,14 +160,7 @@ class DirectoryWatcher:
             if self._stop_read in ready:
                 return
             self._drain()
-            # A save is many events (truncate, writes, close, often a rename): gather the burst.
-            while True:
-                more = {fd for fd, _ in poller.poll(DEBOUNCE_SECONDS * 1000)}
-                if self._stop_read in more:
-                    return
-                if not more:
-                    break
-                self._drain()
+            self._last_event = time.monotonic()
             try:
                 self._on_change()
             except Exception:

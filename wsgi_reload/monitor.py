@@ -50,25 +50,34 @@ def settle(
     changes: list[Change],
     quiet_seconds: float,
     sleep: Callable[[float], object] = time.sleep,
+    last_event: Callable[[], float] | None = None,
 ) -> list[Change]:
     """Keep scanning until the files have been quiet for ``quiet_seconds`` and none of them is
     still open for writing; returns the whole batch.
 
     An editor that truncates a file, writes half, pauses and writes the rest leaves a file
     that may even import; the kernel knows it is still open for writing (see
-    :func:`open_for_writing`). ``sleep`` returning True (a stop event's ``wait``) ends the wait early.
+    :func:`open_for_writing`). With ``last_event`` (the monotonic time of the latest file
+    event in any watched directory) quiet is measured from that event, which every write
+    moves; without it, from the last scan that found nothing new. ``sleep`` returning True
+    (a stop event's ``wait``) ends the wait early.
     """
     batch = {c.path: c for c in changes}
     deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
-    pause = quiet_seconds if quiet_seconds > 0 else WRITER_POLL_SECONDS
     while True:
         busy = [path for path in batch if open_for_writing(path)]
-        if quiet_seconds <= 0 and not busy:
-            break
-        if sleep(pause):
+        if last_event is None:
+            if quiet_seconds <= 0 and not busy:
+                break
+            pause = quiet_seconds if quiet_seconds > 0 else WRITER_POLL_SECONDS
+        else:
+            pause = quiet_seconds - (time.monotonic() - last_event())
+            if busy:
+                pause = max(pause, WRITER_POLL_SECONDS)
+        if pause > 0 and sleep(pause):
             break
         more = scan()
-        if not more and not busy:
+        if not more and not busy and (last_event is None or time.monotonic() - last_event() >= quiet_seconds):
             break
         for change in more:
             earlier = batch.get(change.path)
@@ -241,7 +250,9 @@ class Monitor:
             log.exception("wsgi_reload: handling a change failed")
 
     def _settle(self, changes: list[Change]) -> list[Change]:
-        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait)
+        events = self._events
+        last_event = events.last_event if isinstance(events, inotify.DirectoryWatcher) else None
+        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait, last_event)
 
     def _dirs_to_watch(self) -> set[str]:
         """The directories to hear events from, resolved (inotify watches what a path pointed

@@ -88,6 +88,37 @@ def children(pid: int) -> frozenset[int] | None:
         return None
 
 
+def exited(pid: int) -> bool:
+    """True once ``pid`` has exited: gone, or a zombie its parent has not reaped yet (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def nudge_as_workers_exit(master: Target, workers: frozenset[int], nudge: int, timeout: float) -> None:
+    """Send the master ``nudge`` as each of ``workers`` exits, until all have (or ``timeout``).
+
+    A uWSGI master reaps a dead worker on its next loop turn, and between turns it sleeps in
+    ``event_queue_wait`` for ``check_interval``, one second (core/master.c,
+    ``uwsgi_master_loop``): a graceful reload waits up to a second for nothing. A signal with
+    a handler ends that sleep at once (EINTR), so the master reaps the worker and, once all
+    are gone, re-executes itself without waiting for the next turn.
+    """
+    pending = set(workers)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        gone = {pid for pid in pending if exited(pid)}
+        if gone:
+            pending -= gone
+            try:
+                master.send(nudge)
+            except TargetError:
+                return
+        time.sleep(0.005)
+
+
 def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
     """Wait while ``signum`` is still pending for ``pid`` (Linux's ShdPnd); at once elsewhere."""
     bit = 1 << (signum - 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -179,6 +180,24 @@ def _threads(opt: Any) -> int:
         return 1
 
 
+def _accept_nudges() -> str | None:
+    """In the master: give SIGWINCH a handler that does nothing, so that the watcher can end the
+    master's one-second sleep between loop turns when an old worker exits (see
+    :func:`wsgi_reload.swap.nudge_as_workers_exit`). Returns the signal's name, or None when the
+    app already handles SIGWINCH (the reload then waits for the master's turns)."""
+    try:
+        if signal.getsignal(signal.SIGWINCH) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return None
+        signal.signal(signal.SIGWINCH, _nudged)
+    except (ValueError, OSError):  # not the main thread
+        return None
+    return "WINCH"
+
+
+def _nudged(signum: int, frame: Any) -> None:
+    """Nothing to do: the signal's arrival already woke the master."""
+
+
 def _chain_hook(uwsgi: Any, name: str, hook: Callable[[], None]) -> None:
     previous = getattr(uwsgi, name, None)
 
@@ -236,9 +255,10 @@ def start(settings: Settings | None = None,
         # --lazy-apps workers import the app themselves (worker_id is set while this is imported);
         # a chain needs to know the app's module to tell when a new worker has loaded it.
         lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None
+        nudge = _accept_nudges() if uwsgi.worker_id() == 0 else None
         started = ensure_watcher(directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
                                  loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT,
-                                 replace="chain" if lazy else "signal")
+                                 replace="chain" if lazy else "signal", nudge_signal=nudge)
     except (OSError, runtime.RuntimeDirError) as exc:
         _log.error("wsgi_reload: reloading is off: %s", exc)
         return None

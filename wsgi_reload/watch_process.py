@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,12 +34,15 @@ from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
 from .settings import Settings
-from .swap import SignalledSwap, WorkerChain
+from .swap import SignalledSwap, WorkerChain, children, nudge_as_workers_exit
 from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.watch_process")
 
 LOCK_NAME = "watcher.lock"
+
+NUDGE_SECONDS = 65.0
+"""How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
 
 RETIRE_AFTER_SECONDS = 10.0
 """With no live worker left to watch for this long (a uWSGI lazy-apps reload moved them to a new
@@ -61,10 +65,12 @@ def watcher_running(runtime_dir: str) -> bool:
 
 
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
-                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal") -> int | None:
+                   loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal",
+                   nudge_signal: str | None = None) -> int | None:
     """Start this server's watcher process unless one runs; returns its pid when one was started.
 
-    How a reload replaces the workers: ``"signal"`` sends the master ``signal_name``;
+    How a reload replaces the workers: ``"signal"`` sends the master ``signal_name``, and then
+    ``nudge_signal`` (when given) as each old worker exits (:func:`wsgi_reload.swap.nudge_as_workers_exit`);
     ``"swap"`` swaps a gunicorn master's workers, verified (:class:`wsgi_reload.swap.SignalledSwap`);
     ``"chain"`` replaces uWSGI ``--lazy-apps`` workers one by one (:class:`wsgi_reload.swap.WorkerChain`).
     Two workers may race here; the second watcher finds the lock taken and exits at once.
@@ -76,6 +82,7 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
         "master_pid": master_pid,
         "signal": signal_name,
         "replace": replace,
+        "nudge": nudge_signal,
         "server": server,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
         "loaded_at_ns": loaded_at_ns,
@@ -100,6 +107,7 @@ class _ServerWatch:
         self.runtime_dir: str = config["runtime_dir"]
         self.settings = Settings.load({}, **config["settings"])
         self.signum = signal.Signals["SIG" + config["signal"]]
+        self.nudge = signal.Signals["SIG" + config["nudge"]] if config.get("nudge") else None
         self.manifests = ManifestReader(self.runtime_dir, accept=alive)
         self.checked_start: set[int] = set()
         replace = config.get("replace", "signal")
@@ -138,10 +146,14 @@ class _ServerWatch:
             # Between two generations, or left behind by a uWSGI --lazy-apps reload (its new
             # workers found a new runtime directory): hold the reload until workers are back.
             raise ActionFailed("no worker of this server is up")
+        workers = children(self.target.pid)
         try:
             self.target.send(self.signum)
         except TargetError as exc:
             raise ActionFailed(str(exc)) from None
+        if self.nudge is not None and workers:
+            threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
+                             args=(self.target, workers, self.nudge, NUDGE_SECONDS)).start()
 
     def tick(self) -> None:
         """Housekeeping in the watcher thread: workers whose app failed at start, a pending reload."""
