@@ -185,6 +185,41 @@ def test_sys_modules_files_are_watched_and_an_edit_counts(tmp_path: Path) -> Non
         sys.modules.pop("watched_pkg_a", None)
 
 
+def test_module_files_are_computed_again_only_when_a_module_comes_goes_or_is_replaced(tmp_path: Path) -> None:
+    """A rescan reuses the last module file list while sys.modules holds the same objects; an
+    import, a removal or a replaced module object shows at once."""
+    from wsgi_reload.files import ModuleFiles
+
+    for name in ("cache_a", "cache_b"):
+        (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    modules: dict[str, object] = {"cache_a": types.ModuleType("cache_a")}
+    modules["cache_a"].__file__ = str(tmp_path / "cache_a.py")  # type: ignore[attr-defined]
+    files = ModuleFiles(modules)
+    first = files()
+    assert first == {str(tmp_path / "cache_a.py")} and files() is first
+    imported = types.ModuleType("cache_b")
+    imported.__file__ = str(tmp_path / "cache_b.py")
+    modules["cache_b"] = imported
+    assert files() == {str(tmp_path / "cache_a.py"), str(tmp_path / "cache_b.py")}
+    replaced = types.ModuleType("cache_b")
+    replaced.__file__ = str(tmp_path / "elsewhere" / "cache_b.py")
+    modules["cache_b"] = replaced
+    assert str(tmp_path / "elsewhere" / "cache_b.py") in files()
+    del modules["cache_b"]
+    assert files() == first
+
+    class Odd(types.ModuleType):
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("no comparing me")
+
+        __hash__ = types.ModuleType.__hash__
+
+    odd = Odd("cache_a")
+    odd.__file__ = str(tmp_path / "cache_b.py")
+    modules["cache_a"] = odd
+    assert files() == {str(tmp_path / "cache_b.py")}
+
+
 def test_the_standard_library_and_pycache_are_excluded_by_default(tmp_path: Path) -> None:
     watched = Scanner(Settings()).watched_files()
     assert os.__file__ not in watched

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     watch.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="file events (inotify on Linux, else watchfiles), polling, or auto: events when they work")
-    watch.add_argument("--settle", type=float, default=0.1, help="quiet seconds before a batch is reported")
+    watch.add_argument("--settle", type=float, default=Settings.settle, help="quiet seconds before a batch is reported")
     watch.add_argument("paths", nargs="+", help="files, directories or globs to watch")
     return parser
 

@@ -63,10 +63,15 @@ class ModuleFiles:
     def __init__(self, modules: Mapping[str, object] | None = None) -> None:
         self._modules = sys.modules if modules is None else modules
         self._known: dict[str, tuple[object, str | None]] = {}
+        self._last: tuple[dict[str, object], frozenset[str]] | None = None
 
-    def __call__(self) -> set[str]:
+    def __call__(self) -> frozenset[str]:
+        """The files; the very same object as last time when no module came, went or was replaced
+        (callers can cache what they derive from it)."""
         # Another thread may import while we look: work on a copy of the dict.
         snapshot = dict(self._modules)
+        if self._last is not None and self._same(self._last[0], snapshot):
+            return self._last[1]
         known = self._known
         files: set[str] = set()
         for name, module in snapshot.items():
@@ -79,7 +84,17 @@ class ModuleFiles:
         if len(known) > len(snapshot):
             for gone in known.keys() - snapshot.keys():
                 del known[gone]
-        return files
+        self._last = (snapshot, frozenset(files))
+        return self._last[1]
+
+    @staticmethod
+    def _same(before: dict[str, object], now: dict[str, object]) -> bool:
+        # C-speed: an unchanged entry is the same object, which == takes at once; a replaced
+        # entry is compared with its own __eq__, which an odd module object may make raise.
+        try:
+            return before == now
+        except Exception:
+            return False
 
 
 def _stdlib_dirs() -> tuple[str, ...]:

@@ -244,11 +244,12 @@ def reload_module(module: types.ModuleType, old_source: str | bytes | None = Non
             new_source = f.read()
     except OSError as exc:
         return PatchReport(error=_describe(exc))
-    if old_source is None:
-        old_source = _sources.get(module.__name__)
-    report = reload_source(module, old_source, new_source, path)
-    if report.error is None:
-        _sources[module.__name__] = new_source
+    with _patch_lock:
+        if old_source is None:
+            old_source = _sources.get(module.__name__)
+        report = reload_source(module, old_source, new_source, path)
+        if report.error is None:
+            _sources[module.__name__] = new_source
     return report
 
 
@@ -276,6 +277,12 @@ def reload_source(module: types.ModuleType, old_source: str | bytes | None, new_
     safe, or ``old_source`` is None, the whole module runs again, unless ``whole_module`` is
     False: then nothing changes and ``report.whole_module`` says why.
     """
+    with _patch_lock:  # one reload at a time: each compares with what the last one left
+        return _reload_source(module, old_source, new_source, filename, whole_module)
+
+
+def _reload_source(module: types.ModuleType, old_source: str | bytes | None, new_source: str | bytes,
+                   filename: str, whole_module: bool) -> PatchReport:
     report = PatchReport()
     try:
         new_tree = ast.parse(new_source, filename)

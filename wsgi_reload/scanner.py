@@ -71,6 +71,7 @@ class Scanner:
         self._scanned = False
         self._unstatable: set[str] = set()
         self._lock = threading.Lock()
+        self._module_entries: tuple[frozenset[str], dict[str, int | None]] | None = None
 
     def add_patterns(self, patterns: Iterable[str]) -> None:
         """Watch more files, directories or globs, from the next scan on."""
@@ -86,10 +87,12 @@ class Scanner:
         accept = self._filter
         entries: dict[str, int | None] = {}
         if self._module_files is not None:
-            loaded_at = self._modules_loaded_at
-            for path in self._module_files():
-                if accept(path):
-                    entries[path] = loaded_at
+            files = self._module_files()
+            cached = self._module_entries
+            if cached is None or cached[0] is not files:
+                loaded_at = self._modules_loaded_at
+                cached = self._module_entries = (files, {path: loaded_at for path in files if accept(path)})
+            entries.update(cached[1])
         for source in self._sources:
             found = source()
             if isinstance(found, Mapping):

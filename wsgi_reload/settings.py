@@ -44,8 +44,9 @@ class Settings:
     """Pre-reload check: ``import`` (compile, then import the app in a subprocess), ``compile`` or ``off``."""
     check_timeout: float = 30.0
     """Seconds the import check may take before it counts as failed."""
-    settle: float = 0.1
-    """Seconds the files must be quiet before a batch of changes is reported."""
+    settle: float = 0.05
+    """Seconds the files must be quiet before a batch of changes is reported (with inotify: no
+    event in any watched directory for that long, which every write resets)."""
     app: str | None = None
     """The entry point the import check loads (``module:callable``); adapters fill it in."""
     mode: str = "restart"
