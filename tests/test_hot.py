@@ -360,6 +360,15 @@ def test_a_new_helper_and_the_body_that_calls_it_arrive_together(load: object) -
     assert sorted(report.added) == [f"{module.__name__}.PUNCTUATION", f"{module.__name__}.shout"]
 
 
+def test_a_changed_import_runs_again(load: object) -> None:
+    module = load("import json as codec\nfrom os import sep as separator\nSTATE = {}\n")  # type: ignore[operator]
+    state = module.STATE
+    rewrite(module, "import pickle as codec\nfrom os import sep as separator\nSTATE = {}\n")
+    report = reload_module(module)
+    assert module.codec.__name__ == "pickle" and module.STATE is state
+    assert report.changed == [f"{module.__name__}.codec"] and report.whole_module is None
+
+
 def test_an_unchanged_statement_computed_from_a_changed_one_runs_the_whole_module(
         load: object, caplog: pytest.LogCaptureFixture) -> None:
     source = 'LABEL = "count"\nTITLE = LABEL.upper()\nSTATE = {"n": 0}\n'

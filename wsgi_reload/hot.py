@@ -456,7 +456,10 @@ class HotReloader:
 
     def add_file(self, path: str, module: types.ModuleType | str) -> HotReloader:
         """Watch ``path`` as the source of ``module``."""
-        self._files[os.path.abspath(path)] = module if isinstance(module, str) else module.__name__
+        name = module if isinstance(module, str) else module.__name__
+        self._files[os.path.abspath(path)] = name
+        if name in sys.modules:
+            remember_source(sys.modules[name])
         return self
 
     def start(self) -> HotReloader:
