@@ -263,6 +263,9 @@ def start(settings: Settings | None = None,
         _log.error("wsgi_reload: reloading is off: %s", exc)
         return None
     if started:
+        if uwsgi.worker_id() == 0 and nudge is None:
+            _log.info("wsgi_reload: SIGWINCH already has a handler here, so a graceful reload reaps the old "
+                      "workers on uWSGI's one-second master loop turns instead of at once")
         for path in missing_extra_files(settings):
             _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
         if _threads(uwsgi.opt) < 2:
