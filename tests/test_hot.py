@@ -596,10 +596,23 @@ def test_judge_accepts_what_can_run_statement_by_statement(edit: tuple[str, str]
     ("LIMIT = 1\n", "LIMIT = 2\nNEW = 3\n\nclass C:\n    size = NEW\n",
      "line 4 reads NEW from a nested scope while it runs, and that changes in the same save"),
     ("X = 1\n", "X = 1\ndel X\n", "line 2: a changed delete statement"),
+    ("class Thing:\n    @staticmethod\n    def create():\n        return 1\n\nmade = Thing.create()\n",
+     "class Thing:\n    @staticmethod\n    def create():\n        return 2\n\nmade = Thing.create()\n",
+     "line 6 calls Thing while the module loads, and it changed"),
+    ("LIMIT = 1\n", "LIMIT = 2\nSQUARES = [n * LIMIT for n in range(3)]\n",
+     "line 2 reads LIMIT from a nested scope while it runs, and that changes in the same save"),
 ])
 def test_judge_refuses_what_only_the_whole_module_can_do(old: str, new: str, reason: str) -> None:
     verdict = judge(old, new, "x.py")
     assert verdict == Verdict(False, reason)
+
+
+def test_a_comprehension_variable_is_not_a_module_name() -> None:
+    from wsgi_reload.statements import plan
+
+    changed = plan("i = 'kept'\nsquares = [i * i for i in range(3)]\n",
+                   "i = 'kept'\nsquares = [j * j for j in range(3)]\n")
+    assert changed.changed == ("squares",) and changed.removed == () and changed.added == ()
 
 
 def test_a_patch_runs_no_unchanged_module_code(load: object) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import sys
 from collections.abc import Iterable, Iterator
 
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 NESTED_SCOPES_RUN_LATER = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
-INLINED_COMPREHENSIONS = sys.version_info >= (3, 12)
-"""PEP 709: from 3.12 list, set and dict comprehensions run in the enclosing frame."""
+COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+"""Scopes of their own (before 3.12 for all, after PEP 709 still for generator expressions):
+their loop variables are not module names, and their lookups skip a scratch namespace."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ def shape(node: ast.AST) -> str:
 def bound_names(statement: ast.stmt) -> set[str]:
     """The module-level names a statement binds (``*`` for a star import)."""
     names: set[str] = set()
-    for node in _walk_run_now(statement, into_definitions=False):
+    for node in _walk_run_now(statement, into_definitions=False, into_comprehensions=False):
         if isinstance(node, DEFINITIONS):
             names.add(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -78,10 +78,14 @@ def bound_names(statement: ast.stmt) -> set[str]:
     return names
 
 
-def _walk_run_now(node: ast.AST, into_definitions: bool = True) -> Iterator[ast.AST]:
+def _walk_run_now(node: ast.AST, into_definitions: bool = True, into_comprehensions: bool = True) -> Iterator[ast.AST]:
     """The nodes evaluated when ``node`` runs at module level: not the bodies of functions and
-    lambdas (they run when called), and not class bodies unless ``into_definitions``."""
+    lambdas (they run when called), not class bodies unless ``into_definitions``, and of a
+    comprehension only its first iterable unless ``into_comprehensions``."""
     yield node
+    if isinstance(node, COMPREHENSIONS) and not into_comprehensions:
+        yield from _walk_run_now(node.generators[0].iter, into_definitions, into_comprehensions)
+        return
     if isinstance(node, NESTED_SCOPES_RUN_LATER):
         if isinstance(node, ast.Lambda):
             yield from _walk_run_now(node.args)
@@ -96,7 +100,7 @@ def _walk_run_now(node: ast.AST, into_definitions: bool = True) -> Iterator[ast.
             yield from _walk_run_now(part)
         return
     for child in ast.iter_child_nodes(node):
-        yield from _walk_run_now(child, into_definitions)
+        yield from _walk_run_now(child, into_definitions, into_comprehensions)
 
 
 def names_read_now(statement: ast.stmt) -> set[str]:
@@ -105,27 +109,31 @@ def names_read_now(statement: ast.stmt) -> set[str]:
 
 
 def names_called_now(statement: ast.stmt) -> set[str]:
-    """Names a statement calls (or applies as a decorator) while it runs."""
+    """Names a statement calls while it runs: ``f()``, ``Thing.create()`` (both through the
+    name they start from) and decorators."""
     called: set[str] = set()
     for node in _walk_run_now(statement):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            called.add(node.func.id)
+        callees = [node.func] if isinstance(node, ast.Call) else []
         if isinstance(node, DEFINITIONS):
-            called.update(d.id for d in node.decorator_list if isinstance(d, ast.Name))
+            callees += node.decorator_list
+        for callee in callees:
+            while isinstance(callee, (ast.Attribute, ast.Call, ast.Subscript)):
+                callee = callee.func if isinstance(callee, ast.Call) else callee.value
+            if isinstance(callee, ast.Name):
+                called.add(callee.id)
     return called
 
 
 def _read_in_nested_scopes_now(statement: ast.stmt) -> set[str]:
-    """Names looked up, while the statement runs, from a scope of its own: a class body, a
-    generator expression, and before 3.12 a comprehension. Those scopes see the module's
-    globals, not the names a piecemeal run has bound so far."""
+    """Names looked up, while the statement runs, from a scope of its own: a class body or a
+    comprehension. Those scopes see the module's globals, not the names a piecemeal run has
+    bound so far."""
     names: set[str] = set()
     nested: list[ast.AST] = []
     for node in _walk_run_now(statement, into_definitions=False):
         if isinstance(node, ast.ClassDef):
             nested += node.body
-        elif isinstance(node, ast.GeneratorExp) or (
-                not INLINED_COMPREHENSIONS and isinstance(node, ast.ListComp | ast.SetComp | ast.DictComp)):
+        elif isinstance(node, COMPREHENSIONS):
             nested.append(node)
     for part in nested:
         names.update(n.id for n in _walk_run_now(part) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
