@@ -369,6 +369,28 @@ def test_a_changed_import_runs_again(load: object) -> None:
     assert report.changed == [f"{module.__name__}.codec"] and report.whole_module is None
 
 
+def test_a_function_defined_under_an_if_takes_the_new_code_in_place(load: object) -> None:
+    source = ("import sys\n\nif sys.platform:\n    def which():\n        return 'old'\n"
+              "else:\n    def which():\n        return 'other'\n")
+    module = load(source)  # type: ignore[operator]
+    callback = module.which
+    rewrite(module, source.replace("'old'", "'new'"))
+    report = reload_module(module)
+    assert callback() == "new" and module.which is callback and report.whole_module is None
+
+
+def test_a_changed_import_of_a_function_never_patches_the_library(load: object) -> None:
+    import os.path
+    import posixpath
+
+    join_code = os.path.join.__code__
+    module = load("from os.path import join as combine\n")  # type: ignore[operator]
+    rewrite(module, "from posixpath import basename as combine\n")
+    report = reload_module(module)
+    assert module.combine is posixpath.basename and os.path.join.__code__ is join_code
+    assert report.changed == [f"{module.__name__}.combine"] and report.patched == []
+
+
 def test_an_unchanged_statement_computed_from_a_changed_one_runs_the_whole_module(
         load: object, caplog: pytest.LogCaptureFixture) -> None:
     source = 'LABEL = "count"\nTITLE = LABEL.upper()\nSTATE = {"n": 0}\n'

@@ -340,15 +340,18 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
 def _apply(module: types.ModuleType, plan: statements.Plan, scratch: dict[str, Any],
            swaps: list[tuple[types.FunctionType, types.CodeType, str]], report: PatchReport) -> None:
     namespace = module.__dict__
-    definitions = {s.name for s in plan.run if isinstance(s, statements.DEFINITIONS)}
     annotations = scratch.pop("__annotations__", None)
-    values = {name: value for name, value in scratch.items() if name not in definitions or name not in namespace}
+    # A function or class of this module that exists already takes the new code in place;
+    # anything else (a value, an import, a function from elsewhere) is bound anew.
+    definitions = {name for name, new in scratch.items()
+                   if name in namespace and _defined_in(new, module) and _defined_in(namespace[name], module)}
+    values = {name: value for name, value in scratch.items() if name not in definitions}
     with _others_paused():
         # New names first, so that new code finds them the moment it is in place.
         namespace.update(values)
         if isinstance(annotations, dict):
             namespace.setdefault("__annotations__", {}).update(annotations)
-        for name in sorted(definitions & set(namespace) - set(values)):
+        for name in sorted(definitions):
             if not _carry(namespace[name], scratch[name], f"{module.__name__}.{name}", report):
                 namespace[name] = scratch[name]
                 report.changed.append(f"{module.__name__}.{name}")
@@ -361,6 +364,12 @@ def _apply(module: types.ModuleType, plan: statements.Plan, scratch: dict[str, A
     report.added += [prefix + name for name in plan.added]
     report.changed += [prefix + name for name in plan.changed if name in values]
     report.removed += [prefix + name for name in plan.removed]
+
+
+def _defined_in(value: Any, module: types.ModuleType) -> bool:
+    """A function (plain, class- or static method) or class whose home is ``module``."""
+    target = _unwrap_descriptor(value)
+    return isinstance(target, (types.FunctionType, type)) and getattr(target, "__module__", None) == module.__name__
 
 
 def _reload_whole(module: types.ModuleType, tree: ast.Module, filename: str, report: PatchReport) -> None:
