@@ -42,8 +42,6 @@ from .settings import Settings
 
 log = logging.getLogger("wsgi_reload.hot")
 
-_patch_lock = patch_lock
-
 PAUSE_SWITCH_INTERVAL = 1.0
 """Seconds another thread may wait for the GIL while a module is swapped (it takes microseconds)."""
 
@@ -221,7 +219,7 @@ def _others_paused() -> Iterator[None]:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(PAUSE_SWITCH_INTERVAL)
     try:
-        with _patch_lock:
+        with patch_lock:
             yield
     finally:
         sys.setswitchinterval(interval)
@@ -244,7 +242,7 @@ def reload_module(module: types.ModuleType, old_source: str | bytes | None = Non
             new_source = f.read()
     except OSError as exc:
         return PatchReport(error=_describe(exc))
-    with _patch_lock:
+    with patch_lock:
         if old_source is None:
             old_source = _sources.get(module.__name__)
         report = reload_source(module, old_source, new_source, path)
@@ -277,7 +275,7 @@ def reload_source(module: types.ModuleType, old_source: str | bytes | None, new_
     safe, or ``old_source`` is None, the whole module runs again, unless ``whole_module`` is
     False: then nothing changes and ``report.whole_module`` says why.
     """
-    with _patch_lock:  # one reload at a time: each compares with what the last one left
+    with patch_lock:  # one reload at a time: each compares with what the last one left
         return _reload_source(module, old_source, new_source, filename, whole_module)
 
 
@@ -381,7 +379,7 @@ def _reload_whole(module: types.ModuleType, tree: ast.Module, filename: str, rep
     except (SyntaxError, ValueError) as exc:
         report.error = _describe(exc)
         return
-    with _patch_lock:
+    with patch_lock:
         before = dict(module.__dict__)
         try:
             exec(code, module.__dict__)
@@ -536,7 +534,7 @@ def replace(target: Any, name: str | None = None) -> Callable[[T], T]:
         old_func = _accessors(old)[0]
         where = f"{getattr(old_func, '__module__', '?')}.{getattr(old_func, '__qualname__', attribute)}"
         report = PatchReport()
-        with _patch_lock:
+        with patch_lock:
             if isinstance(old, property) and isinstance(new, property):
                 if not _carry(old, new, where, report, inside_class=True):
                     raise ValueError(f"{where}: the new property has other accessors (a setter or deleter "

@@ -259,7 +259,7 @@ class Monitor:
         at when it was added), plus the directory of each symlink on the way to them: a release
         switch (``current -> releases/r2``) changes nothing inside the old release, only the
         link, and resolving again then moves the watches to the new release."""
-        dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
+        dirs = {os.path.dirname(p) for p in self.scanner.last_watched_files()}
         dirs.update(self._wake_dirs)
         dirs.update(self.scanner.growing_dirs())
         watched: set[str] = set()
