@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -437,6 +438,25 @@ def test_with_events_a_burst_is_one_batch_too(tmp_path: Path, event_source: str)
     monitor, batches = run_monitor(tmp_path, "events", edits=10, gap=0.03)
     assert monitor.backend == "events"
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
+
+
+def test_settling_on_events_waits_even_when_the_first_event_is_not_read_yet(tmp_path: Path) -> None:
+    """The scan can see a write before the watcher thread reads its event; quiet is then
+    measured from when the batch was found, so a second file written just after still joins."""
+    from wsgi_reload.monitor import settle
+
+    first, second = tmp_path / "first.py", tmp_path / "second.py"
+    first.write_text("0")
+    second.write_text("0")
+    scanner = Scanner(Settings(extra_files=(str(first), str(second))), watch_modules=False)
+    scanner.scan()
+    first.write_text("changed")
+    found = scanner.scan()
+    writer = threading.Timer(0.05, lambda: second.write_text("changed too"))
+    writer.start()
+    batch = settle(scanner.scan, found, 0.5, last_event=lambda: 0.0)  # no event read yet
+    writer.join()
+    assert batch == [Change(str(first), "modified"), Change(str(second), "modified")]
 
 
 def test_a_crashed_watcher_thread_says_so_and_restarts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -63,7 +63,14 @@ def settle(
     (a stop event's ``wait``) ends the wait early.
     """
     batch = {c.path: c for c in changes}
-    deadline = time.monotonic() + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
+    found = time.monotonic()
+    deadline = found + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
+
+    def quiet_for() -> float:
+        # From the latest event, but never from before the batch was found: the scan can see a
+        # write whose event the watcher thread has not read yet.
+        return time.monotonic() - max(found, last_event()) if last_event is not None else 0.0
+
     while True:
         busy = [path for path in batch if open_for_writing(path)]
         if last_event is None:
@@ -71,13 +78,13 @@ def settle(
                 break
             pause = quiet_seconds if quiet_seconds > 0 else WRITER_POLL_SECONDS
         else:
-            pause = quiet_seconds - (time.monotonic() - last_event())
+            pause = quiet_seconds - quiet_for()
             if busy:
                 pause = max(pause, WRITER_POLL_SECONDS)
         if pause > 0 and sleep(pause):
             break
         more = scan()
-        if not more and not busy and (last_event is None or time.monotonic() - last_event() >= quiet_seconds):
+        if not more and not busy and (last_event is None or quiet_for() >= quiet_seconds):
             break
         for change in more:
             earlier = batch.get(change.path)
