@@ -266,7 +266,9 @@ class Monitor:
         at when it was added), plus the directory of each symlink on the way to them: a release
         switch (``current -> releases/r2``) changes nothing inside the old release, only the
         link, and resolving again then moves the watches to the new release."""
-        dirs = {os.path.dirname(p) for p in self.scanner.last_watched_files()}
+        # Listed afresh, not taken from the last scan: a tick may have added a file since (the
+        # file a failed check names), and its directory must be watched from this turn on.
+        dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
         dirs.update(self._wake_dirs)
         dirs.update(self.scanner.growing_dirs())
         watched: set[str] = set()

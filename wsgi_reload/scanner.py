@@ -72,7 +72,6 @@ class Scanner:
         self._unstatable: set[str] = set()
         self._lock = threading.Lock()
         self._module_entries: tuple[frozenset[str], dict[str, int | None]] | None = None
-        self._last_entries: dict[str, int | None] | None = None
 
     def add_patterns(self, patterns: Iterable[str]) -> None:
         """Watch more files, directories or globs, from the next scan on."""
@@ -117,10 +116,6 @@ class Scanner:
             entries[path] = read_at
         return entries
 
-    def last_watched_files(self) -> Mapping[str, int | None]:
-        """What the last scan stated (what :meth:`watched_files` says, when nothing has scanned yet)."""
-        return self._last_entries if self._last_entries is not None else self.watched_files()
-
     def growing_dirs(self) -> set[str]:
         """Directories where a watched glob or directory can gain a file, new subdirectories
         included: an event watcher must hear about a file created there."""
@@ -135,7 +130,7 @@ class Scanner:
     def scan(self) -> list[Change]:
         """Stat every watched file; return what changed since the last scan, sorted by path."""
         with self._lock:
-            entries = self._last_entries = self.watched_files()
+            entries = self.watched_files()
             baseline = self._baseline
             first = not self._scanned
             changes: list[Change] = []
