@@ -152,16 +152,22 @@ def start_time(pid: int) -> int | None:
 
 
 def start_epoch(pid: int) -> float | None:
-    """When the process started, in seconds since the epoch (Linux only)."""
+    """When the process started, in seconds since the epoch (Linux only).
+
+    Its start is in clock ticks since boot; its age is the time since boot now
+    (``/proc/uptime``) less that, and the epoch time is now less its age. (``btime`` in
+    ``/proc/stat`` is whole seconds and does not follow a wall clock that was stepped since
+    boot, which a paused and resumed virtual machine does: up to seconds off.)
+    """
     ticks = start_time(pid)
-    if ticks is None or not os.path.isdir("/proc/self"):
+    if ticks is None:
         return None
     try:
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
+        with open("/proc/uptime", encoding="ascii") as f:
+            since_boot = float(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def process_state(pid: int) -> str | None:
