@@ -538,6 +538,23 @@ def test_events_hear_a_new_file_in_a_new_subdirectory_of_a_glob(tmp_path: Path, 
         assert any(Change(str(created), "created") in batch for batch in batches), batches
 
 
+def test_events_hear_a_file_appear_in_directories_that_did_not_exist(tmp_path: Path, event_source: str) -> None:
+    """An extra file named before its directories exist (a deploy that creates them later)."""
+    awaited = tmp_path / "conf" / "site" / "local.ini"
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(awaited),), backend="events", settle=0.1)
+    with Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.backend == "events"
+        time.sleep(0.3)
+        (tmp_path / "conf").mkdir()
+        time.sleep(0.3)  # heard, and then the new directory is watched in its turn
+        (tmp_path / "conf" / "site").mkdir()
+        time.sleep(0.3)
+        awaited.write_text("[site]\n")
+        wait_for_batch(batches)
+    assert batches == [[Change(str(awaited), "created")]]
+
+
 def inotify_watches_of_root() -> int:
     """An upper bound of the watches root holds now, in every process (the limit is per user;
     a forked child shows its parent's instance again)."""

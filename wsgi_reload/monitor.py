@@ -273,9 +273,12 @@ class Monitor:
         dirs.update(self.scanner.growing_dirs())
         watched: set[str] = set()
         for directory in dirs:
-            if os.path.isdir(directory):
-                watched.add(os.path.realpath(directory))
-                watched.update(symlink_parents(directory))
+            # A watched file whose directory does not exist yet (an extra file still to come):
+            # the nearest directory that does exist hears the missing one being made.
+            while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+                directory = os.path.dirname(directory)
+            watched.add(os.path.realpath(directory))
+            watched.update(symlink_parents(directory))
         return watched
 
     def _start_events(self) -> None:
