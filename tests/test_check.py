@@ -555,6 +555,30 @@ def test_events_hear_a_file_appear_in_directories_that_did_not_exist(tmp_path: P
     assert batches == [[Change(str(awaited), "created")]]
 
 
+def test_events_hear_a_watched_directory_deleted_and_made_again(tmp_path: Path, event_source: str) -> None:
+    """``rm -rf app; cp -r new app``: the new directory is another inode, watched afresh."""
+    app = tmp_path / "app"
+    app.mkdir()
+    module = app / "views.py"
+    module.write_text("v1\n")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(module),), backend="events", settle=0.1)
+    with Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.backend == "events"
+        time.sleep(0.3)
+        module.unlink()
+        app.rmdir()
+        wait_for_batch(batches)
+        app.mkdir()
+        module.write_text("v2\n")
+        wait_for_batch(batches, 2)
+        time.sleep(0.3)  # the new directory is watched in the turn after its batch
+        module.write_text("v3, a longer line\n")
+        wait_for_batch(batches, 3)
+    assert batches == [[Change(str(module), "deleted")], [Change(str(module), "created")],
+                       [Change(str(module), "modified")]]
+
+
 def inotify_watches_of_root() -> int:
     """An upper bound of the watches root holds now, in every process (the limit is per user;
     a forked child shows its parent's instance again)."""

@@ -31,6 +31,7 @@ IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -95,10 +96,10 @@ class DirectoryWatcher:
         self._name = name
         self._lock = threading.Lock()
         self._watches: dict[str, int] = {}
+        self._paths: dict[int, str] = {}
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._last_event = 0.0
-        self.overflows = 0
 
     def last_event(self) -> float:
         """The :func:`time.monotonic` time the latest event was read (0.0 before any): the
@@ -118,11 +119,14 @@ class DirectoryWatcher:
         added = False
         with self._lock:
             for directory in set(self._watches) - wanted:
-                self._libc.inotify_rm_watch(self._fd, self._watches.pop(directory))
+                wd = self._watches.pop(directory)
+                self._paths.pop(wd, None)
+                self._libc.inotify_rm_watch(self._fd, wd)
             for directory in sorted(wanted - set(self._watches)):
                 wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), DIRECTORY_MASK)
                 if wd >= 0:
                     self._watches[directory] = wd
+                    self._paths[wd] = directory
                     added = True
                     continue
                 err = ctypes.get_errno()
@@ -178,7 +182,20 @@ class DirectoryWatcher:
                 return
             offset = 0
             while offset + EVENT_HEADER.size <= len(data):
-                _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
+                wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
                 offset += EVENT_HEADER.size + length
                 if mask & IN_Q_OVERFLOW:
-                    self.overflows += 1
+                    log.info("wsgi_reload: the inotify event queue overflowed; a full scan follows")
+                elif mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                    self._forget(wd, moved=bool(mask & IN_MOVE_SELF))
+
+    def _forget(self, wd: int, moved: bool) -> None:
+        """A watched directory was deleted or moved away: the path may come back as another
+        directory (``rm -rf app; cp -r new app``), which the next :meth:`set_directories` must
+        watch afresh."""
+        with self._lock:
+            directory = self._paths.pop(wd, None)
+            if directory is not None and self._watches.get(directory) == wd:
+                del self._watches[directory]
+            if moved:
+                self._libc.inotify_rm_watch(self._fd, wd)  # it would follow the directory elsewhere
