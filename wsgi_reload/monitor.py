@@ -353,12 +353,24 @@ def _network_mount(dirs: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
+def _identity(dirs: Iterable[str]) -> frozenset[tuple[str, int, int]]:
+    found = set()
+    for directory in dirs:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        found.add((directory, st.st_dev, st.st_ino))
+    return frozenset(found)
+
+
 class _EventWatcher:
     """A watchfiles thread over the watched directories that only wakes the monitor."""
 
     def __init__(self, wake: threading.Event, dirs: set[str], name: str) -> None:
         self._wake = wake
         self._dirs = dirs
+        self._identity = _identity(dirs)
         self._name = name
         self._stop = threading.Event()
         self._restart = threading.Event()
@@ -376,9 +388,12 @@ class _EventWatcher:
         self._stop.set()
 
     def set_dirs(self, dirs: set[str]) -> None:
+        """Watch these directories; a path that is another directory now (``mv app.new app``)
+        counts as a change too, since the old watch went with the old directory."""
+        identity = _identity(dirs)
         with self._lock:
-            if dirs != self._dirs:
-                self._dirs = dirs
+            if dirs != self._dirs or identity != self._identity:
+                self._dirs, self._identity = dirs, identity
                 self._restart.set()
 
     def _run(self) -> None:
