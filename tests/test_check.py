@@ -574,7 +574,9 @@ def test_events_hear_a_watched_directory_replaced_by_another(tmp_path: Path, eve
         time.sleep(0.3)  # the new directory is watched in the turn after its batch
         module.write_text("v3, edited in place\n")
         wait_for_batch(batches, 2)
-    assert batches == [[Change(str(module), "modified")], [Change(str(module), "modified")]]
+    # The first scan may fall between the two renames, when views.py is briefly gone.
+    assert batches[0] in ([Change(str(module), "modified")], [Change(str(module), "created")]), batches
+    assert batches[1:] == [[Change(str(module), "modified")]]
 
 
 def inotify_watches_of_root() -> int:
