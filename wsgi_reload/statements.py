@@ -38,10 +38,6 @@ class Plan:
     unsafe: str | None = None
     """Why only running the whole module is right, or None."""
 
-    @property
-    def unchanged(self) -> bool:
-        return not (self.run or self.bodies or self.removed)
-
 
 class _BlankBodies(ast.NodeTransformer):
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
@@ -173,16 +169,19 @@ def plan(old_source: str | bytes, new_source: str | bytes, filename: str = "<mod
     bodies: list[str] = []
     run: list[tuple[int, ast.stmt]] = []
     for index, statement in fresh:
-        if isinstance(statement, DEFINITIONS) and (statement.name, shape(statement)) in old_shapes:
-            bodies.append(statement.name)
-            gone.remove(old_shapes.pop((statement.name, shape(statement))))
+        same_shape = None
+        if isinstance(statement, DEFINITIONS):
+            same_shape = old_shapes.pop((statement.name, shape(statement)), None)
+        if same_shape is not None:
+            bodies.append(same_shape.name)
+            gone.remove(same_shape)
         else:
             run.append((index, statement))
 
-    old_bound = set().union(*(bound_names(s) for s in old_tree.body)) if old_tree.body else set()
-    new_bound = set().union(*(bound_names(s) for s in new_tree.body)) if new_tree.body else set()
-    run_bound = set().union(*(bound_names(s) for _, s in run)) if run else set()
-    gone_bound = set().union(*(bound_names(s) for s in gone)) if gone else set()
+    old_bound: set[str] = set().union(*(bound_names(s) for s in old_tree.body))
+    new_bound: set[str] = set().union(*(bound_names(s) for s in new_tree.body))
+    run_bound: set[str] = set().union(*(bound_names(s) for _, s in run))
+    gone_bound: set[str] = set().union(*(bound_names(s) for s in gone))
     removed = sorted(gone_bound - new_bound)
     changed = sorted(run_bound & old_bound)
     added = sorted(run_bound - old_bound)
