@@ -240,10 +240,24 @@ def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
     return None, None, str(exc)
 
 
+def install_generation(generation: dict[str, Any]) -> None:
+    """Import the project's files from the generation being checked, as the workers will."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_wsgi_reload_genimport", generation["finder"])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look a module up by name
+    spec.loader.exec_module(module)
+    module.install(generation["store"], generation["id"], generation["files"])
+
+
 def main() -> None:
     payload = json.loads(sys.stdin.read())
     os.chdir(payload["cwd"])
     sys.path[:] = payload["sys_path"]
+    if payload.get("generation"):
+        install_generation(payload["generation"])
     sys.meta_path.insert(0, _ImportTracer())
     try:
         load_application(payload["app"])

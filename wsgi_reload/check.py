@@ -18,13 +18,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import spawn, warm
+from . import _genimport, spawn, warm
 from .settings import Settings
+
+_FINDER_FILE = str(Path(_genimport.__file__).resolve())
 
 PROBE_ENV = "_WSGI_RELOAD_PROBE"
 """Set in the check's interpreter, so adapters imported by the app stay quiet there."""
 
 _PROBE_SOURCE = (Path(__file__).with_name("_probe.py")).read_text(encoding="utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """The generation a check imports from: the store's directory and the files' digests."""
+
+    store: str
+    id: int
+    files: Mapping[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +75,24 @@ def in_probe() -> bool:
     return os.environ.get(PROBE_ENV) == "1"
 
 
-def compile_files(paths: Iterable[str]) -> CheckResult:
-    """Compile each ``.py`` file in memory; the first error wins."""
+def compile_files(paths: Iterable[str], generation: Checked | None = None) -> CheckResult:
+    """Compile each ``.py`` file in memory (with a generation: its bytes of the file); the first
+    error wins."""
     started = time.time_ns()
     for path in sorted(set(paths)):
-        if not path.endswith(".py") or not os.path.isfile(path):
+        if not path.endswith(".py"):
+            continue
+        digest = None if generation is None else generation.files.get(path)
+        if generation is not None and digest is None:
+            continue
+        if generation is None and not os.path.isfile(path):
             continue
         try:
-            with open(path, "rb") as f:
-                source = f.read()
+            if generation is not None and digest is not None:
+                source = _genimport.read_object(generation.store, digest)
+            else:
+                with open(path, "rb") as f:
+                    source = f.read()
             compile(source, path, "exec", dont_inherit=True)
         except SyntaxError as exc:
             return CheckResult(False, "compile", f"{type(exc).__name__}: {exc.msg}",
@@ -93,6 +113,7 @@ def import_app(
     files: Sequence[str] = (),
     warm_from: Iterable[str] | None = None,
     changed: Iterable[str] = (),
+    generation: Checked | None = None,
 ) -> CheckResult:
     """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
     in a fresh interpreter, and report how it went. For a Django app, changed template and
@@ -106,6 +127,9 @@ def import_app(
     With ``warm_from`` (the module files the workers run) the check is forked from a warm
     probe process that has imported the installed packages among them (:mod:`wsgi_reload.warm`),
     once one is ready; the probe and what it reports are the same.
+
+    With ``generation`` the project's files are imported from that generation's bytes, the
+    ones the workers will load, not from the disk.
     """
     started = time.time_ns()
     clock = time.monotonic()
@@ -113,16 +137,20 @@ def import_app(
     child_env[PROBE_ENV] = "1"
     child_env["PYTHONDONTWRITEBYTECODE"] = "1"
     cwd = os.path.abspath(cwd) if cwd else os.getcwd()
-    payload = {
-        "sys_path": [os.path.abspath(p) if p else cwd for p in (sys.path if sys_path is None else sys_path)],
+    child_sys_path = [os.path.abspath(p) if p else cwd for p in (sys.path if sys_path is None else sys_path)]
+    payload: dict[str, object] = {
+        "sys_path": child_sys_path,
         "app": app,
         "cwd": cwd,
         "modules": list(modules),
         "files": list(files),
     }
+    if generation is not None:
+        payload["generation"] = {"finder": _FINDER_FILE, "store": generation.store, "id": generation.id,
+                                 "files": dict(generation.files)}
     warm_probe = None
     if warm_from is not None:
-        warm_probe = warm.probe_for(cwd, payload["sys_path"], child_env, changed, warm_from, _PROBE_SOURCE)
+        warm_probe = warm.probe_for(cwd, child_sys_path, child_env, changed, warm_from, _PROBE_SOURCE)
     with spawn.data_file(json.dumps(payload).encode()) as stdin, spawn.data_file() as records, \
             spawn.data_file() as stderr:
         forked = warm_probe.run(stdin, records, stderr, timeout) if warm_probe is not None else None
@@ -209,24 +237,27 @@ def check_code(
     cwd: str | None = None,
     sys_path: Sequence[str] | None = None,
     loaded_modules: Iterable[str] = (),
+    generation: Checked | None = None,
 ) -> CheckResult:
     """The shared pre-reload check, in the mode the settings ask for.
 
     ``loaded_modules`` are the module files the workers run; the changed ones among them are
-    imported after the app, so a module a worker imported lazily is checked too.
+    imported after the app, so a module a worker imported lazily is checked too. With
+    ``generation``, every project file is compiled and imported from that generation.
     """
     changed = list(changed)
     if settings.check == "off":
         return CheckResult(True, "off", started_ns=time.time_ns())
-    forget_bytecode(changed)
-    compiled = compile_files(changed)
+    if generation is None:
+        forget_bytecode(changed)
+    compiled = compile_files(changed, generation)
     if not compiled.ok or settings.check == "compile" or not settings.app:
         return compiled
     loaded = set(loaded_modules)
     lazy = [path for path in changed if path in loaded and path.endswith(".py")]
     imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
                           files=[path for path in changed if not path.endswith(".py")],
-                          warm_from=loaded or None, changed=changed)
+                          warm_from=loaded or None, changed=changed, generation=generation)
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 

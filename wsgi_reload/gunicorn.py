@@ -32,9 +32,10 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
-from . import markers, runtime
-from .check import check_code, in_probe
-from .files import error_location, module_file
+from . import _genimport, markers, runtime
+from .check import Checked, CheckResult, check_code, in_probe
+from .files import ModuleFiles, PathFilter, error_location
+from .generations import Generation, Store, is_project_file, project_roots
 from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
@@ -46,6 +47,8 @@ _log = logging.getLogger("wsgi_reload.gunicorn")
 
 _LOADED_NS = time.time_ns()
 """When the config loaded: with preload_app the app is imported after this, in the master."""
+_CONFIG_PID = os.getpid()
+"""The master: gunicorn imports its config there, before any worker exists."""
 
 PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker")
 """Worker classes (and their subclasses) whose preload re-exec is supported. gevent must
@@ -161,16 +164,16 @@ def when_ready(server: Any) -> None:
 
 @_hook
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker: note when this worker started loading code."""
+    """Worker: load the app from the master's verified generation (inherited with the fork)."""
     global _worker, _patches
-    if _manifest_dir is None:
+    if _manifest_dir is None or _master is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
     _worker = ManifestWriter(_manifest_dir, loaded_at)
-    if _master is not None and _master.patcher is not None:
+    if _master.patcher is not None:
         _patches = PatchApplier(_manifest_dir)
-    if _master is not None and _master.served_once and not server.cfg.preload_app:
-        worker.load_wsgi = _guarded_load(worker.load_wsgi, worker, loaded_at)
+    if not server.cfg.preload_app:
+        worker.load_wsgi = _load_verified(worker.load_wsgi, worker, _master.store)
 
 
 @_hook
@@ -182,9 +185,7 @@ def post_worker_init(worker: Any) -> None:
 
 @_hook
 def pre_request(worker: Any, req: Any) -> None:
-    """Worker: defer a max_requests restart while the code is broken; in patch mode, apply a newer
-    patch before serving."""
-    _defer_max_requests(worker)
+    """Worker: in patch mode, apply a newer patch before serving."""
     if _patches is not None:
         _patches.maybe_apply()
 
@@ -214,33 +215,56 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
-def _guarded_load(load: Callable[[], None], worker: Any, loaded_at_ns: int) -> Callable[[], None]:
-    """Keep one worker's failed import from stopping the whole server.
+RETRY_SECONDS = 5.0
+"""A worker that cannot load a verified generation (a database down at import, say) exits after
+this long, or as soon as newer code passes the check, and gunicorn starts another."""
 
-    gunicorn halts every worker when a new one cannot import the app. Once the server has
-    served, a failure here means a save raced this worker's import (retry once) or the
-    code on disk is broken while the other workers still run good code: then the worker
-    holds back (see :func:`hold_failed_worker`) and exits, and gunicorn tries again while
-    the others serve.
+
+def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Callable[[], None]:
+    """Load the app from a verified generation, and never let a failure halt the server.
+
+    The worker imports from the generation the master had when it forked this worker. With
+    none yet (the app did not load at start), it waits, telling the master it is alive, until
+    the first one passes the check. An import that fails anyway exits with code 1, which
+    gunicorn answers by starting another worker, where a boot error would halt it.
     """
 
     def load_wsgi() -> None:
+        finder = _genimport.install(store.directory)
+        if finder.generation is None:
+            _wait_for_generation(worker, store, finder, newer_than=-1)
         try:
             load()
             return
         except Exception as exc:
-            if _drop_modules_changed_since(loaded_at_ns, exc):
-                _log.warning("wsgi_reload: a save raced this worker's import (%s); loading again", exc)
-                time.sleep(0.3)
-                try:
-                    load()
-                    return
-                except Exception as again:
-                    exc = again
-            hold_failed_worker(worker, exc, loaded_at_ns)
+            path, line = error_location(exc)
+            _log.error("wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: "
+                       "%s); the other workers serve on, and another worker tries again in %g s or once newer "
+                       "code passes the check", os.getpid(), finder.generation, path, line, type(exc).__name__, exc,
+                       RETRY_SECONDS)
+            failed = finder.generation if finder.generation is not None else -1
+            _wait_for_generation(worker, store, None, newer_than=failed, timeout=RETRY_SECONDS)
         sys.exit(1)
 
     return load_wsgi
+
+
+def _wait_for_generation(worker: Any, store: Store, finder: _genimport.GenerationFinder | None, *,
+                         newer_than: int, timeout: float | None = None) -> None:
+    """Wait until a generation newer than ``newer_than`` is published (and import from it, given
+    the ``finder``), or ``timeout`` runs out; gunicorn's timeout must not kill a waiting worker."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            worker.notify()
+        current = store.current_id()
+        if current is not None and current > newer_than:
+            generation = store.load(current)
+            if generation is not None:
+                if finder is not None:
+                    finder.set(generation.id, generation.files)
+                return
+        time.sleep(0.1)
 
 
 def hold_failed_worker(worker: Any, exc: BaseException, loaded_at_ns: int) -> None:
@@ -294,7 +318,7 @@ def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Se
             after_publish()
 
     loaded.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
-    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": pre_request,
+    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": _defer_max_requests_hook,
                                             "post_request": post_request, "worker_exit": _worker_exit}
     for name, hook in hooks.items():
         current = getattr(cfg, name)
@@ -303,6 +327,12 @@ def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Se
 
 def _first_report(key: str) -> bool:
     return _manifest_dir is None or markers.first_report(_manifest_dir, key)
+
+
+def _defer_max_requests_hook(worker: Any, req: Any) -> None:
+    """``pre_request`` of a worker whose master runs none of our code (Django with no gunicorn
+    config), which has no verified generation to restart into."""
+    _defer_max_requests(worker)
 
 
 def _defer_max_requests(worker: Any) -> None:
@@ -337,23 +367,6 @@ def _code_unverified(writer: ManifestWriter) -> bool:
     return False
 
 
-def _drop_modules_changed_since(loaded_at_ns: int, exc: BaseException) -> bool:
-    """Forget modules whose file changed after this worker started; True when there was any."""
-    changed = False
-    path, _ = error_location(exc)
-    with contextlib.suppress(OSError, TypeError):
-        changed = path is not None and os.stat(path).st_mtime_ns > loaded_at_ns
-    for name, module in list(sys.modules.items()):
-        file = module_file(module)
-        if file is None:
-            continue
-        with contextlib.suppress(OSError):
-            if os.stat(file).st_mtime_ns > loaded_at_ns:
-                del sys.modules[name]
-                changed = True
-    return changed
-
-
 # --- master side ------------------------------------------------------------------------
 
 
@@ -378,13 +391,23 @@ class _MasterWatch:
                 self.patcher = None
             else:
                 worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
+        self.store = Store(os.path.join(manifest_dir, "generations"))
+        self.roots = project_roots()
+        self.accept = PathFilter(settings.include, settings.exclude)
+        self.previous: Generation | None = None
+        self.current: Generation | None = None
+        """The newest verified generation: what the master's finder hands every forked worker."""
+        self.candidate: Generation | None = None
+        """The generation the last check imported."""
         how = ("gunicorn (the master re-executes in place: preload_app)" if self.preload
                else "gunicorn (new workers by TTIN; the old retire by TTOU once those load)")
-        self.watcher = Watcher(settings, self.trigger, server=how, sources=[worker_files, self.config_files],
+        self.watcher = Watcher(settings, self.trigger, server=how,
+                               sources=[worker_files, self.config_files, self.generation_files],
                                wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
-                               check=lambda paths: check_code(paths, settings, loaded_modules=self.worker_files.files))
+                               check=self.check)
 
     def start(self) -> None:
+        self.first_generation()
         self.watcher.start()
         if self.preload:
             self.server.reexec = lambda: reexec_in_place(self.server)  # USR2 from now on: see reexec_in_place
@@ -409,6 +432,72 @@ class _MasterWatch:
             files.append(location[len("file:"):] if location.startswith("file:") else location)
         return [os.path.abspath(f) for f in files]
 
+    def generation_files(self) -> dict[str, int | None]:
+        """Every file of the running generation is watched, imported by a worker yet or not: a
+        module a view imports lazily must be in the next generation as soon as it is saved."""
+        current = self.current
+        return {} if current is None else dict.fromkeys(current.files, current.built_ns)
+
+    # Generations: what the check imports is what the workers run.
+
+    def first_generation(self) -> None:
+        """The code the workers start with. After an in-place re-exec it is the generation the new
+        image imported; with preload_app, what the master just imported; otherwise it is checked
+        first, and the workers wait (gunicorn stays up) until code that loads is saved."""
+        reexecuted = _genimport.installed()
+        if reexecuted is not None and reexecuted.generation is not None and reexecuted.store == self.store.directory:
+            self.current = self.store.load(reexecuted.generation)
+        if self.current is None:
+            generation = self.store.build(self.roots, accept=self.accept, extra=self.worker_python_files())
+            if self.preload:
+                result = CheckResult(True, "preload")  # the master itself just imported it
+            else:
+                result = self.check_generation(generation, [])
+            if not result.ok:
+                self.watcher.gate.refuse(result, old_code_serves=False)
+                _log.error("wsgi_reload: the workers wait, without serving, until code that loads is saved; "
+                           "gunicorn stays up")
+                self.store.save(generation)
+                self.candidate = generation
+                self.current = None
+                self.store.install()
+                return
+            self.current = generation
+        self.store.publish(self.current)
+        self.store.install(self.current)
+        if not self.current.complete:
+            _log.warning("wsgi_reload: the files beyond that bound are read from the disk by the workers, unchecked")
+
+    def worker_python_files(self) -> list[str]:
+        """The project's modules the workers (or, before they publish, this master) imported: in
+        the generation even where they lie outside the directories on ``sys.path`` at start."""
+        files = self.worker_files.files or ModuleFiles()()
+        return [p for p in files if is_project_file(p)]
+
+    def check(self, paths: Sequence[str]) -> CheckResult:
+        """Read what changed into a candidate generation and check that, not the disk."""
+        base = self.current if self.current is not None else self.candidate
+        candidate = self.store.build(self.roots, base=base, accept=self.accept,
+                                     extra=[*paths, *self.worker_python_files()])
+        self.candidate = candidate
+        return self.check_generation(candidate, [*paths, *candidate.changed])
+
+    def check_generation(self, generation: Generation, changed: Sequence[str]) -> CheckResult:
+        return check_code(sorted(set(changed)), self.settings, loaded_modules=self.worker_files.files,
+                          generation=Checked(self.store.directory, generation.id, generation.files))
+
+    def publish(self) -> bool:
+        """Make the checked candidate what every worker forked from now on imports; False when
+        no worker had code to serve before (they were waiting, and now load it themselves)."""
+        candidate = self.candidate
+        assert candidate is not None
+        had_code = self.current is not None
+        keep = {g for g in self.worker_files.generations if g is not None}
+        self.store.publish(candidate, keep=keep)
+        self.store.install(candidate)
+        self.previous, self.current = self.current, candidate
+        return had_code
+
     # Deciding and reloading.
 
     def on_batch(self, batch: Sequence[Change]) -> None:
@@ -417,12 +506,13 @@ class _MasterWatch:
             return
         self.batch_started = time.monotonic()
         self.watcher.gate(batch)
-        self.mark_code_state()
-
-    def mark_code_state(self) -> None:
-        markers.mark_code_state(self.manifest_dir, self.watcher.gate)
 
     def trigger(self, batch: Sequence[Change]) -> None:
+        if not self.publish():
+            _log.info("wsgi_reload: the waiting workers load the code that passed the check now")
+            threading.Thread(target=self.report_new_workers, args=(set(), self.batch_started),
+                             name="wsgi_reload-report", daemon=True).start()
+            return
         if self.patcher is not None:
             reason = self.patcher.publish(batch)
             if reason is None:
@@ -578,42 +668,116 @@ def reexec_in_place(server: Any) -> None:
     environ[OLD_WORKERS_ENV] = ",".join(str(pid) for pid in server.WORKERS)
     if _manifest_dir is not None:
         environ[runtime.RUNTIME_ENV] = _manifest_dir
+    if _master is not None and _master.current is not None:
+        environ[GENERATION_ENV] = str(_master.current.id)
+        if _master.previous is not None:
+            environ[PREVIOUS_GENERATION_ENV] = str(_master.previous.id)
     os.chdir(server.START_CTX["cwd"])
     os.execvpe(server.START_CTX[0], server.START_CTX["args"], environ)
 
 
 OLD_WORKERS_ENV = "_WSGI_RELOAD_OLD_WORKERS"
 """Set across an in-place re-exec: the old image's workers, for the new image to retire."""
+GENERATION_ENV = "_WSGI_RELOAD_GENERATION"
+"""Set across an in-place re-exec: the verified generation the new image imports the app from."""
+PREVIOUS_GENERATION_ENV = "_WSGI_RELOAD_PREVIOUS_GENERATION"
+"""The generation the old workers run, to fall back to if the new image cannot load."""
 
 
-def _retry_preload_after_reexec() -> None:
-    """In a re-executed master, a preload import that fails must not halt gunicorn (the old
-    workers are serving): load again every second until a fix is saved."""
+def _import_reexec_generation() -> None:
+    """In a re-executed master, before gunicorn preloads the app: import from the generation
+    that passed the check, not from the disk."""
+    directory = os.environ.get(runtime.RUNTIME_ENV)
+    wanted = os.environ.pop(GENERATION_ENV, "")
+    if not directory or not wanted.isdigit() or not runtime.is_private_dir(directory):
+        return
+    store = Store(os.path.join(directory, "generations"))
+    generation = store.load(int(wanted))
+    if generation is not None:
+        store.install(generation)
+
+
+def _guard_preload() -> None:
+    """The master's own import of the app (``preload_app``) must never halt gunicorn.
+
+    At the first start the master imports from a generation read just before, so the workers'
+    lazy imports later get the same bytes; if the app does not load, the master says so once
+    and waits for a save that changes the project's files, then tries that. After an in-place
+    re-exec it imports the generation that passed the check; if that fails anyway (the
+    environment's fault: a port the old workers still hold, a database down), the master
+    executes itself once more with the generation the old workers run.
+    """
     from gunicorn.app.base import BaseApplication
 
     load_once = BaseApplication.wsgi
+    previous = os.environ.pop(PREVIOUS_GENERATION_ENV, "")
 
     def wsgi(self: Any) -> Any:
-        reported: set[str] = set()
-        while True:
-            started = time.time_ns()
+        if os.getpid() != _CONFIG_PID or self.callable is not None:
+            return load_once(self)  # a worker, or loaded already
+        forward_to(_gunicorn_emitter(logging.getLogger("gunicorn.error")))
+        finder = _genimport.installed()
+        if finder is not None and finder.generation is not None:
             try:
                 return load_once(self)
             except Exception as exc:
+                if not previous.isdigit():
+                    raise
                 path, line = error_location(exc)
-                key = f"{path}:{line}: {type(exc).__name__}: {exc}"
-                if key not in reported:
-                    reported.add(key)
-                    _log.error("wsgi_reload: the re-executed master cannot load the app (%s); the old workers keep "
-                               "serving, and it loads again every second until a fix is saved", key)
-                _drop_modules_changed_since(started, exc)  # the next try reads what was saved since
-                time.sleep(1.0)
+                _log.error("wsgi_reload: the re-executed master cannot load the code that passed the check (%s:%s: "
+                           "%s: %s); it executes itself again with the code the old workers run (same pid)",
+                           path, line, type(exc).__name__, exc)
+                environ = dict(os.environ)
+                environ[GENERATION_ENV] = previous
+                os.execvpe(sys.executable, [sys.executable, *sys.argv], environ)
+        return _first_preload(self, load_once)
 
     BaseApplication.wsgi = wsgi
 
 
-if os.environ.get(OLD_WORKERS_ENV) and not in_probe():
-    _retry_preload_after_reexec()
+def _first_preload(app: Any, load_once: Callable[[Any], Any]) -> Any:
+    try:
+        store = Store(os.path.join(runtime.for_server(os.getpid()), "generations"))
+    except (OSError, runtime.RuntimeDirError):
+        return load_once(app)  # when_ready says reloading is off, and why
+    roots = project_roots()
+    generation = store.build(roots, extra=ModuleFiles()())
+    store.install(generation)
+    reported: set[str] = set()
+    while True:
+        try:
+            loaded = load_once(app)
+        except Exception as exc:
+            path, line = error_location(exc)
+            key = f"{path}:{line}: {type(exc).__name__}: {exc}"
+            if key not in reported:
+                reported.add(key)
+                _log.error("wsgi_reload: the app does not load (%s); gunicorn stays up, without listening yet, and "
+                           "loads it again as soon as a file of the project changes", key)
+            for name, module in list(sys.modules.items()):
+                if getattr(module, "__file__", None) in generation.files:
+                    del sys.modules[name]  # the next try imports them again, from the next generation
+            generation = _next_generation(store, roots, generation)
+            store.install(generation)
+            continue
+        store.publish(generation)
+        return loaded
+
+
+def _next_generation(store: Store, roots: Sequence[str], base: Generation, poll: float = 0.25) -> Generation:
+    """Wait until a project file changes; returns the generation of the files as they are then."""
+    while True:
+        time.sleep(poll)
+        generation = store.build(roots, base=base, extra=base.files)
+        if generation.changed:
+            time.sleep(poll)  # let a save that is still being written settle
+            return store.build(roots, base=base, extra=base.files)
+
+
+if not in_probe():
+    if os.environ.get(OLD_WORKERS_ENV):
+        _import_reexec_generation()
+    _guard_preload()
 
 
 def _workers(count: int, adjective: str = "") -> str:

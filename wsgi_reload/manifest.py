@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import runtime
+from . import _genimport, runtime
 from .files import ModuleFiles, expand
 
 
@@ -36,8 +36,10 @@ class ManifestWriter:
         """Write the manifest now."""
         with self._lock:
             self.published_count = len(sys.modules)
+            finder = _genimport.installed()
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
-                    "patterns": self.patterns, "app_loaded": self.app_loaded()}
+                    "patterns": self.patterns, "app_loaded": self.app_loaded(),
+                    "generation": None if finder is None else finder.generation}
             runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
 
     def publish_if_grown(self) -> None:
@@ -65,6 +67,8 @@ class ManifestReader:
         """The extra patterns the live manifests name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
+        self.generations: set[int | None] = set()
+        """The code generations the live processes run (None: one imports from the disk)."""
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
@@ -72,6 +76,7 @@ class ManifestReader:
         live: set[int] = set()
         loaded: dict[int, bool | None] = {}
         patterns: set[str] = set()
+        generations: set[int | None] = set()
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -87,6 +92,7 @@ class ManifestReader:
                 continue
             live.add(int(stem))
             loaded[int(stem)] = manifest.get("app_loaded")
+            generations.add(manifest.get("generation"))
             loaded_at = manifest["loaded_at_ns"]
             paths = list(manifest["files"])
             patterns.update(manifest.get("patterns", ()))
@@ -102,6 +108,7 @@ class ManifestReader:
             del self._cache[gone]
         self.live = live
         self.loaded = loaded
+        self.generations = generations
         self.patterns = patterns
         self.files = files
         return files

@@ -1,0 +1,164 @@
+"""The generation store and its import finder, in a child interpreter of their own (no servers).
+
+Each case imports through a real ``sys.meta_path`` finder from a real store on disk, in a
+fresh interpreter, so nothing of the test process's imports leaks in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from wsgi_reload.generations import Store, project_roots, walk
+
+
+def run(code: str, cwd: Path) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "mod.py").write_text('def text():\n    return "v1"\n')
+    (root / "pkg" / "data.txt").write_text("data on disk\n")
+    (root / "top.py").write_text('def boom():\n    raise ValueError("from the generation")\n')
+    return root
+
+
+def test_a_generation_serves_its_own_bytes_whatever_the_disk_says(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    generation = store.build([str(root)])
+    store.publish(generation)
+    # Then the disk changes: broken, shifted, deleted. None of it may show.
+    (root / "pkg" / "mod.py").write_text("undefined_name\n")
+    (root / "top.py").write_text("\n\n\n# shifted\ndef boom():\n    raise ValueError('from the disk')\n")
+    result = run(f"""
+        import inspect, json, sys, traceback
+        sys.path.insert(0, {str(root)!r})
+        from wsgi_reload.generations import Store
+        store = Store({str(tmp_path / 'store')!r})
+        store.install(store.load(store.current_id()))
+        import pkg.mod, top, os
+        os.unlink({str(root / 'pkg' / 'mod.py')!r})
+        try:
+            top.boom()
+        except ValueError:
+            tb = traceback.format_exc()
+        print(json.dumps({{"text": pkg.mod.text(), "file": top.__file__, "tb": tb,
+                          "source": inspect.getsource(top.boom),
+                          "data": pkg.mod.__spec__.loader.get_data({str(root / 'pkg' / 'data.txt')!r}).decode(),
+                          "package": pkg.__path__}}))
+    """, tmp_path)
+    assert result["text"] == "v1"
+    assert result["file"] == str(root / "top.py")
+    assert 'line 2, in boom\n    raise ValueError("from the generation")' in str(result["tb"])
+    assert result["source"] == 'def boom():\n    raise ValueError("from the generation")\n'
+    assert result["data"] == "data on disk\n"  # a package's data files still come from the disk
+    assert result["package"] == [str(root / "pkg")]
+
+
+def test_a_file_deleted_after_the_check_still_imports_and_a_new_one_comes_from_the_disk(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    store.publish(store.build([str(root)]))
+    (root / "pkg" / "mod.py").unlink()
+    (root / "newer.py").write_text('TEXT = "new file"\n')
+    result = run(f"""
+        import json, sys
+        sys.path.insert(0, {str(root)!r})
+        from wsgi_reload.generations import Store
+        store = Store({str(tmp_path / 'store')!r})
+        store.install(store.load(store.current_id()))
+        import pkg.mod, newer
+        print(json.dumps({{"text": pkg.mod.text(), "newer": newer.TEXT}}))
+    """, tmp_path)
+    assert result == {"text": "v1", "newer": "new file"}
+
+
+def test_a_rebuild_reads_only_what_changed(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    first = store.build([str(root)])
+    assert set(first.changed) == set(first.files)
+    (root / "pkg" / "mod.py").write_text('def text():\n    return "v2"\n')
+    (root / "pkg" / "added.py").write_text("")
+    (root / "top.py").unlink()
+    second = store.build([str(root)], base=first)
+    assert set(second.changed) == {str(root / "pkg" / "mod.py"), str(root / "pkg" / "added.py"), str(root / "top.py")}
+    assert second.files[str(root / "pkg" / "__init__.py")] == first.files[str(root / "pkg" / "__init__.py")]
+    assert second.id == first.id + 1
+
+
+def test_two_generations_are_kept_and_the_rest_pruned(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    generation = None
+    digests = []
+    for n in range(5):
+        (root / "pkg" / "mod.py").write_text(f'def text():\n    return "v{n}"\n')
+        generation = store.build([str(root)], base=generation)
+        store.publish(generation)
+        digests.append(generation.files[str(root / "pkg" / "mod.py")])
+    assert store.ids() == [3, 4]
+    objects = set(os.listdir(tmp_path / "store" / "objects"))
+    assert digests[-1] in objects and digests[-2] in objects
+    assert not objects & set(digests[:3])
+    (root / "pkg" / "mod.py").write_text('def text():\n    return "v5"\n')
+    store.publish(store.build([str(root)], base=generation), keep={3})  # a live worker still runs 3
+    assert store.ids() == [3, 4, 5]
+    assert digests[3] in set(os.listdir(tmp_path / "store" / "objects"))
+
+
+def test_compiled_code_is_cached_in_the_store_and_used(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    store.publish(store.build([str(root)]))
+    code = f"""
+        import json, sys, builtins
+        sys.path.insert(0, {str(root)!r})
+        from wsgi_reload.generations import Store
+        compiled = []
+        real = builtins.compile
+        builtins.compile = lambda *a, **k: compiled.append(a[1]) or real(*a, **k)
+        store = Store({str(tmp_path / 'store')!r})
+        store.install(store.load(store.current_id()))
+        import pkg.mod
+        print(json.dumps({{"compiled": compiled}}))
+    """
+    assert run(code, tmp_path)["compiled"] == [str(root / "pkg" / "__init__.py"), str(root / "pkg" / "mod.py")]
+    assert run(code, tmp_path)["compiled"] == []  # the second interpreter takes the cached code
+
+
+def test_the_walk_skips_virtual_environments_hidden_and_cache_directories(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    (root / ".venv" / "lib").mkdir(parents=True)
+    (root / ".venv" / "lib" / "x.py").write_text("")
+    (root / "env").mkdir()
+    (root / "env" / "pyvenv.cfg").write_text("")
+    (root / "env" / "y.py").write_text("")
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "z.py").write_text("")
+    found, complete = walk([str(root)])
+    assert complete
+    assert found == {str(root / "pkg" / "__init__.py"), str(root / "pkg" / "mod.py"), str(root / "top.py")}
+    found, complete = walk([str(root)], max_files=1)
+    assert not complete and len(found) >= 1
+
+
+def test_project_roots_leave_out_the_standard_library_and_installed_packages(tmp_path: Path) -> None:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = project_roots([str(tmp_path), paths["stdlib"], paths["purelib"], os.path.dirname(sys.executable)])
+    assert roots == [str(tmp_path)]

@@ -1,0 +1,227 @@
+"""The workers run exactly the bytes that were checked: real gunicorn, real HTTP, real edits.
+
+Each test puts the workers in different states on purpose (one has imported a module and
+one has not; workers killed or recycled while the disk is broken), and every body served
+must be a version that passed a check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from servers import (
+    BROKEN_SAVES,
+    Load,
+    Server,
+    free_port,
+    get,
+    greeting,
+    gunicorn,
+    make_app,
+    running,
+    wait_for_body,
+    write,
+)
+
+pytestmark = pytest.mark.slow
+
+MODES = {
+    "sync": ["-w", "2"],
+    "gthread": ["-w", "2", "-k", "gthread", "--threads", "4"],
+    "preload": ["-w", "2", "--preload"],
+}
+LAZY_BROKEN = 'undefined_name\n\n\ndef text():\n    return "broken"\n'
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> list[str]:
+    return MODES[request.param]
+
+
+def lazy_app(tmp_path: Path) -> Path:
+    """The test app plus ``/lazy``, whose view imports lazy_part.py on its first request and
+    answers ``<text>@<worker pid>``."""
+    app = make_app(tmp_path)
+    write(app / "lazy_part.py", 'def text():\n    return "lazy-1"\n')
+    write(app / "app.py", '''import os
+
+import greeting
+
+
+def make_app():
+    greeting.setup()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/lazy":
+            import lazy_part
+
+            text = f"{lazy_part.text()}@{os.getpid()}"
+        else:
+            text = greeting.text()
+        body = text.encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+app = make_app()
+''')
+    return app
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The live workers: pids gunicorn logged booting that are still its children (a check
+    process is a child of the master too, so the log says which are workers)."""
+    assert server.proc is not None
+    booted = {int(p) for p in re.findall(r"Booting worker with pid: (\d+)", server.log())}
+    live = set()
+    for pid in booted:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == server.proc.pid:
+            live.add(pid)
+    return live
+
+
+def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path: Path, mode: list[str]) -> None:
+    """The worker that had not imported lazy_part imports it after the broken save; it gets the
+    checked bytes, so both workers answer lazy-1 and nothing fails."""
+    app = lazy_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1") as server:
+        status, body = get(port, "/lazy")  # exactly one worker has imported lazy_part now
+        assert (status, body.split("@")[0]) == (200, "lazy-1")
+        write(app / "lazy_part.py", LAZY_BROKEN)
+        server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
+        with Load(port, threads=4, path="/lazy") as load:
+            time.sleep(3)
+            ok, failures, bodies = load.snapshot()
+        assert failures == []
+        assert {b.split("@")[0] for b in bodies} == {"lazy-1"}
+        assert len({b.split("@")[1] for b in bodies}) == 2, "both workers must have served /lazy"
+        assert ok > 20
+        write(app / "lazy_part.py", 'def text():\n    return "lazy-3"\n')
+        deadline = time.monotonic() + 30
+        while get(port, "/lazy")[1].split("@")[0] != "lazy-3":
+            assert time.monotonic() < deadline, "the fix was never served"
+            time.sleep(0.05)
+
+
+def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one(
+        tmp_path: Path, mode: list[str]) -> None:
+    """Ten good-then-broken pairs 80 to 600 ms apart, then a final good save. Every body is a
+    version that passed a check; once the final one is served no older one is; and it is served
+    well before check_timeout (30 s) would have run out."""
+    app = make_app(tmp_path)
+    port = free_port()
+    goods = {"v1"}
+    gaps = [0.08, 0.6, 0.15, 0.45, 0.1, 0.3, 0.2, 0.55, 0.12, 0.35]
+    with running(gunicorn(app, port, mode), "v1"), Load(port, threads=4) as load:
+        for n, gap in enumerate(gaps, start=2):
+            goods.add(f"v{n}")
+            write(app / "greeting.py", greeting(f"v{n}"))
+            time.sleep(gap)
+            write(app / "greeting.py", BROKEN_SAVES["name_error"])
+            time.sleep(gap)
+        saved = time.monotonic()
+        write(app / "greeting.py", greeting("final"))
+        goods.add("final")
+        wait_for_body(port, "final", timeout=20)
+        served_after = time.monotonic() - saved
+        time.sleep(1)  # the old workers finish their last requests
+        load.reset_bodies()
+        answers = [get(port)[1] for _ in range(40)]
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert set(answers) == {"final"}
+    assert bodies == {"final"}
+    assert served_after < 15, f"the final save was served {served_after:.1f} s after it was made"
+
+
+def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, mode: list[str]) -> None:
+    """kill -9 of every worker (the OOM killer) while a broken save is on disk: the replacements
+    load the last verified code and serve it."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, mode), "v1") as server:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        server.wait_for_log(r"reload done")
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])
+        server.wait_for_log(r"not reloading, the new code does not load")
+        assert server.proc is not None
+        time.sleep(1)  # the old workers of the v2 reload have retired
+        killed = worker_pids(server)
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        wait_for_body(port, "v2")
+        with Load(port, threads=4) as load:
+            time.sleep(3)
+            ok, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v2"}
+        assert ok > 20
+        assert not killed & worker_pids(server)
+        assert "Worker failed to boot" not in server.log()
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+
+
+def test_max_requests_restarts_under_load_while_the_disk_is_broken(tmp_path: Path, mode: list[str]) -> None:
+    """Workers restart every 50 requests as gunicorn asks; each one loads the verified code."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, [*mode, "--max-requests", "50"]), "v1") as server, \
+            Load(port, threads=4) as load:
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])
+        server.wait_for_log(r"not reloading, the new code does not load")
+        restarts = server.count(r"Autorestarting worker")
+        load.reset_bodies()
+        time.sleep(5)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        assert server.count(r"Autorestarting worker") >= restarts + 2
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        time.sleep(1)
+        load.reset_bodies()
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v2"}
+
+
+@pytest.mark.parametrize("mode_name", ["sync", "preload"])
+def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, mode_name: str) -> None:
+    """gunicorn started with an app that does not load: one line with the file and line, the
+    server stays up, and the fix is served. Nothing halts the arbiter."""
+    app = make_app(tmp_path)
+    write(app / "greeting.py", BROKEN_SAVES["name_error"])
+    port = free_port()
+    server = gunicorn(app, port, MODES[mode_name])
+    with running(server, None):
+        server.wait_for_log(rf"{app / 'greeting.py'}:1: NameError")
+        time.sleep(2)
+        assert server.proc is not None and server.proc.poll() is None
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        with Load(port, threads=4) as load:
+            time.sleep(1)
+            _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v2"}
+        log = server.log()
+        assert "Worker failed to boot" not in log and "Shutting down: Master" not in log
+        assert len(re.findall(r"greeting.py:1: NameError", log)) >= 1

@@ -1,0 +1,264 @@
+"""Verified code generations: the exact bytes of the project's files that passed one check.
+
+The watcher reads the changed files once into a new generation; the check imports from
+those bytes, and so does every process that loads the app afterwards (new workers of a
+swap, a worker that replaces a crashed or killed one, a ``max_requests`` restart), through
+:mod:`wsgi_reload._genimport`. A save that lands after the check stays on the disk until
+the next check passes; a worker never reads it.
+
+The store lives in the server's private runtime directory::
+
+    objects/<sha256>        file contents, content-addressed: a reload copies only what changed
+    code/<key>              compiled code objects of those files (see ``_genimport.code_key``)
+    <id>.json               one generation: its roots, and each file's digest and stat signature
+    current                 the id of the newest verified generation
+
+Project files are the ``.py`` files under the project's directories on ``sys.path``
+(not the standard library, not installed packages, not a virtual environment inside the
+project), less what the ``exclude`` setting excludes. As in Erlang's code server, two
+generations are kept, the running one and the one before it, plus any a live process
+still names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from . import _genimport, runtime
+from .files import library_dirs
+
+log = logging.getLogger("wsgi_reload.generations")
+
+MAX_FILES = 20_000
+"""A walk of the project's directories stops after this many ``.py`` files (one log line says so)."""
+MAX_WALK_SECONDS = 5.0
+SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
+
+Signature = tuple[int, int, int]
+"""(st_mtime_ns, st_size, st_ino): when it is unchanged, the bytes in the store are the file's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One set of file contents that a check imported."""
+
+    id: int
+    roots: tuple[str, ...]
+    files: Mapping[str, str]
+    """Real path -> SHA-256 digest of its contents in the store."""
+    signatures: Mapping[str, Signature]
+    changed: tuple[str, ...] = ()
+    """The files whose contents differ from the generation this one was built on."""
+    complete: bool = True
+    """False when a walk hit :data:`MAX_FILES` or the time bound: the rest loads from the disk."""
+    built_ns: int = 0
+    """When the build began reading the files (``time.time_ns()``)."""
+
+    def to_json(self) -> bytes:
+        return json.dumps({"id": self.id, "roots": list(self.roots), "files": dict(self.files),
+                           "signatures": {p: list(s) for p, s in self.signatures.items()},
+                           "complete": self.complete, "built_ns": self.built_ns}).encode()
+
+
+class Store:
+    """The generations of one server, in ``directory`` (created 0700 if it does not exist)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        for sub in ("", _genimport.OBJECTS, _genimport.CODE):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(directory, sub), 0o700)
+
+    # Building.
+
+    def build(self, roots: Iterable[str], *, base: Generation | None = None,
+              accept: Callable[[str], bool] = lambda path: True, extra: Iterable[str] = ()) -> Generation:
+        """A new generation of the ``.py`` files under ``roots`` (plus ``extra`` ``.py`` files) as
+        they are on the disk now. Files whose stat signature matches ``base`` keep their digest
+        unread; the others are read once and stored."""
+        started = time.time_ns()
+        roots = tuple(dict.fromkeys(os.path.abspath(r) for r in roots))
+        paths, complete = walk(roots, accept)
+        paths.update(p for p in map(os.path.abspath, extra) if is_project_file(p) and accept(p))
+        files: dict[str, str] = {}
+        signatures: dict[str, Signature] = {}
+        changed: list[str] = []
+        for path in sorted(paths):
+            try:
+                entry = self._entry(path, base)
+            except OSError:
+                continue  # gone since the walk, or unreadable: it loads from the disk, if at all
+            files[path], signatures[path] = entry
+            if base is None or base.files.get(path) != entry[0]:
+                changed.append(path)
+        if base is not None:
+            changed.extend(p for p in base.files if p not in files)
+        return Generation(self._next_id(base), roots, files, signatures, tuple(changed), complete, started)
+
+    def _entry(self, path: str, base: Generation | None) -> tuple[str, Signature]:
+        st = os.stat(path)
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if base is not None and base.signatures.get(path) == signature and path in base.files:
+            return base.files[path], signature
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file")
+            data = f.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if not os.path.exists(os.path.join(self.directory, _genimport.OBJECTS, digest)):
+            runtime.write_atomic(os.path.join(self.directory, _genimport.OBJECTS), digest, data)
+        # The signature from fstat of the descriptor we read: a write after the read changes it.
+        return digest, (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _next_id(self, base: Generation | None) -> int:
+        ids = self.ids()
+        return max([*ids, base.id if base is not None else -1]) + 1
+
+    # Publishing and reading.
+
+    def save(self, generation: Generation) -> str:
+        """Write the generation's record (a candidate for the check); returns its path."""
+        runtime.write_atomic(self.directory, f"{generation.id}.json", generation.to_json())
+        return os.path.join(self.directory, f"{generation.id}.json")
+
+    def publish(self, generation: Generation, keep: Iterable[int] = ()) -> None:
+        """Make ``generation`` the newest verified one: what every process loads from now on.
+        ``keep`` names generations that live processes still import from."""
+        self.save(generation)
+        runtime.write_atomic(self.directory, "current", str(generation.id).encode())
+        self.prune(keep={generation.id, *keep})
+
+    def current_id(self) -> int | None:
+        try:
+            fd = os.open(os.path.join(self.directory, "current"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(32).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def load(self, generation_id: int) -> Generation | None:
+        try:
+            fd = os.open(os.path.join(self.directory, f"{generation_id}.json"),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                record = json.load(f)
+            return Generation(int(record["id"]), tuple(record["roots"]), dict(record["files"]),
+                              {p: (s[0], s[1], s[2]) for p, s in record["signatures"].items()},
+                              complete=bool(record.get("complete", True)), built_ns=int(record.get("built_ns", 0)))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+
+    def ids(self) -> list[int]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def prune(self, keep: Iterable[int] = ()) -> None:
+        """Keep the current generation, the one before it and ``keep``; remove the other records
+        and every object and compiled code no kept generation names."""
+        current = self.current_id()
+        verified = [i for i in self.ids() if current is not None and i <= current]
+        kept = set(keep) | set(verified[-2:])
+        live: set[str] = set()
+        for generation_id in self.ids():
+            if generation_id in kept:
+                generation = self.load(generation_id)
+                if generation is not None:
+                    live.update(generation.files.values())
+                    continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.directory, f"{generation_id}.json"))
+        if not live:
+            return  # nothing loaded: never empty the store on a read error
+        for sub in (_genimport.OBJECTS, _genimport.CODE):
+            folder = os.path.join(self.directory, sub)
+            with contextlib.suppress(OSError):
+                for name in os.listdir(folder):
+                    if name.split("-", 1)[0].split(".", 1)[0] not in live:
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(folder, name))
+
+    def size(self) -> int:
+        """Bytes the store holds on the disk (for the benchmarks)."""
+        total = 0
+        for folder, _, names in os.walk(self.directory):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def install(self, generation: Generation | None = None) -> _genimport.GenerationFinder:
+        """Import this process's project modules from ``generation`` from now on (None: keep the
+        finder's generation, or the disk until it has one); returns the finder."""
+        if generation is None:
+            return _genimport.install(self.directory)
+        return _genimport.install(self.directory, generation.id, generation.files)
+
+
+def _not_project_dirs() -> tuple[str, ...]:
+    """The standard library, installed packages, the interpreter's prefix, and this library itself
+    (installed in editable mode it lies outside site-packages)."""
+    prefixes = {os.path.abspath(p) + os.sep for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return (*library_dirs(), *sorted(prefixes), ours)
+
+
+def is_project_file(path: str) -> bool:
+    """A ``.py`` file of the project's own: not the standard library's, an installed package's
+    or the interpreter's."""
+    return path.endswith(".py") and not os.path.abspath(path).startswith(_not_project_dirs())
+
+
+def project_roots(sys_path: Iterable[str] | None = None) -> list[str]:
+    """The directories on ``sys.path`` that hold the project's own code: not the standard
+    library's or an installed package's, not inside the interpreter's prefix (a virtual
+    environment's ``bin``), and existing."""
+    not_project = _not_project_dirs()
+    roots: list[str] = []
+    for entry in sys.path if sys_path is None else sys_path:
+        path = os.path.abspath(entry or os.getcwd())
+        if not (path + os.sep).startswith(not_project) and os.path.isdir(path) and path not in roots:
+            roots.append(path)
+    return roots
+
+
+def walk(roots: Iterable[str], accept: Callable[[str], bool] = lambda path: True,
+         max_files: int = MAX_FILES, max_seconds: float = MAX_WALK_SECONDS) -> tuple[set[str], bool]:
+    """Every ``.py`` file under ``roots``, skipping hidden directories, ``__pycache__``, installed
+    packages and virtual environments; bounded by count and time. Returns (files, complete)."""
+    roots = tuple(roots)
+    found: set[str] = set()
+    deadline = time.monotonic() + max_seconds
+    libraries = _not_project_dirs()
+    for root in roots:
+        for directory, subdirs, names in os.walk(root):
+            subdirs[:] = sorted(
+                d for d in subdirs
+                if not d.startswith(".") and d not in SKIP_DIRS
+                and not (os.path.join(directory, d) + os.sep).startswith(libraries)
+                and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg")))
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(directory, name)
+                    if accept(path):
+                        found.add(path)
+            if len(found) >= max_files or time.monotonic() > deadline:
+                log.warning("wsgi_reload: the project's directories (%s) hold more than %d Python files or took "
+                            "longer than %g s to list; files beyond that load from the disk, unchecked. Run the "
+                            "server from the project's own directory", ", ".join(roots), max_files, max_seconds)
+                return found, False
+    return found, True
