@@ -24,6 +24,7 @@ from servers import (
     gunicorn,
     make_app,
     running,
+    uwsgi,
     wait_for_body,
     write,
 )
@@ -35,12 +36,22 @@ MODES = {
     "gthread": ["-w", "2", "-k", "gthread", "--threads", "4"],
     "preload": ["-w", "2", "--preload"],
 }
+KINDS = [*MODES, "uwsgi-prefork", "uwsgi-lazy"]
 LAZY_BROKEN = 'undefined_name\n\n\ndef text():\n    return "broken"\n'
+WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (\d+)|new pid: (\d+)"
+RESTARTS = r"Autorestarting worker"
 
 
-@pytest.fixture(params=sorted(MODES))
-def mode(request: pytest.FixtureRequest) -> list[str]:
-    return MODES[request.param]
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def serve(kind: str, app: Path, port: int, args: tuple[str, ...] = ()) -> Server:
+    """gunicorn as the README starts it (the config hooks), or uWSGI with --import."""
+    if kind in MODES:
+        return gunicorn(app, port, [*MODES[kind], *args])
+    return uwsgi(app, port, args, lazy=kind == "uwsgi-lazy")
 
 
 def lazy_app(tmp_path: Path) -> Path:
@@ -71,6 +82,7 @@ def make_app():
 
 
 app = make_app()
+application = app
 ''')
     return app
 
@@ -79,7 +91,7 @@ def worker_pids(server: Server) -> set[int]:
     """The live workers: pids gunicorn logged booting that are still its children (a check
     process is a child of the master too, so the log says which are workers)."""
     assert server.proc is not None
-    booted = {int(p) for p in re.findall(r"Booting worker with pid: (\d+)", server.log())}
+    booted = {int(next(filter(None, m))) for m in re.findall(WORKER_PIDS, server.log())}
     live = set()
     for pid in booted:
         try:
@@ -92,12 +104,12 @@ def worker_pids(server: Server) -> set[int]:
     return live
 
 
-def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path: Path, mode: list[str]) -> None:
+def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path: Path, kind: str) -> None:
     """The worker that had not imported lazy_part imports it after the broken save; it gets the
     checked bytes, so both workers answer lazy-1 and nothing fails."""
     app = lazy_app(tmp_path)
     port = free_port()
-    with running(gunicorn(app, port, mode), "v1") as server:
+    with running(serve(kind, app, port), "v1") as server:
         status, body = get(port, "/lazy")  # exactly one worker has imported lazy_part now
         assert (status, body.split("@")[0]) == (200, "lazy-1")
         write(app / "lazy_part.py", LAZY_BROKEN)
@@ -117,7 +129,7 @@ def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path:
 
 
 def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one(
-        tmp_path: Path, mode: list[str]) -> None:
+        tmp_path: Path, kind: str) -> None:
     """Ten good-then-broken pairs 80 to 600 ms apart, then a final good save. Every body is a
     version that passed a check; once the final one is served no older one is; and it is served
     well before check_timeout (30 s) would have run out."""
@@ -125,7 +137,7 @@ def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one
     port = free_port()
     goods = {"v1"}
     gaps = [0.08, 0.6, 0.15, 0.45, 0.1, 0.3, 0.2, 0.55, 0.12, 0.35]
-    with running(gunicorn(app, port, mode), "v1"), Load(port, threads=4) as load:
+    with running(serve(kind, app, port), "v1"), Load(port, threads=4) as load:
         for n, gap in enumerate(gaps, start=2):
             goods.add(f"v{n}")
             write(app / "greeting.py", greeting(f"v{n}"))
@@ -148,15 +160,14 @@ def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one
     assert served_after < 15, f"the final save was served {served_after:.1f} s after it was made"
 
 
-def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, mode: list[str]) -> None:
+def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, kind: str) -> None:
     """kill -9 of every worker (the OOM killer) while a broken save is on disk: the replacements
     load the last verified code and serve it."""
     app = make_app(tmp_path)
     port = free_port()
-    with running(gunicorn(app, port, mode), "v1") as server:
+    with running(serve(kind, app, port), "v1") as server:
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2")
-        server.wait_for_log(r"reload done")
         write(app / "greeting.py", BROKEN_SAVES["name_error"])
         server.wait_for_log(r"not reloading, the new code does not load")
         assert server.proc is not None
@@ -178,21 +189,24 @@ def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, mode: list
         wait_for_body(port, "v3")
 
 
-def test_max_requests_restarts_under_load_while_the_disk_is_broken(tmp_path: Path, mode: list[str]) -> None:
-    """Workers restart every 50 requests as gunicorn asks; each one loads the verified code."""
+@pytest.mark.parametrize("kind", sorted(MODES))
+def test_max_requests_restarts_under_load_while_the_disk_is_broken(tmp_path: Path, kind: str) -> None:
+    """Workers restart every 50 requests as gunicorn asks; each one loads the verified code.
+    (uWSGI 2.0.31 with --max-requests 50 recycled no worker in 300 requests here, with or
+    without threads, so it has no case.)"""
     app = make_app(tmp_path)
     port = free_port()
-    with running(gunicorn(app, port, [*mode, "--max-requests", "50"]), "v1") as server, \
+    with running(serve(kind, app, port, ("--max-requests", "50")), "v1") as server, \
             Load(port, threads=4) as load:
         write(app / "greeting.py", BROKEN_SAVES["name_error"])
         server.wait_for_log(r"not reloading, the new code does not load")
-        restarts = server.count(r"Autorestarting worker")
+        restarts = server.count(RESTARTS)
         load.reset_bodies()
         time.sleep(5)
         _, failures, bodies = load.snapshot()
         assert failures == []
         assert bodies == {"v1"}
-        assert server.count(r"Autorestarting worker") >= restarts + 2
+        assert server.count(RESTARTS) >= restarts + 2
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2")
         time.sleep(1)

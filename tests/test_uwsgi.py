@@ -272,30 +272,33 @@ def test_importing_outside_uwsgi_is_one_clear_line(tmp_path: Path) -> None:
     assert "not running under uWSGI" in done.stderr and "--import wsgi_reload.uwsgi" in done.stderr
 
 
-def test_lazy_apps_chain_keeps_serving_when_a_new_worker_cannot_load(tmp_path: Path) -> None:
+def test_lazy_apps_a_save_after_the_check_never_reaches_the_new_workers(tmp_path: Path) -> None:
     """--lazy-apps: the workers are replaced one at a time. Here the code breaks after the check
-    passed and while the first new worker imports a slow module: that worker is held (it never
-    serves), the other keeps serving the old code, and the fix completes the chain."""
+    passed and while the first new worker imports a slow module: every new worker imports the
+    checked bytes (v2), never the broken file, which its own check then refuses."""
     app = make_app(tmp_path)
     write(app / "slow.py", "import time\ntime.sleep(1.5)\n")
     write(app / "app.py", "import slow  # noqa: F401\n" + (app / "app.py").read_text())
     port = free_port()
-    server = uwsgi(app, port, lazy=True, env=server_env(check_timeout="6"))
+    server = uwsgi(app, port, lazy=True)
     with running(server, "v1"), Load(port, threads=4) as load:
         wait_for_instance(server, 1, {"lazy": True})
         write(app / "greeting.py", greeting("v2"))
         server.wait_for_log(RELOADED)
         server.wait_for_log(r"respawned worker|Respawned uWSGI worker")
         write(app / "greeting.py", BROKEN_SAVES["syntax"])
-        server.wait_for_log(r"a new worker cannot load the app")
+        server.wait_for_log(r"not reloading, the new code does not load: .*greeting.py:\d+: SyntaxError")
+        server.wait_for_log(r"reload done: 2 new workers serving")
+        wait_for_body(port, "v2")
         time.sleep(1)
         _, failures, bodies = load.snapshot()
         assert failures == []
-        assert bodies == {"v1"}
+        assert bodies <= {"v1", "v2"}
+        assert {get(port)[1] for _ in range(6)} == {"v2"}
         write(app / "greeting.py", greeting("v3"))
         wait_for_body(port, "v3")
-        server.wait_for_log(r"reload done: 2 new workers serving")
+        server.wait_for_log(r"reload done: 2 new workers serving", count=2)
         time.sleep(0.5)
         _, failures, bodies = load.snapshot()
         assert failures == []
-        assert bodies <= {"v1", "v3"}
+        assert bodies <= {"v1", "v2", "v3"}

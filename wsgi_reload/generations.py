@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -207,6 +208,57 @@ class Store:
         if generation is None:
             return _genimport.install(self.directory)
         return _genimport.install(self.directory, generation.id, generation.files)
+
+
+RETRY_SECONDS = 5.0
+"""A worker that cannot load a verified generation (a database down at import, say) exits after
+this long, or as soon as newer code passes the check, and its server starts another."""
+
+STORE_DIR = "generations"
+"""The store's place in the server's runtime directory."""
+
+
+def store_of(runtime_dir: str) -> Store:
+    return Store(os.path.join(runtime_dir, STORE_DIR))
+
+
+def adopt(runtime_dir: str) -> tuple[Store, _genimport.GenerationFinder]:
+    """In a process about to import the app: import the project's files from the server's
+    newest verified generation. At the server's very first start there is none yet: the first
+    process to get here reads one from the disk (the others wait for it), and its own import of
+    the app is that generation's check."""
+    store = store_of(runtime_dir)
+    lock = os.open(os.path.join(store.directory, "build.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = store.current_id()
+        generation = None if current is None else store.load(current)
+        if generation is None:
+            modules = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
+            generation = store.build(project_roots(), extra=[f for f in modules if isinstance(f, str)])
+            store.publish(generation)
+    finally:
+        os.close(lock)
+    return store, store.install(generation)
+
+
+def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,
+                   heartbeat: Callable[[], object] | None = None) -> Generation | None:
+    """Wait until a generation newer than ``newer_than`` is published, or ``timeout`` runs out;
+    ``heartbeat`` is called meanwhile (a gunicorn worker must tell its master it is alive)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        if heartbeat is not None:
+            with contextlib.suppress(Exception):
+                heartbeat()
+        current = store.current_id()
+        if current is not None and (newer_than is None or current > newer_than):
+            generation = store.load(current)
+            if generation is not None:
+                return generation
+        time.sleep(0.1)
+    return None
 
 
 def _not_project_dirs() -> tuple[str, ...]:

@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
-from . import _genimport, markers, runtime
+from . import _genimport, runtime
 from .check import Checked, CheckResult, check_code, in_probe
 from .files import ModuleFiles, PathFilter, error_location
-from .generations import Generation, Store, is_project_file, project_roots
+from .generations import RETRY_SECONDS, Generation, Store, is_project_file, project_roots, store_of, wait_for_newer
 from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
@@ -215,11 +215,6 @@ def on_exit(server: Any) -> None:
 # --- worker side ------------------------------------------------------------------------
 
 
-RETRY_SECONDS = 5.0
-"""A worker that cannot load a verified generation (a database down at import, say) exits after
-this long, or as soon as newer code passes the check, and gunicorn starts another."""
-
-
 def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Callable[[], None]:
     """Load the app from a verified generation, and never let a failure halt the server.
 
@@ -232,46 +227,31 @@ def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Calla
     def load_wsgi() -> None:
         finder = _genimport.install(store.directory)
         if finder.generation is None:
-            _wait_for_generation(worker, store, finder, newer_than=-1)
+            first = wait_for_newer(store, None, None, heartbeat=worker.notify)
+            assert first is not None
+            finder.set(first.id, first.files)
         try:
             load()
             return
         except Exception as exc:
-            path, line = error_location(exc)
-            _log.error("wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: "
-                       "%s); the other workers serve on, and another worker tries again in %g s or once newer "
-                       "code passes the check", os.getpid(), finder.generation, path, line, type(exc).__name__, exc,
-                       RETRY_SECONDS)
-            failed = finder.generation if finder.generation is not None else -1
-            _wait_for_generation(worker, store, None, newer_than=failed, timeout=RETRY_SECONDS)
+            retry_later(worker, exc)
         sys.exit(1)
 
     return load_wsgi
 
 
-def _wait_for_generation(worker: Any, store: Store, finder: _genimport.GenerationFinder | None, *,
-                         newer_than: int, timeout: float | None = None) -> None:
-    """Wait until a generation newer than ``newer_than`` is published (and import from it, given
-    the ``finder``), or ``timeout`` runs out; gunicorn's timeout must not kill a waiting worker."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            worker.notify()
-        current = store.current_id()
-        if current is not None and current > newer_than:
-            generation = store.load(current)
-            if generation is not None:
-                if finder is not None:
-                    finder.set(generation.id, generation.files)
-                return
-        time.sleep(0.1)
-
-
-def hold_failed_worker(worker: Any, exc: BaseException, loaded_at_ns: int) -> None:
-    """Hold a worker that could not load the app (:func:`wsgi_reload.markers.hold_failed_worker`),
-    telling the master it is alive, else gunicorn's timeout would kill it as stuck."""
+def retry_later(worker: Any, exc: BaseException) -> None:
+    """A worker could not load verified code (the environment's fault: a database down at import):
+    say so, and wait :data:`RETRY_SECONDS`, or until newer code passes the check, telling the master
+    it is alive. The caller then exits with 1, which gunicorn answers with a new worker."""
+    path, line = error_location(exc)
+    finder = _genimport.installed()
+    generation = None if finder is None else finder.generation
+    _log.error("wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: %s); "
+               "the other workers serve on, and another worker tries again in %g s or once newer code passes "
+               "the check", os.getpid(), generation, path, line, type(exc).__name__, exc, RETRY_SECONDS)
     if _manifest_dir is not None:
-        markers.hold_failed_worker(_manifest_dir, exc, loaded_at_ns, heartbeat=worker.notify)
+        wait_for_newer(store_of(_manifest_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -291,7 +271,7 @@ def _worker_exit(server: Any, worker: Any) -> None:
 
     if not watcher_running(_manifest_dir):
         return  # the server never served: a broken app at start stops it, as gunicorn does
-    hold_failed_worker(worker, exc.__context__ or exc, _worker.loaded_at_ns)
+    retry_later(worker, exc.__context__ or exc)
     raise SystemExit(1)
 
 
@@ -318,53 +298,11 @@ def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Se
             after_publish()
 
     loaded.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
-    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": _defer_max_requests_hook,
+    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": pre_request,
                                             "post_request": post_request, "worker_exit": _worker_exit}
     for name, hook in hooks.items():
         current = getattr(cfg, name)
         cfg.set(name, hook if current is cfg.settings[name].default else _chain(current, hook))
-
-
-def _first_report(key: str) -> bool:
-    return _manifest_dir is None or markers.first_report(_manifest_dir, key)
-
-
-def _defer_max_requests_hook(worker: Any, req: Any) -> None:
-    """``pre_request`` of a worker whose master runs none of our code (Django with no gunicorn
-    config), which has no verified generation to restart into."""
-    _defer_max_requests(worker)
-
-
-def _defer_max_requests(worker: Any) -> None:
-    """Worker: a max_requests restart would replace this worker by one that imports the code on
-    disk. While that code is broken, or changed and not yet checked, serve on instead; the
-    restart happens once a check has passed (or the reload replaces this worker anyway)."""
-    if _manifest_dir is None or _worker is None or worker.nr + 1 < worker.max_requests:
-        return
-    if not _code_unverified(_worker):
-        return
-    worker.max_requests = worker.nr + 1 + DEFER_REQUESTS
-    if _first_report("defer-max-requests"):
-        _log.warning("wsgi_reload: the code on disk changed and is not known to load, so workers that reach "
-                     "max_requests serve on instead of restarting into it; they restart once it passes the check")
-
-
-DEFER_REQUESTS = 25
-"""A deferred max_requests restart is looked at again after this many more requests."""
-
-
-def _code_unverified(writer: ManifestWriter) -> bool:
-    """True when the code on disk fails the check, or changed since this worker loaded it and no
-    check has passed on it since. Stats this worker's module files: once per max_requests."""
-    assert _manifest_dir is not None
-    if markers.code_broken(_manifest_dir):
-        return True
-    since = max(writer.loaded_at_ns, markers.verified_ns(_manifest_dir))
-    for path in writer.files():
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_mtime_ns > since:
-                return True
-    return False
 
 
 # --- master side ------------------------------------------------------------------------
@@ -391,7 +329,7 @@ class _MasterWatch:
                 self.patcher = None
             else:
                 worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
-        self.store = Store(os.path.join(manifest_dir, "generations"))
+        self.store = store_of(manifest_dir)
         self.roots = project_roots()
         self.accept = PathFilter(settings.include, settings.exclude)
         self.previous: Generation | None = None
@@ -691,7 +629,7 @@ def _import_reexec_generation() -> None:
     wanted = os.environ.pop(GENERATION_ENV, "")
     if not directory or not wanted.isdigit() or not runtime.is_private_dir(directory):
         return
-    store = Store(os.path.join(directory, "generations"))
+    store = store_of(directory)
     generation = store.load(int(wanted))
     if generation is not None:
         store.install(generation)
@@ -737,7 +675,7 @@ def _guard_preload() -> None:
 
 def _first_preload(app: Any, load_once: Callable[[Any], Any]) -> Any:
     try:
-        store = Store(os.path.join(runtime.for_server(os.getpid()), "generations"))
+        store = store_of(runtime.for_server(os.getpid()))
     except (OSError, runtime.RuntimeDirError):
         return load_once(app)  # when_ready says reloading is off, and why
     roots = project_roots()

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import markers, runtime
+from . import _genimport, runtime
 from .check import in_probe
+from .generations import RETRY_SECONDS, Store, adopt, wait_for_newer
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter
 from .settings import Settings, SettingsError, missing_extra_files
@@ -41,7 +42,8 @@ class Publisher:
     loaded (with ``--lazy-apps`` that is the worker's proof for the chain reload)."""
 
     def __init__(self, directory: str, app_module: str | None,
-                 prepare: Callable[[], Iterable[str] | None] | None = None) -> None:
+                 prepare: Callable[[], Iterable[str] | None] | None = None, store: Store | None = None) -> None:
+        self.store = store
         self.app_module = app_module
         self.prepare = prepare
         self.prepared = prepare is None
@@ -101,7 +103,14 @@ class Publisher:
             if self.writer is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.writer.path)
-            markers.hold_failed_worker(self.directory, value, _LOADED_NS)
+            # It loaded verified code, so the failure is the environment's (a database down at
+            # import): try again after a while, or at once when newer code passes the check.
+            _log.error("wsgi_reload: worker %d cannot load the app from verified code (%s: %s); the other workers "
+                       "serve on, and the master starts another in %g s or once newer code passes the check",
+                       os.getpid(), type(value).__name__, value, RETRY_SECONDS)
+            if self.store is not None:
+                finder = _genimport.installed()
+                wait_for_newer(self.store, None if finder is None else finder.generation, RETRY_SECONDS)
             os._exit(1)  # the master starts this worker again
 
         sys.excepthook = excepthook
@@ -252,6 +261,8 @@ def start(settings: Settings | None = None,
     master = uwsgi.masterpid()
     try:
         directory = runtime.for_server(master)
+        # Before the app loads (--import): the app imports the newest verified generation.
+        store, _ = adopt(directory)
         # --lazy-apps workers import the app themselves (worker_id is set while this is imported);
         # a chain needs to know the app's module to tell when a new worker has loaded it.
         lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None
@@ -273,7 +284,7 @@ def start(settings: Settings | None = None,
             # once, so a connection it accepted in that instant is reset; a plugin cannot change that.
             _log.warning("wsgi_reload: uWSGI workers are single-threaded, so a graceful reload can reset a "
                          "connection accepted in the instant it starts; add --threads 2 (threads = 2) to drop none")
-    publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare)
+    publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare, store)
     if uwsgi.worker_id() == 0:
         publisher.load_finished = True  # prefork: the app loads in the master, before the fork
         _chain_hook(uwsgi, "post_fork_hook", publisher.publish)

@@ -27,9 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import markers, runtime, spawn
-from .check import CheckResult, check_code
+from . import runtime, spawn
+from .check import Checked, CheckResult, check_code
+from .files import PathFilter
 from .gate import ActionFailed
+from .generations import Generation, project_roots, store_of
 from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
@@ -121,22 +123,45 @@ class _ServerWatch:
         else:
             how = config["signal"]
         server = f"{config['server']} ({how}; master pid {target.pid})"
+        self.store = store_of(self.runtime_dir)
+        self.roots = project_roots(config["sys_path"])
+        self.accept = PathFilter(self.settings.include, self.settings.exclude, base=config["cwd"])
+        current = self.store.current_id()
+        self.current: Generation | None = None if current is None else self.store.load(current)
+        """The newest verified generation: what every process that loads the app imports."""
+        self.candidate: Generation | None = None
         self.watcher = Watcher(self.settings, self.reload, server=server,
-                               sources=[self.manifests], modules_loaded_at_ns=config["loaded_at_ns"],
+                               sources=[self.manifests, self.generation_files],
+                               modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
-                               on_tick=self.tick, on_batch=self.on_batch)
+                               on_tick=self.tick)
+
+    def generation_files(self) -> dict[str, int | None]:
+        """Every file of the running generation is watched, imported by a worker yet or not."""
+        current = self.current
+        return {} if current is None else dict.fromkeys(current.files, current.built_ns)
 
     def check(self, paths: Sequence[str]) -> CheckResult:
-        return check_code(paths, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
-                          loaded_modules=self.manifests.files)
+        """Read what changed into a candidate generation and check that, not the disk."""
+        base = self.current if self.current is not None else self.candidate
+        python = [p for p in self.manifests.files if p.endswith(".py")]
+        candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python])
+        self.candidate = candidate
+        return check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
+                          sys_path=self.config["sys_path"], loaded_modules=self.manifests.files,
+                          generation=Checked(self.store.directory, candidate.id, candidate.files))
 
-    def on_batch(self, batch: Sequence[Change]) -> None:
-        self.watcher.gate(batch)
-        markers.mark_code_state(self.runtime_dir, self.watcher.gate)  # workers defer max_requests on it
+    def publish(self) -> None:
+        """Make the checked candidate what every process that loads the app imports from now on."""
+        if self.candidate is None or self.candidate is self.current:
+            return
+        keep = {g for g in self.manifests.generations if g is not None}
+        self.store.publish(self.candidate, keep=keep)
+        self.current = self.candidate
 
     def reload(self, batch: Sequence[Change]) -> None:
+        self.publish()
         if self.swap is not None:
-            markers.mark_code_state(self.runtime_dir, self.watcher.gate)  # releases workers held on old errors
             started = time.monotonic()
             count = self.swap()
             log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the check passed; the old "

@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import markers, runtime
 from ..check import in_probe
+from ..generations import adopt
 from ..logs import forward_to
 from ..settings import Settings, SettingsError
 from ..watch_process import ensure_watcher, watcher_running
@@ -72,6 +73,8 @@ def adopt_booting_worker() -> None:
 
     try:
         directory = runtime.for_server(arbiter.pid)
+        # From here on (models, URLconf, views) the worker imports the newest verified generation.
+        adopt(directory)
     except (OSError, runtime.RuntimeDirError) as exc:
         log.error("wsgi_reload: reloading is off: %s", exc)
         return
@@ -87,8 +90,8 @@ def adopt_booting_worker() -> None:
             load_urlconf()
         except Exception as exc:
             if served_before:
-                # The old workers serve on; this one is held, then tried again.
-                adapter.hold_failed_worker(worker, exc, _STARTED_NS)
+                # The old workers serve on; this one waits, exits, and gunicorn starts another.
+                adapter.retry_later(worker, exc)
                 raise SystemExit(1) from None
             log.warning("wsgi_reload: worker %d cannot load the URLconf (%s: %s)", os.getpid(),
                         type(exc).__name__, exc)
