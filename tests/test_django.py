@@ -246,6 +246,62 @@ def test_a_lazy_view_module_saved_broken_while_one_worker_never_imported_it(site
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_template_saved_broken_that_one_worker_never_rendered(site: Path, kind: str) -> None:
+    """With the cached loader (production): one worker has rendered other.html, the other has
+    not. It is saved broken: the check refuses it, and the worker that renders it afterwards
+    reads the checked template, so both answer other-1 and nothing fails."""
+    template = site / "shop" / "templates" / "shop" / "other.html"
+    write(template, "other-1@{{ pid }}")
+    views = site / VIEWS
+    write(views, views.read_text() + "\n\ndef other(request):\n    import os\n\n"
+                 '    return render(request, "shop/other.html", {"pid": os.getpid()})\n')
+    urls = site / "mysite" / "urls.py"
+    write(urls, urls.read_text().replace("urlpatterns = [", 'urlpatterns = [\n    path("other/", views.other),'))
+    port = free_port()
+    env = server_env()
+    env["DJANGO_DEBUG"] = "0"
+    with running(start(kind, site, port, env), page("hello")) as server:
+        wait_generation(server, kind, 1)
+        status, body = get(port, "/other/")  # exactly one worker has rendered other.html now
+        assert (status, body.split("@")[0]) == (200, "other-1")
+        write(template, "{% if %}{% endif %}other-broken@{{ pid }}")
+        server.wait_for_log(rf"not reloading, the new \w+ does not \w+: {template}")
+        with Load(port, threads=4, path="/other/") as load:
+            time.sleep(3)
+            ok, failures, bodies = load.snapshot()
+        assert failures == []
+        assert {b.split("@")[0] for b in bodies} == {"other-1"}
+        assert len({b.split("@")[1] for b in bodies}) == 2, "both workers must have served /other/"
+        write(template, "other-3@{{ pid }}")
+        deadline = time.monotonic() + LIVENESS
+        while get(port, "/other/")[1].split("@")[0] != "other-3":
+            assert time.monotonic() < deadline, "the fix was never served"
+            time.sleep(0.05)
+
+
+def test_without_wsgi_application_the_check_imports_gunicorns_app(site: Path) -> None:
+    """gunicorn needs no WSGI_APPLICATION (it was started as mysite.wsgi:application), so the
+    check must import what gunicorn imports: a NameError in a view is refused, not reloaded."""
+    settings = site / "mysite" / "settings.py"
+    write(settings, settings.read_text().replace('WSGI_APPLICATION = "mysite.wsgi.application"\n', ""))
+    views = site / VIEWS
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server, Load(port, threads=4) as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        server.wait_for_log(r"check: import mysite\.wsgi:application")
+        original = views.read_text()
+        write(views, original + "\nundefined_name\n")
+        server.wait_for_log(r"not reloading, the new code does not load: .*views.py:\d+: NameError")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("hello")}
+        assert server.count(r"check passed") == 0
+        write(views, original.replace('GREETING = "hello"', 'GREETING = "v2"'))
+        wait_for_body(port, page("v2"), timeout=LIVENESS)
+
+
 def test_a_view_broken_after_the_check_never_reaches_the_workers(site: Path) -> None:
     """Django under gunicorn with no config: the views break after the check passed and before
     the new workers read them (the URLconf imports a slow module first). The new workers import

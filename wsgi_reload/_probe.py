@@ -173,14 +173,18 @@ def check_django_files(paths: list[str]) -> None:
     from django.template import engines
 
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and _generation_bytes(path) is None:
             continue
         if path.endswith(".mo"):
             import gettext
+            import io
 
+            catalog = _generation_bytes(path)
             try:
-                with open(path, "rb") as f:
-                    gettext.GNUTranslations(f)
+                if catalog is None:
+                    with open(path, "rb") as f:
+                        catalog = f.read()
+                gettext.GNUTranslations(io.BytesIO(catalog))
             except Exception as exc:
                 raise Located(type(exc).__name__, f"{exc} (a compiled translation catalog)", path) from None
             continue
@@ -189,15 +193,28 @@ def check_django_files(paths: list[str]) -> None:
                          for d in engine.template_dirs)]
         if not owners:
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            source = f.read()
+        source = _generation_bytes(path)
+        if source is None:
+            with open(path, "rb") as f:
+                source = f.read()
+        text = source.decode("utf-8", errors="replace")
         for engine in owners:
             try:
-                engine.from_string(source)
+                engine.from_string(text)
             except Exception as exc:
                 debug = getattr(exc, "template_debug", None) or {}
                 raise Located(type(exc).__name__, f"{exc} (template engine {engine.name!r})", path,
                               debug.get("line")) from None
+
+
+def _generation_bytes(path: str) -> bytes | None:
+    """The bytes of ``path`` in the generation being checked, if it has them."""
+    module: Any = sys.modules.get("_wsgi_reload_genimport")
+    finder = None if module is None else module.installed()
+    if finder is None:
+        return None
+    digest = finder.files.get(os.path.abspath(path))
+    return None if digest is None else bytes(module.read_object(finder.store, digest))
 
 
 def import_changed_modules(paths: list[str]) -> None:

@@ -133,13 +133,22 @@ class ReloadGate:
             return
         self._reported.add(result.key)
         if old_code_serves:
-            self.log.error("wsgi_reload: not reloading, the new code does not load: %s. "
-                           "The old code keeps serving; saving a fix reloads.", result)
+            self.log.error("wsgi_reload: not reloading, %s: %s. The old code keeps serving; saving a fix reloads.",
+                           what_failed(result), result)
         else:
             self.log.error("wsgi_reload: the app does not load, so the workers have no code to serve and "
                            "every request fails: %s. Saving a fix reloads.", result)
         if result.details:
             self.log.debug("wsgi_reload: check traceback:\n%s", result.details)
+
+
+def what_failed(result: CheckResult) -> str:
+    """'the new code does not load', or what else the check found broken."""
+    if result.file and result.file.endswith(".mo"):
+        return "the new translation catalog does not parse"
+    if result.file and "(template engine " in result.message:
+        return "the new template does not compile"
+    return "the new code does not load"
 
 
 def describe(batch: Sequence[Change], limit: int = 5) -> str:

@@ -15,7 +15,9 @@ The store lives in the server's private runtime directory::
 
 Project files are the ``.py`` files under the project's directories on ``sys.path``
 (not the standard library, not installed packages, not a virtual environment inside the
-project), less what the ``exclude`` setting excludes. As in Erlang's code server, two
+project), the files in their ``templates`` directories and their compiled ``.mo`` catalogs,
+and the files of the patterns the workers name (Django's template and locale globs), less
+what the ``exclude`` setting excludes. As in Erlang's code server, two
 generations are kept, the running one and the one before it, plus any a live process
 still names.
 """
@@ -35,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from . import _genimport, runtime
-from .files import library_dirs
+from .files import expand, library_dirs
 
 log = logging.getLogger("wsgi_reload.generations")
 
@@ -82,14 +84,18 @@ class Store:
     # Building.
 
     def build(self, roots: Iterable[str], *, base: Generation | None = None,
-              accept: Callable[[str], bool] = lambda path: True, extra: Iterable[str] = ()) -> Generation:
-        """A new generation of the ``.py`` files under ``roots`` (plus ``extra`` ``.py`` files) as
-        they are on the disk now. Files whose stat signature matches ``base`` keep their digest
-        unread; the others are read once and stored."""
+              accept: Callable[[str], bool] = lambda path: True, extra: Iterable[str] = (),
+              patterns: Iterable[str] = ()) -> Generation:
+        """A new generation of the project's files under ``roots`` (plus the ``extra`` ``.py`` files
+        and the files ``patterns`` match) as they are on the disk now. Files whose stat signature
+        matches ``base`` keep their digest unread; the others are read once and stored."""
         started = time.time_ns()
         roots = tuple(dict.fromkeys(os.path.abspath(r) for r in roots))
         paths, complete = walk(roots, accept)
         paths.update(p for p in map(os.path.abspath, extra) if is_project_file(p) and accept(p))
+        for pattern in patterns:
+            matched, _ = expand(pattern)
+            paths.update(p for p in matched if accept(p) and not p.startswith(_not_project_dirs()))
         files: dict[str, str] = {}
         signatures: dict[str, Signature] = {}
         changed: list[str] = []
@@ -290,7 +296,8 @@ def project_roots(sys_path: Iterable[str] | None = None) -> list[str]:
 
 def walk(roots: Iterable[str], accept: Callable[[str], bool] = lambda path: True,
          max_files: int = MAX_FILES, max_seconds: float = MAX_WALK_SECONDS) -> tuple[set[str], bool]:
-    """Every ``.py`` file under ``roots``, skipping hidden directories, ``__pycache__``, installed
+    """Every ``.py`` and ``.mo`` file under ``roots`` and every file in a ``templates`` directory
+    there, skipping hidden directories, ``__pycache__``, installed
     packages and virtual environments; bounded by count and time. Returns (files, complete)."""
     roots = tuple(roots)
     found: set[str] = set()
@@ -303,8 +310,9 @@ def walk(roots: Iterable[str], accept: Callable[[str], bool] = lambda path: True
                 if not d.startswith(".") and d not in SKIP_DIRS
                 and not (os.path.join(directory, d) + os.sep).startswith(libraries)
                 and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg")))
+            templates = f"{os.sep}templates{os.sep}" in directory + os.sep
             for name in names:
-                if name.endswith(".py"):
+                if name.endswith((".py", ".mo")) or templates:
                     path = os.path.join(directory, name)
                     if accept(path):
                         found.add(path)

@@ -416,7 +416,7 @@ class _MasterWatch:
         """Read what changed into a candidate generation and check that, not the disk."""
         base = self.current if self.current is not None else self.candidate
         candidate = self.store.build(self.roots, base=base, accept=self.accept,
-                                     extra=[*paths, *self.worker_python_files()])
+                                     extra=[*paths, *self.worker_python_files()], patterns=self.worker_files.patterns)
         self.candidate = candidate
         return self.check_generation(candidate, [*paths, *candidate.changed])
 

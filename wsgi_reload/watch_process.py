@@ -145,7 +145,8 @@ class _ServerWatch:
         """Read what changed into a candidate generation and check that, not the disk."""
         base = self.current if self.current is not None else self.candidate
         python = [p for p in self.manifests.files if p.endswith(".py")]
-        candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python])
+        candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python],
+                                     patterns=self.manifests.patterns)
         self.candidate = candidate
         return check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
                           sys_path=self.config["sys_path"], loaded_modules=self.manifests.files,

@@ -26,11 +26,12 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
 
     def ready(self) -> None:
         checks.register(check_settings)
-        from . import runserver
+        from . import runserver, templates
 
         runserver.install()
         if in_probe():
             return
+        templates.serve_from_generation()
         host = detect_host()
         try:
             reload_settings()

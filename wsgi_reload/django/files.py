@@ -13,8 +13,12 @@ from ..settings import Settings, SettingsError
 log = logging.getLogger("wsgi_reload.django")
 
 
-def reload_settings() -> Settings:
-    """The shared settings from ``WSGI_RELOAD_*`` and the ``WSGI_RELOAD`` dict in Django settings."""
+def reload_settings(server_app: str | None = None) -> Settings:
+    """The shared settings from ``WSGI_RELOAD_*`` and the ``WSGI_RELOAD`` dict in Django settings.
+
+    The check imports ``app`` when it is set, else what the server itself imports
+    (``server_app``: gunicorn's app URI), else ``settings.WSGI_APPLICATION``.
+    """
     from django.conf import settings
 
     overrides = getattr(settings, "WSGI_RELOAD", {}) or {}
@@ -22,7 +26,7 @@ def reload_settings() -> Settings:
         raise SettingsError(f"settings.WSGI_RELOAD must be a dict of wsgi_reload settings, not {overrides!r}")
     loaded = Settings.load(**overrides)
     if loaded.app is None:
-        loaded = loaded.replace(app=wsgi_target())
+        loaded = loaded.replace(app=server_app or wsgi_target())
     return loaded
 
 

@@ -80,9 +80,12 @@ def adopt_booting_worker() -> None:
         return
     state: dict[str, Settings] = {}
 
+    # The check imports what gunicorn itself imports, whatever WSGI_APPLICATION says.
+    server_app = None if arbiter.cfg.paste else getattr(arbiter.app, "app_uri", None)
+
     def before_publish() -> None:
         try:
-            state["settings"] = reload_settings()
+            state["settings"] = reload_settings(server_app)
         except SettingsError:
             return  # the app's ready() says so
         served_before = watcher_running(directory)
