@@ -183,6 +183,8 @@ def test_every_bad_setting_is_named_at_once_on_one_line() -> None:
     ({}, {"extra_file": "x"}, "unknown wsgi_reload setting 'extra_file'; did you mean extra_files?"),
     ({}, {"colour": "blue"}, "unknown wsgi_reload setting 'colour'"),
     ({}, {"app": "not an app"}, "app='not an app' is not valid"),
+    ({"WSGI_RELOAD_READY_PATH": "healthz"}, {}, "WSGI_RELOAD_READY_PATH='healthz' is not valid: give a URL path"),
+    ({}, {"ready_path": "/a b"}, "ready_path='/a b' is not valid"),
 ])
 def test_bad_settings_fail_with_one_clear_line(
     environ: dict[str, str], kwargs: dict[str, object], message: str

@@ -24,6 +24,7 @@ from servers import (
     gunicorn,
     make_app,
     running,
+    server_env,
     uwsgi,
     wait_for_body,
     write,
@@ -239,3 +240,29 @@ def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, mode_name: s
         log = server.log()
         assert "Worker failed to boot" not in log and "Shutting down: Master" not in log
         assert len(re.findall(r"greeting.py:1: NameError", log)) >= 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "preload", "uwsgi-prefork", "uwsgi-lazy"])
+def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) -> None:
+    """With ready_path=/healthz, new code whose /healthz answers 500 never replaces the old code."""
+    app = make_app(tmp_path)
+    source = (app / "app.py").read_text().replace(
+        "        body = greeting.text().encode()",
+        '        if environ["PATH_INFO"] == "/healthz" and greeting.text() == "sick":\n'
+        '            start_response("500 Internal Server Error", [("Content-Length", "0")])\n'
+        "            return [b\"\"]\n"
+        "        body = greeting.text().encode()")
+    write(app / "app.py", source)
+    port = free_port()
+    env = server_env(ready_path="/healthz")
+    server = gunicorn(app, port, MODES[kind], env=env) if kind in MODES else \
+        uwsgi(app, port, lazy=kind == "uwsgi-lazy", env=env)
+    with running(server, "v1"), Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("sick"))
+        server.wait_for_log(r"not reloading, the new code does not load: NotReady: GET /healthz answered 500")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")

@@ -123,6 +123,34 @@ def load_application(target: str) -> object:
     return app
 
 
+def ask_ready(app: Any, target: str) -> None:
+    """GET ``target`` from the app in-process, as a server would; anything but 2xx or 3xx, or an
+    exception, means the new code does not serve. Shared with the gunicorn workers' own call."""
+    path, _, query = target.partition("?")
+    environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "HTTP_HOST": "127.0.0.1", "REMOTE_ADDR": "127.0.0.1", "wsgi.version": (1, 0),
+               "wsgi.url_scheme": "http", "wsgi.input": __import__("io").BytesIO(b""), "wsgi.errors": sys.stderr,
+               "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False}
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        statuses.append(status)
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        for _ in body:
+            pass
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    status = statuses[-1] if statuses else "no status"
+    if status[:1] not in ("2", "3"):
+        raise Located("NotReady", f"GET {target} answered {status} (the ready_path setting)", None)
+
+
 def _attribute(obj: object, name: str, target: str, file: str | None) -> Any:
     try:
         return getattr(obj, name)
@@ -277,7 +305,9 @@ def main() -> None:
         install_generation(payload["generation"])
     sys.meta_path.insert(0, _ImportTracer())
     try:
-        load_application(payload["app"])
+        app = load_application(payload["app"])
+        if payload.get("ready_path"):
+            ask_ready(app, payload["ready_path"])
         import_changed_modules(payload.get("modules", ()))
         check_django_files(payload.get("files", ()))
         result: dict[str, object] = {"ok": True}

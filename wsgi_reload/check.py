@@ -114,6 +114,7 @@ def import_app(
     warm_from: Iterable[str] | None = None,
     changed: Iterable[str] = (),
     generation: Checked | None = None,
+    ready_path: str | None = None,
 ) -> CheckResult:
     """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
     in a fresh interpreter, and report how it went. For a Django app, changed template and
@@ -144,6 +145,7 @@ def import_app(
         "cwd": cwd,
         "modules": list(modules),
         "files": list(files),
+        "ready_path": ready_path,
     }
     if generation is not None:
         payload["generation"] = {"finder": _FINDER_FILE, "store": generation.store, "id": generation.id,
@@ -257,7 +259,8 @@ def check_code(
     lazy = [path for path in changed if path in loaded and path.endswith(".py")]
     imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
                           files=[path for path in changed if not path.endswith(".py")],
-                          warm_from=loaded or None, changed=changed, generation=generation)
+                          warm_from=loaded or None, changed=changed, generation=generation,
+                          ready_path=settings.ready_path)
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from . import _genimport, runtime
+from ._probe import ask_ready
 from .check import Checked, CheckResult, check_code, in_probe
 from .files import ModuleFiles, PathFilter, error_location
 from .generations import RETRY_SECONDS, Generation, Store, is_project_file, project_roots, store_of, wait_for_newer
@@ -178,7 +179,14 @@ def post_fork(server: Any, worker: Any) -> None:
 
 @_hook
 def post_worker_init(worker: Any) -> None:
-    """Worker: publish the files this worker imported."""
+    """Worker: with ``ready_path``, GET it from the app; then publish the files this worker
+    imported, which tells the master it has loaded."""
+    if _master is not None and _master.settings.ready_path:
+        try:
+            ask_ready(worker.wsgi, _master.settings.ready_path)
+        except Exception as exc:
+            retry_later(worker, exc)
+            sys.exit(1)  # exit code 1: gunicorn starts another worker; the swap retires the new ones
     if _worker is not None:
         _worker.publish()
 

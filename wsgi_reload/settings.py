@@ -52,6 +52,9 @@ class Settings:
     mode: str = "restart"
     """gunicorn: ``restart`` (graceful reload) or ``patch`` (swap function bodies in the workers when
     only bodies changed, else reload)."""
+    ready_path: str | None = None
+    """A path (``/healthz``) the check, and each new gunicorn worker before it counts as loaded, GETs
+    from the app in-process; a status other than 2xx or 3xx, or an exception, refuses the reload."""
 
     def __post_init__(self) -> None:
         problems = [f"wsgi_reload setting {name}={getattr(self, name)!r} {problem}"
@@ -124,7 +127,7 @@ def _parse_env(name: str, raw: str) -> Any:
             return float(raw)
         except ValueError:
             return raw  # reported by _problem as not a number
-    if name == "app":
+    if name in ("app", "ready_path"):
         return raw.strip() or None
     return raw.strip()
 
@@ -156,6 +159,10 @@ def _problem(name: str, value: Any) -> str | None:
         return None
     if name == "app" and value is not None and not (isinstance(value, str) and _APP_PATTERN.match(value)):
         return "is not valid: use 'package.module:callable' or 'file.py:callable'"
+    if name == "ready_path" and value is not None and not (
+            isinstance(value, str) and value.startswith("/") and len(value) < 2000 and value.isprintable()
+            and " " not in value):
+        return "is not valid: give a URL path starting with /, like /healthz"
     return None
 
 
