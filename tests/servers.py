@@ -300,3 +300,64 @@ def uwsgi(
     else:
         server.ready_pattern, server.ready_count = r"publishes its modules to the watcher", processes
     return server
+
+
+def processes() -> dict[int, tuple[str, int, str]]:
+    """Every process: pid -> (state, parent pid, command line), read from /proc."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[int(name)] = (fields[0], int(fields[1]), command)
+    return found
+
+
+def watcher_processes(cwd: Path) -> list[int]:
+    """The live watcher processes started for a server whose directory is ``cwd``."""
+    found = []
+    for pid, (state, _, command) in processes().items():
+        if state == "Z" or "wsgi_reload.watch_process import main" not in command:
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(cwd):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def zombies_of(parents: set[int]) -> list[int]:
+    return [pid for pid, (state, ppid, _) in processes().items() if state == "Z" and ppid in parents]
+
+
+def kill_the_watcher_under_load(server: Server, cwd: Path, save: Callable[[], str], path: str = "/") -> None:
+    """kill -9 of the server's watcher process under load: within 5 s the next save is served,
+    with no failed request, exactly one watcher runs again, and no process is left a zombie."""
+    deadline = time.monotonic() + LIVENESS_TIMEOUT
+    while not watcher_processes(cwd):
+        assert time.monotonic() < deadline, "no watcher process"
+        time.sleep(0.05)
+    with Load(server.port, threads=4, path=path) as load:
+        time.sleep(0.5)
+        [watcher] = watcher_processes(cwd)
+        os.kill(watcher, signal.SIGKILL)
+        killed = time.monotonic()
+        expected = save()
+        wait_for_body(server.port, expected, path=path)
+        served = time.monotonic() - killed
+        time.sleep(3)  # every worker has had time to look for the watcher
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert served < 5, f"the save was served {served:.1f} s after the watcher was killed"
+    assert len(watcher_processes(cwd)) == 1
+    assert server.proc is not None
+    family = {server.proc.pid} | {pid for pid, (_, ppid, _) in processes().items() if ppid == server.proc.pid}
+    assert zombies_of(family) == []
+    assert "had stopped; worker" in server.log()

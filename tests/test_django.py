@@ -21,6 +21,7 @@ from servers import (
     free_port,
     get,
     gunicorn,
+    kill_the_watcher_under_load,
     running,
     server_env,
     uwsgi,
@@ -490,3 +491,17 @@ def test_an_unknown_host_starts_nothing(site: Path) -> None:
                           env={**server_env(), "DJANGO_SETTINGS_MODULE": "mysite.settings"})
     assert done.stdout.strip() == "[]", done.stderr
     assert os.path.exists(site / "db.sqlite3")
+
+
+def test_the_watcher_killed_under_load_comes_back(site: Path) -> None:
+    """Django under gunicorn with no config: kill -9 of the watcher process under load."""
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server:
+        wait_generation(server, "gunicorn-sync", 1)
+        assert server.count(r"started this server's watcher process") == 1
+
+        def save() -> str:
+            greeting_view(site, "v2")
+            return page("v2")
+
+        kill_the_watcher_under_load(server, site, save)

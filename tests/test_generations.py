@@ -22,6 +22,7 @@ from servers import (
     get,
     greeting,
     gunicorn,
+    kill_the_watcher_under_load,
     make_app,
     running,
     server_env,
@@ -266,3 +267,16 @@ def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) ->
         assert bodies == {"v1"}
         write(app / "greeting.py", greeting("v3"))
         wait_for_body(port, "v3")
+
+
+@pytest.mark.parametrize("kind", ["uwsgi-prefork", "uwsgi-lazy"])
+def test_the_watcher_killed_under_load_comes_back(tmp_path: Path, kind: str) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(serve(kind, app, port), "v1") as server:
+
+        def save() -> str:
+            write(app / "greeting.py", greeting("v2"))
+            return "v2"
+
+        kill_the_watcher_under_load(server, app, save)

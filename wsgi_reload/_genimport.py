@@ -13,6 +13,7 @@ importing ``wsgi_reload``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -36,16 +37,25 @@ def code_key(digest: str, path: str) -> str:
     The path is part of the key because a code object records its file name, and identical
     files (every empty ``__init__.py``) share one digest.
     """
-    import hashlib
-
-    where = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    where = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
     return f"{digest}-{where}.{sys.implementation.cache_tag}"
 
 
+def _read(path: str) -> bytes:
+    """The whole file, never through a symlink; no file object (this runs once per import)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = [os.read(fd, max(size, 1))]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_object(store: str, digest: str) -> bytes:
-    fd = os.open(os.path.join(store, OBJECTS, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+    return _read(os.path.join(store, OBJECTS, digest))
 
 
 class GenerationFinder(importlib.abc.MetaPathFinder):
@@ -83,8 +93,12 @@ class GenerationFinder(importlib.abc.MetaPathFinder):
         origin = spec.origin if spec is not None else None
         if origin is not None and not os.path.isabs(origin):
             origin = os.path.abspath(origin)
-        if origin is not None and origin in files:
-            return self._spec(name, origin, files[origin])
+        if spec is not None and origin is not None and origin in files:
+            # The ordinary spec, with a loader that reads the generation's bytes.
+            spec.loader = GenerationLoader(name, origin, self.store, files[origin])
+            spec.origin = origin
+            spec.cached = None  # nothing is read from or written to __pycache__
+            return spec
         if spec is None:
             # Deleted from the disk after the check: the generation still has it.
             for candidate in self._candidates(name, path):
@@ -132,9 +146,7 @@ class GenerationLoader(importlib.machinery.SourceFileLoader):
         cache = os.path.join(self.store, CODE, code_key(self.digest, self.path))
         magic = importlib.util.MAGIC_NUMBER
         try:
-            fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read()
+            data = _read(cache)
             if data[:len(magic)] == magic:
                 code = marshal.loads(data[len(magic):])
                 if isinstance(code, CodeType):

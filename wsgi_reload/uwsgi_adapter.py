@@ -10,6 +10,7 @@ runs in a worker's signal handler, and a worker never waits for a scan or a chec
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from .generations import RETRY_SECONDS, Store, adopt, wait_for_newer
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter
 from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import UWSGI_LOG_FORMAT, alive, ensure_watcher
+from .watch_process import UWSGI_LOG_FORMAT, alive, ensure_watcher, keep_watcher_running
 
 _log = logging.getLogger("wsgi_reload.uwsgi")
 
@@ -267,9 +268,11 @@ def start(settings: Settings | None = None,
         # a chain needs to know the app's module to tell when a new worker has loaded it.
         lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None
         nudge = _accept_nudges() if uwsgi.worker_id() == 0 else None
-        started = ensure_watcher(directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
-                                 loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT,
-                                 replace="chain" if lazy else "signal", nudge_signal=nudge)
+        start_watcher = functools.partial(
+            ensure_watcher, directory, master_pid=master, signal_name="HUP", server="uWSGI", settings=settings,
+            loaded_at_ns=_LOADED_NS, log_format=UWSGI_LOG_FORMAT, replace="chain" if lazy else "signal",
+            nudge_signal=nudge)
+        started = start_watcher()
     except (OSError, runtime.RuntimeDirError) as exc:
         _log.error("wsgi_reload: reloading is off: %s", exc)
         return None
@@ -285,10 +288,15 @@ def start(settings: Settings | None = None,
             _log.warning("wsgi_reload: uWSGI workers are single-threaded, so a graceful reload can reset a "
                          "connection accepted in the instant it starts; add --threads 2 (threads = 2) to drop none")
     publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare, store)
+    # Each worker starts the watcher process again if it stops (never the master: no thread of
+    # ours runs in uWSGI's master loop).
+    keep = functools.partial(keep_watcher_running, directory, start_watcher)
     if uwsgi.worker_id() == 0:
         publisher.load_finished = True  # prefork: the app loads in the master, before the fork
         _chain_hook(uwsgi, "post_fork_hook", publisher.publish)
+        _chain_hook(uwsgi, "post_fork_hook", keep)
     else:
+        keep()
         publisher.publish()  # --lazy-apps: what this worker has so far; the app's modules follow
         publisher.hold_if_the_app_fails()
         publisher.publish_once_loaded()

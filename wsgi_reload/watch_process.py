@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import runtime, spawn
@@ -42,6 +42,7 @@ from .watcher import Watcher
 log = logging.getLogger("wsgi_reload.watch_process")
 
 LOCK_NAME = "watcher.lock"
+LOCK_FD = 3
 
 NUDGE_SECONDS = 65.0
 """How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
@@ -68,36 +69,80 @@ def watcher_running(runtime_dir: str) -> bool:
 
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
                    loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal",
-                   nudge_signal: str | None = None) -> int | None:
-    """Start this server's watcher process unless one runs; returns its pid when one was started.
+                   nudge_signal: str | None = None) -> bool:
+    """Start this server's watcher process unless one runs; True when this call started it.
 
     How a reload replaces the workers: ``"signal"`` sends the master ``signal_name``, and then
     ``nudge_signal`` (when given) as each old worker exits (:func:`wsgi_reload.swap.nudge_as_workers_exit`);
     ``"swap"`` swaps a gunicorn master's workers, verified (:class:`wsgi_reload.swap.SignalledSwap`);
     ``"chain"`` replaces uWSGI ``--lazy-apps`` workers one by one (:class:`wsgi_reload.swap.WorkerChain`).
-    Two workers may race here; the second watcher finds the lock taken and exits at once.
+
+    The caller takes the server's watcher lock before it spawns, and the watcher inherits the
+    locked descriptor, so of several workers racing here exactly one starts a watcher. The
+    watcher forks once more and its first process exits at once (reaped here), so no worker is
+    left with a zombie child when a watcher ends.
     """
-    if watcher_running(runtime_dir):
-        return None
-    config = {
-        "runtime_dir": runtime_dir,
-        "master_pid": master_pid,
-        "signal": signal_name,
-        "replace": replace,
-        "nudge": nudge_signal,
-        "server": server,
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
-        "loaded_at_ns": loaded_at_ns,
-        "cwd": os.getcwd(),
-        "sys_path": [p or os.getcwd() for p in sys.path],
-        "log_format": log_format,
-    }
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bootstrap = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-                 "from wsgi_reload.watch_process import main; main()")
-    with spawn.data_file(json.dumps(config).encode()) as stdin:
-        return spawn.spawn([spawn.python_executable(), "-I", "-c", bootstrap], env=os.environ, stdin=stdin,
-                           stdout=2, stderr=2)
+    lock = runtime.open_lock(runtime_dir, LOCK_NAME)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        config = {
+            "runtime_dir": runtime_dir,
+            "master_pid": master_pid,
+            "signal": signal_name,
+            "replace": replace,
+            "nudge": nudge_signal,
+            "server": server,
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
+            "loaded_at_ns": loaded_at_ns,
+            "cwd": os.getcwd(),
+            "sys_path": [p or os.getcwd() for p in sys.path],
+            "log_format": log_format,
+        }
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        bootstrap = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+                     "from wsgi_reload.watch_process import main; main()")
+        with spawn.data_file(json.dumps(config).encode()) as stdin:
+            first = spawn.spawn([spawn.python_executable(), "-I", "-c", bootstrap], env=os.environ, stdin=stdin,
+                                stdout=2, stderr=2, extra_fd=lock)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(first, 0)  # it forks the watcher and exits
+        return True
+    finally:
+        os.close(lock)  # the watcher's copy of the descriptor keeps the lock
+
+
+HEAL_SECONDS = 1.0
+"""How often each worker makes sure its server's watcher process runs."""
+
+_keeper: threading.Thread | None = None
+
+
+def keep_watcher_running(runtime_dir: str, start: Callable[[], bool]) -> None:
+    """In a worker: from now on, every :data:`HEAL_SECONDS`, start the server's watcher process
+    again if it has gone (``start`` is :func:`ensure_watcher` with this server's arguments). A
+    ``kill -9`` of the watcher, or an out-of-memory kill, must not end reloading silently."""
+    global _keeper
+    if _keeper is not None and _keeper.is_alive() and getattr(_keeper, "pid", None) == os.getpid():
+        return
+
+    def run() -> None:
+        while True:
+            time.sleep(HEAL_SECONDS)
+            if not os.path.isdir(runtime_dir):
+                return  # the server stopped (a clean stop removes the directory)
+            try:
+                if start():
+                    log.warning("wsgi_reload: this server's watcher process had stopped; worker %d started a new "
+                                "one", os.getpid())
+            except Exception:
+                log.exception("wsgi_reload: starting the watcher process again failed")
+
+    _keeper = threading.Thread(target=run, name="wsgi_reload-keeper", daemon=True)
+    _keeper.pid = os.getpid()  # type: ignore[attr-defined]
+    _keeper.start()
 
 
 class _ServerWatch:
@@ -237,11 +282,13 @@ def main() -> None:
     root.propagate = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops with its master, not with a terminal's ^C
 
-    lock = runtime.open_lock(config["runtime_dir"], LOCK_NAME)
+    # The worker that spawned us holds the server's watcher lock on file descriptor 3 for us.
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return  # another worker started this server's watcher first
+        fcntl.flock(LOCK_FD, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, OSError):
+        return
+    if os.fork():
+        os._exit(0)  # the spawning worker reaps this first process at once; the watcher is nobody's zombie
     try:
         target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})")
     except TargetError as exc:

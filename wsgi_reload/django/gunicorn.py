@@ -15,6 +15,7 @@ to the running arbiter, and its preload path (an in-place re-exec) applies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from ..check import in_probe
 from ..generations import adopt
 from ..logs import forward_to
 from ..settings import Settings, SettingsError
-from ..watch_process import ensure_watcher, watcher_running
+from ..watch_process import ensure_watcher, keep_watcher_running, watcher_running
 from .files import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
@@ -105,11 +106,12 @@ def adopt_booting_worker() -> None:
         settings = state.get("settings")
         if settings is None:
             return
-        started = ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
-                                 replace="swap",
-                                 settings=settings, loaded_at_ns=_STARTED_NS)
-        if started:
-            log.info("wsgi_reload: worker %d started this server's watcher process (pid %d)", os.getpid(), started)
+        start_watcher = functools.partial(ensure_watcher, directory, master_pid=arbiter.pid, signal_name="TTIN",
+                                          server="gunicorn", replace="swap", settings=settings,
+                                          loaded_at_ns=_STARTED_NS)
+        if start_watcher():
+            log.info("wsgi_reload: worker %d started this server's watcher process", os.getpid())
+        keep_watcher_running(directory, start_watcher)
         log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
 
     adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish)
