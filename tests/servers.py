@@ -361,3 +361,41 @@ def kill_the_watcher_under_load(server: Server, cwd: Path, save: Callable[[], st
     family = {server.proc.pid} | {pid for pid, (_, ppid, _) in processes().items() if ppid == server.proc.pid}
     assert zombies_of(family) == []
     assert "had stopped; worker" in server.log()
+
+
+def runtime_dir_of(app: Path) -> Path:
+    """The private runtime directory of the server running ``app``: the one whose generations
+    name a file of it."""
+    import tempfile
+
+    deadline = time.monotonic() + LIVENESS_TIMEOUT
+    bases = {Path(tempfile.gettempdir())}
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        bases.add(Path(os.environ["XDG_RUNTIME_DIR"]))
+    while time.monotonic() < deadline:
+        for base in bases:
+            for candidate in base.glob("wsgi-reload-*"):
+                try:
+                    if any(str(app) in r.read_text() for r in (candidate / "generations").glob("*.json")):
+                        return candidate
+                except OSError:
+                    continue
+        time.sleep(0.1)
+    raise AssertionError(f"no runtime directory names {app}")
+
+
+def remove_the_runtime_directory_under_load(server: Server, app: Path, saves: Sequence[Callable[[], str]],
+                                            path: str = "/") -> None:
+    """rm -rf of the server's runtime directory under load (a temp-file cleaner): the next saves are
+    served with no failed request, and the log says once what happened."""
+    directory = runtime_dir_of(app)
+    with Load(server.port, threads=4, path=path) as load:
+        time.sleep(0.5)
+        shutil.rmtree(directory)
+        for save in saves:
+            expected = save()
+            wait_for_body(server.port, expected, path=path)
+            time.sleep(1)
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert server.count(r"the runtime directory .* was removed") == 1

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from servers import (
     gunicorn,
     kill_the_watcher_under_load,
     make_app,
+    remove_the_runtime_directory_under_load,
     running,
     server_env,
     uwsgi,
@@ -280,3 +282,20 @@ def test_the_watcher_killed_under_load_comes_back(tmp_path: Path, kind: str) -> 
             return "v2"
 
         kill_the_watcher_under_load(server, app, save)
+
+
+@pytest.mark.parametrize("kind", ["sync", "preload", "uwsgi-prefork", "uwsgi-lazy"])
+def test_the_runtime_directory_removed_under_load(tmp_path: Path, kind: str) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(serve(kind, app, port), "v1") as server:
+        time.sleep(1)
+
+        def save(version: str) -> Callable[[], str]:
+            def run() -> str:
+                write(app / "greeting.py", greeting(version))
+                return version
+
+            return run
+
+        remove_the_runtime_directory_under_load(server, app, [save("v2"), save("v3")])

@@ -128,6 +128,30 @@ class Store:
         # The signature from fstat of the descriptor we read: a write after the read changes it.
         return digest, (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def restore(self, generation: Generation) -> list[str]:
+        """Write ``generation``'s contents again after the store was removed: a file whose stat
+        signature is still the recorded one, and whose bytes still have the recorded digest, is
+        read back from the disk. Returns the files that changed since (they need a check)."""
+        for sub in ("", _genimport.OBJECTS, _genimport.CODE):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.directory, sub), 0o700)
+        lost = []
+        for path, digest in generation.files.items():
+            try:
+                st = os.stat(path)
+                if (st.st_mtime_ns, st.st_size, st.st_ino) != generation.signatures.get(path):
+                    raise OSError("changed")
+                with open(path, "rb") as f:
+                    data = f.read()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise OSError("changed")
+                runtime.write_atomic(os.path.join(self.directory, _genimport.OBJECTS), digest, data)
+            except OSError:
+                lost.append(path)
+        if not lost:
+            self.publish(generation)
+        return lost
+
     def _next_id(self, base: Generation | None) -> int:
         ids = self.ids()
         return max([*ids, base.id if base is not None else -1]) + 1
@@ -247,6 +271,18 @@ def adopt(runtime_dir: str) -> tuple[Store, _genimport.GenerationFinder]:
     finally:
         os.close(lock)
     return store, store.install(generation)
+
+
+def recover(runtime_dir: str, store: Store, current: Generation | None) -> list[str] | None:
+    """None while the server's runtime directory is there. If it was removed, make it again and
+    restore the running generation; returns the files that changed since it was checked (to
+    check now). Raises :class:`wsgi_reload.runtime.RuntimeDirError` when the path was taken."""
+    if not runtime.restore(runtime_dir):
+        return None
+    runtime.hold_against_cleaners(runtime_dir)
+    if current is None:
+        return []
+    return store.restore(current)
 
 
 def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,

@@ -36,12 +36,22 @@ from . import _genimport, runtime
 from ._probe import ask_ready
 from .check import Checked, CheckResult, check_code, in_probe
 from .files import ModuleFiles, PathFilter, error_location
-from .generations import RETRY_SECONDS, Generation, Store, is_project_file, project_roots, store_of, wait_for_newer
+from .generations import (
+    RETRY_SECONDS,
+    Generation,
+    Store,
+    is_project_file,
+    project_roots,
+    recover,
+    store_of,
+    wait_for_newer,
+)
 from .hybrid import PatchApplier, PatchPublisher
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
 from .scanner import Change
 from .settings import Settings, SettingsError, missing_extra_files
+from .watch_process import report_removed
 from .watcher import Watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
@@ -159,6 +169,7 @@ def when_ready(server: Any) -> None:
     except (OSError, runtime.RuntimeDirError) as exc:
         _log.error("wsgi_reload: reloading is off: no private runtime directory (%s)", exc)
         return
+    runtime.hold_against_cleaners(_manifest_dir)
     _master = _MasterWatch(server, settings, _manifest_dir)
     _master.start()
 
@@ -350,7 +361,8 @@ class _MasterWatch:
         self.watcher = Watcher(settings, self.trigger, server=how,
                                sources=[worker_files, self.config_files, self.generation_files],
                                wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
-                               check=self.check)
+                               check=self.check, on_tick=self.tick)
+        self.dir_lost = False
 
     def start(self) -> None:
         self.first_generation()
@@ -443,6 +455,21 @@ class _MasterWatch:
         self.store.install(candidate)
         self.previous, self.current = self.current, candidate
         return had_code
+
+    def tick(self) -> None:
+        """Housekeeping in the watcher thread: a removed runtime directory, a pending reload."""
+        try:
+            lost = recover(self.manifest_dir, self.store, self.current)
+        except runtime.RuntimeDirError as exc:
+            lost = None
+            if not self.dir_lost:
+                self.dir_lost = True
+                _log.error("wsgi_reload: reloading is paused: %s", exc)
+        if lost is not None:
+            report_removed(self.manifest_dir, lost)
+            if lost:
+                self.on_batch([Change(path, "modified") for path in lost])
+        self.watcher.gate.retry_pending()
 
     # Deciding and reloading.
 

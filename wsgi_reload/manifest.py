@@ -42,6 +42,11 @@ class ManifestWriter:
                     "generation": None if finder is None else finder.generation}
             runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
 
+    def publish_if_missing(self) -> None:
+        """Publish again if the manifest is gone (the runtime directory was removed and made again)."""
+        if self.published_count >= 0 and not os.path.exists(self.path):
+            self.publish()
+
     def publish_if_grown(self) -> None:
         """Publish again when modules were imported since (views load lazily)."""
         if len(sys.modules) != self.published_count:

@@ -16,6 +16,7 @@ randomization key.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -94,6 +95,43 @@ def shared_by_siblings(scope: str) -> str:
     if not is_private_dir(path):
         raise RuntimeDirError(f"{path} exists but is not a private directory of this user; not using it")
     return path
+
+
+def restore(path: str) -> bool:
+    """Make the runtime directory again if it was removed (a temp-file cleaner, a person); True
+    when it had gone. Raises :class:`RuntimeDirError` when the path is taken by something that is
+    not a private directory of ours."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not is_private_dir(path):
+            raise RuntimeDirError(f"{path} was replaced by something that is not a private directory of this "
+                                  "user; not using it") from None
+        return False
+    return True
+
+
+_held: dict[str, int] = {}
+
+
+def hold_against_cleaners(path: str) -> bool:
+    """Hold a shared ``flock`` on the directory for as long as this process lives (again after it
+    was made anew): age-based cleaners such as systemd-tmpfiles skip a directory locked that way
+    (see CPython issue 81831). False where it cannot be had."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    previous = _held.pop(path, None)
+    if previous is not None:
+        os.close(previous)
+    _held[path] = fd
+    return True
 
 
 def write_atomic(directory: str, name: str, data: bytes) -> None:

@@ -133,6 +133,10 @@ class Publisher:
                 self.writer.patterns = list(patterns)
         self.writer.publish()
 
+    def republish_if_missing(self) -> None:
+        if self.writer is not None:
+            self.writer.publish_if_missing()
+
     def after_request(self) -> None:
         if self.writer is None or not self.prepared:
             self.publish_safely()
@@ -290,7 +294,7 @@ def start(settings: Settings | None = None,
     publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare, store)
     # Each worker starts the watcher process again if it stops (never the master: no thread of
     # ours runs in uWSGI's master loop).
-    keep = functools.partial(keep_watcher_running, directory, start_watcher)
+    keep = functools.partial(keep_watcher_running, directory, start_watcher, publisher.republish_if_missing)
     if uwsgi.worker_id() == 0:
         publisher.load_finished = True  # prefork: the app loads in the master, before the fork
         _chain_hook(uwsgi, "post_fork_hook", publisher.publish)

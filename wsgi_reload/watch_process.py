@@ -31,7 +31,7 @@ from . import runtime, spawn
 from .check import Checked, CheckResult, check_code
 from .files import PathFilter
 from .gate import ActionFailed
-from .generations import Generation, project_roots, store_of
+from .generations import Generation, project_roots, recover, store_of
 from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
@@ -120,10 +120,13 @@ HEAL_SECONDS = 1.0
 _keeper: threading.Thread | None = None
 
 
-def keep_watcher_running(runtime_dir: str, start: Callable[[], bool]) -> None:
+def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
+                         republish: Callable[[], object] | None = None) -> None:
     """In a worker: from now on, every :data:`HEAL_SECONDS`, start the server's watcher process
-    again if it has gone (``start`` is :func:`ensure_watcher` with this server's arguments). A
-    ``kill -9`` of the watcher, or an out-of-memory kill, must not end reloading silently."""
+    again if it has gone (``start`` is :func:`ensure_watcher` with this server's arguments), and
+    call ``republish`` (which writes this worker's manifest again if it is missing) once the
+    runtime directory is back after a removal. A ``kill -9`` of the watcher, an out-of-memory
+    kill or a temp-file cleaner must not end reloading silently."""
     global _keeper
     if _keeper is not None and _keeper.is_alive() and getattr(_keeper, "pid", None) == os.getpid():
         return
@@ -131,9 +134,11 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool]) -> None:
     def run() -> None:
         while True:
             time.sleep(HEAL_SECONDS)
-            if not os.path.isdir(runtime_dir):
-                return  # the server stopped (a clean stop removes the directory)
+            if not runtime.is_private_dir(runtime_dir):
+                continue  # removed: the watcher makes it again (or the server is stopping)
             try:
+                if republish is not None:
+                    republish()
                 if start():
                     log.warning("wsgi_reload: this server's watcher process had stopped; worker %d started a new "
                                 "one", os.getpid())
@@ -175,6 +180,8 @@ class _ServerWatch:
         self.current: Generation | None = None if current is None else self.store.load(current)
         """The newest verified generation: what every process that loads the app imports."""
         self.candidate: Generation | None = None
+        self.dir_lost = False
+        self.lock: int | None = None
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.manifests, self.generation_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
@@ -227,7 +234,22 @@ class _ServerWatch:
                              args=(self.target, workers, self.nudge, NUDGE_SECONDS)).start()
 
     def tick(self) -> None:
-        """Housekeeping in the watcher thread: workers whose app failed at start, a pending reload."""
+        """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
+        at start, a pending reload."""
+        try:
+            lost = recover(self.runtime_dir, self.store, self.current)
+        except runtime.RuntimeDirError as exc:
+            lost = None
+            if not self.dir_lost:
+                self.dir_lost = True
+                log.error("wsgi_reload: reloading is paused: %s", exc)
+        if lost is not None:
+            self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            report_removed(self.runtime_dir, lost)
+            if lost:
+                self.watcher.gate([Change(path, "modified") for path in lost])
         failed = (self.manifests.app_failed & self.manifests.live) - self.checked_start
         if failed:
             self.checked_start |= failed
@@ -260,6 +282,12 @@ class _ServerWatch:
         runtime.remove(self.runtime_dir)
 
 
+def report_removed(runtime_dir: str, lost: Sequence[str]) -> None:
+    log.warning("wsgi_reload: the runtime directory %s was removed (a temp-file cleaner?); it is made again and "
+                "the running code restored%s", runtime_dir,
+                f"; {len(lost)} files changed since that code was checked, so they are checked now" if lost else "")
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a process of another user counts)."""
     try:
@@ -289,6 +317,7 @@ def main() -> None:
         return
     if os.fork():
         os._exit(0)  # the spawning worker reaps this first process at once; the watcher is nobody's zombie
+    runtime.hold_against_cleaners(config["runtime_dir"])
     try:
         target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})")
     except TargetError as exc:

@@ -111,7 +111,8 @@ def adopt_booting_worker() -> None:
                                           loaded_at_ns=_STARTED_NS)
         if start_watcher():
             log.info("wsgi_reload: worker %d started this server's watcher process", os.getpid())
-        keep_watcher_running(directory, start_watcher)
+        writer = adapter._worker
+        keep_watcher_running(directory, start_watcher, None if writer is None else writer.publish_if_missing)
         log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
 
     adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish)
