@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from wsgi_reload.generations import Store, project_roots, walk
 
 
@@ -162,3 +164,59 @@ def test_project_roots_leave_out_the_standard_library_and_installed_packages(tmp
     paths = sysconfig.get_paths()
     roots = project_roots([str(tmp_path), paths["stdlib"], paths["purelib"], os.path.dirname(sys.executable)])
     assert roots == [str(tmp_path)]
+
+
+def mo_file(translations: dict[str, str]) -> bytes:
+    """A GNU gettext catalog (the .mo format: a header, then two tables of (length, offset))."""
+    import struct
+
+    keys = sorted(translations)
+    ids = b"".join(k.encode() + b"\0" for k in keys)
+    strs = b"".join(translations[k].encode() + b"\0" for k in keys)
+    header = 7 * 4
+    table = header + 2 * 8 * len(keys)
+    originals, translated, offset = [], [], 0
+    for k in keys:
+        originals.append((len(k.encode()), table + offset))
+        offset += len(k.encode()) + 1
+    offset = 0
+    for k in keys:
+        translated.append((len(translations[k].encode()), table + len(ids) + offset))
+        offset += len(translations[k].encode()) + 1
+    out = struct.pack("<7I", 0x950412DE, 0, len(keys), header, header + 8 * len(keys), 0, 0)
+    out += b"".join(struct.pack("<2I", *entry) for entry in originals + translated)
+    return out + ids + strs
+
+
+def test_django_reads_templates_and_catalogs_of_the_generation(tmp_path: Path) -> None:
+    pytest.importorskip("django")
+    root = tmp_path / "site"
+    (root / "templates").mkdir(parents=True)
+    (root / "templates" / "page.html").write_text("checked {{ x }}")
+    (root / "locale" / "fr" / "LC_MESSAGES").mkdir(parents=True)
+    catalog = root / "locale" / "fr" / "LC_MESSAGES" / "django.mo"
+    catalog.write_bytes(mo_file({"": "Content-Type: text/plain; charset=UTF-8\n", "hello": "bonjour"}))
+    store = Store(str(tmp_path / "store"))
+    generation = store.build([str(root)])
+    assert str(catalog) in generation.files and str(root / "templates" / "page.html") in generation.files
+    store.publish(generation)
+    (root / "templates" / "page.html").write_text("{% if %}broken")
+    catalog.write_bytes(mo_file({"": "Content-Type: text/plain; charset=UTF-8\n", "hello": "salut (unchecked)"}))
+    result = run(f"""
+        import json, django
+        from django.conf import settings
+        settings.configure(USE_I18N=True, LOCALE_PATHS=[{str(root / 'locale')!r}], INSTALLED_APPS=[],
+                           TEMPLATES=[{{"BACKEND": "django.template.backends.django.DjangoTemplates",
+                                        "DIRS": [{str(root / 'templates')!r}]}}])
+        django.setup()
+        from wsgi_reload.generations import Store
+        from wsgi_reload.django.generation import serve_from_generation
+        store = Store({str(tmp_path / 'store')!r})
+        store.install(store.load(store.current_id()))
+        serve_from_generation()
+        from django.template.loader import render_to_string
+        from django.utils import translation
+        translation.activate("fr")
+        print(json.dumps({{"page": render_to_string("page.html", {{"x": 1}}), "hello": translation.gettext("hello")}}))
+    """, tmp_path)
+    assert result == {"page": "checked 1", "hello": "bonjour"}

@@ -26,12 +26,12 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
 
     def ready(self) -> None:
         checks.register(check_settings)
-        from . import runserver, templates
+        from . import generation, runserver
 
         runserver.install()
         if in_probe():
             return
-        templates.serve_from_generation()
+        generation.serve_from_generation()
         host = detect_host()
         try:
             reload_settings()
