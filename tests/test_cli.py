@@ -238,3 +238,29 @@ def test_pid_one_is_refused(app: Path) -> None:
     done = run_watch("--pid", "1", "cli_helper.py", cwd=app)
     assert done.returncode == 2
     assert "refusing to signal pid 1" in done.stderr
+
+
+@pytest.mark.parametrize("kind, content, message", [
+    ("fifo", None, "is not a regular file"),
+    ("directory", None, "is not a regular file"),
+    ("huge", b"99999999999999999999\n", "not a pid"),
+    ("negative", b"-5\n", "not a pid"),
+    ("empty", b"", "not a pid"),
+    ("junk", b"\x00\xff\x12abc\n", "not a pid"),
+    ("unicode digits", "١٢٣\n".encode(), "not a pid"),
+    ("past pid_max", b"4194305\n", "not a pid"),
+])
+def test_a_hostile_pidfile_is_one_line_and_exit_two(app: Path, kind: str, content: bytes | None,
+                                                    message: str) -> None:
+    pidfile = app / "server.pid"
+    if kind == "fifo":
+        os.mkfifo(pidfile)
+    elif kind == "directory":
+        pidfile.mkdir()
+    else:
+        assert content is not None
+        pidfile.write_bytes(content)
+    done = run_watch("--pidfile", str(pidfile), "cli_helper.py", cwd=app)  # a hang fails by its timeout
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

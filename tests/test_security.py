@@ -256,3 +256,42 @@ def test_the_watcher_process_gets_no_settings_on_its_command_line(tmp_path: Path
                 lines.append(line)
     assert len(lines) == 1, lines  # one watcher for the server
     assert str(marker) not in lines[0] and "check_timeout" not in lines[0] and "settings" not in lines[0]
+
+
+def test_a_fifo_planted_as_the_pidfile_never_blocks_the_watcher(tmp_path: Path) -> None:
+    """The server removes its pidfile from a sticky shared directory and nobody puts a FIFO under
+    that name: the next save is refused in one line instead of blocking the watcher in open(),
+    and once the real pidfile is back the pending reload is sent."""
+    from test_cli import CLI, SIGNAL_RECORDER, hups, wait_for_hups, wait_for_log
+
+    record = tmp_path / "record.txt"
+    server = subprocess.Popen([sys.executable, "-c", SIGNAL_RECORDER, str(record)])
+    (tmp_path / "a.py").write_text("A = 1\n")
+    try:
+        deadline = time.monotonic() + 10
+        while not (record.exists() and "ready" in record.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with shared_tmp() as tmp:
+            pidfile = os.path.join(tmp, "app.pid")
+            Path(pidfile).write_text(f"{server.pid}\n")
+            watcher = subprocess.Popen([*CLI, "watch", "--pidfile", pidfile, "--interval", "0.1", "--backend", "poll",
+                                        str(tmp_path / "a.py")], stderr=subprocess.PIPE, text=True)
+            log: list[str] = []
+            try:
+                wait_for_log(watcher, log, "wsgi_reload: watching")
+                os.unlink(pidfile)
+                run_as_nobody(f"import os\nos.mkfifo({pidfile!r}, 0o666)\n")
+                (tmp_path / "a.py").write_text("A = 2\n")
+                wait_for_log(watcher, log, "is not a regular file")
+                assert hups(record) == 0
+                os.unlink(pidfile)
+                Path(pidfile).write_text(f"{server.pid}\n")
+                wait_for_hups(record, 1)
+                (tmp_path / "a.py").write_text("A = 3\n")
+                wait_for_hups(record, 2)
+            finally:
+                watcher.terminate()
+                watcher.wait(10)
+    finally:
+        server.kill()
+        server.wait()

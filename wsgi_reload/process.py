@@ -19,6 +19,10 @@ class TargetError(Exception):
     """The process cannot be used as a target; the message says why and what to do."""
 
 
+PID_MAX = 4_194_304
+"""Linux's largest pid (``/proc/sys/kernel/pid_max`` can be at most 2**22)."""
+
+
 class TargetGone(TargetError):
     """The process has exited (its pid may belong to another process by now)."""
 
@@ -96,19 +100,28 @@ def from_pidfile(path: str) -> Target:
     must have started before the pidfile was last written (else the pid was reused).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO another user put in the pidfile's place must not block.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.strerror and os.path.islink(path):
             raise TargetError(f"pidfile {path} is a symlink; point --pidfile at the file itself") from None
         raise TargetError(f"cannot read pidfile {path}: {exc.strerror}; is the server running?") from None
-    with os.fdopen(fd, encoding="ascii", errors="replace") as f:
-        st = os.fstat(f.fileno())
-        text = f.read(64).strip()
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TargetError(f"pidfile {path} is not a regular file; point --pidfile at the file the server writes")
+        try:
+            raw = os.read(fd, 64)
+        except OSError as exc:
+            raise TargetError(f"cannot read pidfile {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    text = raw.decode("ascii", errors="replace").strip()
     if st.st_uid not in (os.geteuid(), 0):
         raise TargetError(f"pidfile {path} belongs to another user (uid {st.st_uid}); refusing to trust it")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise TargetError(f"pidfile {path} is writable by other users; chmod go-w it to use it")
-    if not text.isdigit():
+    if not text.isascii() or not text.isdigit() or len(text) > 10 or int(text) > PID_MAX:
         raise TargetError(f"pidfile {path} holds {text[:20]!r}, not a pid")
     pid = int(text)
     try:
