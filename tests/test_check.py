@@ -365,6 +365,23 @@ def test_the_gate_checks_again_when_files_changed_during_the_check(tmp_path: Pat
     assert acted == [[Change("/a.py", "modified"), Change("/b.py", "modified")]]
 
 
+def test_files_that_keep_changing_through_every_check_are_no_error_and_are_checked_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from wsgi_reload import CheckResult
+    from wsgi_reload.gate import MAX_RECHECKS
+
+    rescans = [[Change("/a.py", "modified")] for _ in range(MAX_RECHECKS)] + [[], []]
+    acted: list[object] = []
+    gate = ReloadGate(Settings(), acted.append, check=lambda paths: CheckResult(True), rescan=lambda: rescans.pop(0))
+    with caplog.at_level("INFO", logger="wsgi_reload"):
+        assert not gate([Change("/a.py", "modified")])
+        assert gate.has_pending() and acted == []
+        gate.retry_pending()  # the monitor's next turn, once the files are quiet
+    assert acted == [[Change("/a.py", "modified")]] and not gate.has_pending()
+    assert [r.levelname for r in caplog.records if "still changing" in r.message] == ["INFO"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or "loads again" in r.message]
+
+
 def test_an_action_that_fails_is_retried_until_it_works_or_a_newer_batch_comes() -> None:
     from wsgi_reload import ActionFailed, CheckResult
 

@@ -51,6 +51,8 @@ class ReloadGate:
         self.log = logger if logger is not None else log
         self.broken: CheckResult | None = None
         self.pending: Sequence[Change] | None = None
+        self.unsettled: Sequence[Change] | None = None
+        """A batch whose files kept changing through every check: checked again on the next turn."""
         self.last_passed_ns = 0
         """When the last passing check began reading the code (``time.time_ns()``)."""
         self._reported: set[tuple[str | None, int | None, str]] = set()
@@ -58,12 +60,22 @@ class ReloadGate:
 
     def __call__(self, batch: Sequence[Change]) -> bool:
         """Handle one batch; returns True when it acted."""
-        if not batch:
+        if not batch and self.unsettled is None:
             return False
         self.pending = None  # a newer batch replaces an action that could not be carried out
         detected = time.monotonic()
-        self.log.info("wsgi_reload: %s", describe(batch))
+        if self.unsettled is None:
+            self.log.info("wsgi_reload: %s", describe(batch))
+        else:  # files kept changing last time: check what they are now, with these changes
+            known = {c.path for c in batch}
+            batch = sorted([c for c in self.unsettled if c.path not in known] + list(batch))
+            self.unsettled = None
         batch, result = self._check_until_current(list(batch))
+        if result.stage == "stale":
+            # Not an error: fast saves (an editor, a deploy still copying). No verdict on the code.
+            self.unsettled = batch
+            self.log.info("wsgi_reload: files are still changing; checking again once they settle")
+            return False
         if not result.ok:
             self.refuse(result)
             return False
@@ -112,9 +124,14 @@ class ReloadGate:
         return self._act([])
 
     def retry_pending(self) -> None:
-        """Carry out an action that failed before, if there is one."""
-        if self.pending is not None:
+        """Carry out an action that failed before, or check a batch that would not settle."""
+        if self.unsettled is not None:
+            self([])
+        elif self.pending is not None:
             self._act(self.pending)
+
+    def has_pending(self) -> bool:
+        return self.pending is not None or self.unsettled is not None
 
     def refuse(self, result: CheckResult, *, old_code_serves: bool = True) -> None:
         """Record a failed check: watch its file, log it once, and wait for a fix.

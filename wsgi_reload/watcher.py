@@ -51,7 +51,7 @@ class Watcher:
         self.gate = ReloadGate(settings, action, server=server, check=check, rescan=self.scanner.scan)
         self.monitor = Monitor(self.scanner, on_batch or self.gate, wake_dirs=wake_dirs, name=name,
                                on_tick=on_tick or self.gate.retry_pending,
-                               tick_pending=lambda: self.gate.pending is not None)
+                               tick_pending=self.gate.has_pending)
 
     def start(self) -> Watcher:
         """Record the baseline, start watching, and log one line that says how."""
