@@ -299,3 +299,28 @@ def test_the_runtime_directory_removed_under_load(tmp_path: Path, kind: str) -> 
             return run
 
         remove_the_runtime_directory_under_load(server, app, [save("v2"), save("v3")])
+
+
+def test_a_glob_of_the_whole_file_system_never_hangs_gunicorn(tmp_path: Path) -> None:
+    """WSGI_RELOAD_EXTRA_FILES='/**/*': the expansion is cut with one line, gunicorn serves and
+    reloads, and SIGTERM stops it."""
+    app = make_app(tmp_path)
+    port = free_port()
+    server = gunicorn(app, port, ["-w", "2"], env=server_env(extra_files="/**/*"))
+    with running(server, "v1"):
+        server.wait_for_log(r"the extra_files pattern '/\*\*/\*' matches more than \d+ files or takes longer")
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        assert server.proc is not None
+        started = time.monotonic()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(30)
+        assert time.monotonic() - started < 30
+
+
+def test_extra_files_of_the_root_directory_is_refused_in_one_line(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"], env=server_env(extra_files="/")), "v1") as server:
+        server.wait_for_log(r"reloading is off: .*WSGI_RELOAD_EXTRA_FILES=.* names the whole file system")
+        assert get(port) == (200, "v1")

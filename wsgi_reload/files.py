@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import importlib.util
+import logging
 import os
 import site
 import sys
@@ -21,6 +22,9 @@ from collections.abc import Iterable, Mapping
 from types import ModuleType
 
 GLOB_CHARS = frozenset("*?[")
+
+VIRTUAL_DIRS = ("/proc/", "/sys/", "/dev/")
+"""Kernel file systems: never code, and their files change all the time."""
 
 DEFAULT_EXCLUDE_NAMES = ("*.swp", "*.swo", "*.swx", "*~", ".#*", "#*#", "4913", "*.tmp")
 """Editor swap, backup and lock files (4913 is the file vim writes to probe a directory)."""
@@ -159,6 +163,8 @@ class PathFilter:
         if any(_matches(path, p) for p in self._exclude):
             return False
         name = os.path.basename(path)
+        if path.startswith(VIRTUAL_DIRS):
+            return False
         if "__pycache__" in path.split(os.sep) or any(fnmatch.fnmatch(name, p) for p in DEFAULT_EXCLUDE_NAMES):
             return False
         in_stdlib = any(_under(path, d) for d in self._stdlib)
@@ -184,19 +190,44 @@ def is_glob(pattern: str) -> bool:
     return bool(GLOB_CHARS & set(pattern))
 
 
+MAX_PATTERN_FILES = 20_000
+"""A glob or directory of ``extra_files`` is cut at this many files..."""
+MAX_PATTERN_SECONDS = 2.0
+"""...or after this long, with one warning: a pattern such as ``/**/*`` must never hang a server."""
+_cut_reported: set[str] = set()
+
+
 def expand(pattern: str, base: str | None = None) -> tuple[set[str], bool]:
     """The files a user pattern names now, and whether it can gain files (a glob or a directory).
 
     A plain file is returned even when it does not exist yet, so it is watched for appearing.
+    A glob or directory is expanded to at most :data:`MAX_PATTERN_FILES` files and for at most
+    :data:`MAX_PATTERN_SECONDS`; the first time a pattern is cut, one warning says so.
     """
     path = os.path.join(os.getcwd() if base is None else base, os.path.expanduser(pattern))
     if is_glob(pattern):
-        found = glob.glob(path, recursive=True)
-        return {os.path.abspath(p) for p in found if not os.path.isdir(p)}, True
+        return _bounded(pattern, glob.iglob(path, recursive=True)), True
     if os.path.isdir(path):
-        found = glob.glob(os.path.join(path, "**", "*"), recursive=True)
-        return {os.path.abspath(p) for p in found if not os.path.isdir(p)}, True
+        return _bounded(pattern, glob.iglob(os.path.join(glob.escape(path), "**", "*"), recursive=True)), True
     return {os.path.abspath(path)}, False
+
+
+def _bounded(pattern: str, matches: Iterable[str]) -> set[str]:
+    found: set[str] = set()
+    deadline = time.monotonic() + MAX_PATTERN_SECONDS
+    for match in matches:
+        match = os.path.abspath(match)
+        if not match.startswith(VIRTUAL_DIRS) and not os.path.isdir(match):
+            found.add(match)
+        if len(found) >= MAX_PATTERN_FILES or time.monotonic() > deadline:
+            if pattern not in _cut_reported:
+                _cut_reported.add(pattern)
+                logging.getLogger("wsgi_reload.files").warning(
+                    "wsgi_reload: the extra_files pattern %r matches more than %d files or takes longer than %g s to "
+                    "list; watching the first %d. Name the project's own directories or globs instead",
+                    pattern, MAX_PATTERN_FILES, MAX_PATTERN_SECONDS, len(found))
+            break
+    return found
 
 
 def pattern_dirs(pattern: str, base: str | None = None, limit: int = 4096) -> set[str]:

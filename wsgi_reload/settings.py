@@ -156,6 +156,8 @@ def _problem(name: str, value: Any) -> str | None:
     if name in _LIST_FIELDS:
         if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
             return "is not valid: give a list of paths or globs"
+        if any(os.path.normpath(os.path.expanduser(v)) == os.sep for v in value):
+            return "names the whole file system (/): give the project's own directories or globs"
         return None
     if name == "app" and value is not None and not (isinstance(value, str) and _APP_PATTERN.match(value)):
         return "is not valid: use 'package.module:callable' or 'file.py:callable'"
