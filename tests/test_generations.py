@@ -324,3 +324,37 @@ def test_extra_files_of_the_root_directory_is_refused_in_one_line(tmp_path: Path
     with running(gunicorn(app, port, ["-w", "2"], env=server_env(extra_files="/")), "v1") as server:
         server.wait_for_log(r"reloading is off: .*WSGI_RELOAD_EXTRA_FILES=.* names the whole file system")
         assert get(port) == (200, "v1")
+
+
+@pytest.mark.parametrize("kind", ["sync", "uwsgi-prefork"])
+def test_a_file_rewritten_every_10_ms_beside_the_code_does_not_hold_a_save(tmp_path: Path, kind: str) -> None:
+    """A request log, db.sqlite3 or uploads in the app directory change all the time under
+    traffic; only watched files' events count towards the settle window, so the save is not
+    held to the 3 s cap."""
+    import threading
+
+    app = make_app(tmp_path)
+    port = free_port()
+    stop = threading.Event()
+
+    def noise() -> None:
+        deadline = time.monotonic() + 60
+        with open(app / "requests.log", "a") as log:
+            while not stop.is_set() and time.monotonic() < deadline:
+                log.write("GET / 200\n")
+                log.flush()
+                time.sleep(0.01)
+
+    with running(serve(kind, app, port), "v1") as server:
+        writer = threading.Thread(target=noise, daemon=True)
+        writer.start()
+        try:
+            time.sleep(0.5)
+            for n in (2, 3):
+                write(app / "greeting.py", greeting(f"v{n}"))
+                wait_for_body(port, f"v{n}")
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            writer.join(5)
+        assert "files are still changing after" not in server.log()

@@ -32,6 +32,7 @@ IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
+IN_ISDIR = 0x40000000
 IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -83,7 +84,8 @@ class DirectoryWatcher:
     """Calls ``on_change()`` as changes arrive in any of a set of directories (not recursive;
     a burst read at once is one call). The set can change while it runs: only the difference is added or removed."""
 
-    def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify") -> None:
+    def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify",
+                 relevant: Callable[[str, str], bool] = lambda directory, name: True) -> None:
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -93,6 +95,7 @@ class DirectoryWatcher:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self._on_change = on_change
+        self._relevant = relevant
         self._name = name
         self._lock = threading.Lock()
         self._watches: dict[str, int] = {}
@@ -102,8 +105,10 @@ class DirectoryWatcher:
         self._last_event = 0.0
 
     def last_event(self) -> float:
-        """The :func:`time.monotonic` time the latest event was read (0.0 before any): the
-        monitor measures its settle window from it, since every write moves it."""
+        """The :func:`time.monotonic` time the latest relevant event was read (0.0 before any):
+        the monitor measures its settle window from it, since every write to a watched file
+        moves it. An event ``relevant(directory, name)`` rejects (a request log, a database
+        file beside the code) neither moves it nor wakes anyone."""
         return self._last_event
 
     @property
@@ -163,31 +168,42 @@ class DirectoryWatcher:
             ready = {fd for fd, _ in poller.poll()}  # no timeout: asleep until the kernel has news
             if self._stop_read in ready:
                 return
-            self._drain()
+            if not self._drain():
+                continue
             self._last_event = time.monotonic()
             try:
                 self._on_change()
             except Exception:
                 log.exception("wsgi_reload: handling a file event failed")
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Read every queued event; True when one of them is relevant."""
+        relevant = False
         while True:
             try:
                 data = os.read(self._fd, 65536)
             except BlockingIOError:
-                return
+                return relevant
             except OSError:
-                return
+                return relevant
             if not data:
-                return
+                return relevant
             offset = 0
             while offset + EVENT_HEADER.size <= len(data):
                 wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
+                raw = data[offset + EVENT_HEADER.size:offset + EVENT_HEADER.size + length]
                 offset += EVENT_HEADER.size + length
                 if mask & IN_Q_OVERFLOW:
                     log.info("wsgi_reload: the inotify event queue overflowed; a full scan follows")
+                    relevant = True
                 elif mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
                     self._forget(wd, moved=bool(mask & IN_MOVE_SELF))
+                    relevant = True
+                elif not relevant:
+                    name = os.fsdecode(raw.rstrip(b"\0"))
+                    directory = self._paths.get(wd)
+                    relevant = directory is None or not name or bool(mask & IN_ISDIR) or \
+                        self._relevant(directory, name)
 
     def _forget(self, wd: int, moved: bool) -> None:
         """A watched directory was deleted or moved away: the path may come back as another

@@ -151,6 +151,7 @@ class Monitor:
         self._rescan_seconds = EVENTS_RESCAN_SECONDS
         self._first: list[Change] = []
         self._on_tick = on_tick
+        self._relevance: tuple[frozenset[tuple[str, str]], frozenset[str]] = (frozenset(), frozenset())
         self._on_tick_pending = tick_pending
 
     def start(self) -> Monitor:
@@ -265,21 +266,43 @@ class Monitor:
         """The directories to hear events from, resolved (inotify watches what a path pointed
         at when it was added), plus the directory of each symlink on the way to them: a release
         switch (``current -> releases/r2``) changes nothing inside the old release, only the
-        link, and resolving again then moves the watches to the new release."""
+        link, and resolving again then moves the watches to the new release.
+
+        It also records which events matter (:meth:`_relevant`): in a directory that holds
+        watched files only those files' events do, so a request log, a SQLite database or
+        uploads beside the code neither wake the monitor nor hold its settle window open; in a
+        directory of a glob, of the runtime directory or on a symlink's way, every event does."""
         # Listed afresh, not taken from the last scan: a tick may have added a file since (the
         # file a failed check names), and its directory must be watched from this turn on.
-        dirs = {os.path.dirname(p) for p in self.scanner.watched_files()}
-        dirs.update(self._wake_dirs)
-        dirs.update(self.scanner.growing_dirs())
+        names: set[tuple[str, str]] = set()
+        every: set[str] = set()
+        by_dir: dict[str, list[str]] = {}
+        for path in self.scanner.watched_files():
+            by_dir.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
+        for directory in (*self._wake_dirs, *self.scanner.growing_dirs()):
+            by_dir.setdefault(directory, [])
+            every.add(os.path.realpath(directory))
         watched: set[str] = set()
-        for directory in dirs:
+        for directory, files in by_dir.items():
             # A watched file whose directory does not exist yet (an extra file still to come):
             # the nearest directory that does exist hears the missing one being made.
-            while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
-                directory = os.path.dirname(directory)
-            watched.add(os.path.realpath(directory))
-            watched.update(symlink_parents(directory))
+            nearest = directory
+            while not os.path.isdir(nearest) and os.path.dirname(nearest) != nearest:
+                nearest = os.path.dirname(nearest)
+            resolved = os.path.realpath(nearest)
+            watched.add(resolved)
+            if nearest != directory:
+                every.add(resolved)
+            names.update((resolved, name) for name in files)
+            parents = symlink_parents(nearest)
+            watched.update(parents)
+            every.update(parents)
+        self._relevance = (frozenset(names), frozenset(every))
         return watched
+
+    def _relevant(self, directory: str, name: str) -> bool:
+        names, every = self._relevance
+        return directory in every or (directory, name) in names
 
     def _start_events(self) -> None:
         dirs = self._dirs_to_watch()
@@ -299,7 +322,7 @@ class Monitor:
 
     def _start_inotify(self, dirs: set[str]) -> str | None:
         try:
-            watcher = inotify.DirectoryWatcher(self._wake.set, self._name + "-events")
+            watcher = inotify.DirectoryWatcher(self._wake.set, self._name + "-events", relevant=self._relevant)
         except OSError as exc:
             return exc.strerror or str(exc)
         try:
