@@ -264,3 +264,27 @@ def test_a_hostile_pidfile_is_one_line_and_exit_two(app: Path, kind: str, conten
     assert done.returncode == 2
     assert message in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_verbose_and_the_import_path_go_before_or_after_the_command(app: Path) -> None:
+    for args in (["-v", "check", "cli_app:application"], ["check", "-v", "cli_app:application"],
+                 ["check", "cli_app.py:application", "-v"]):
+        done = subprocess.run([*CLI, *args], cwd=app, capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr)
+    done = subprocess.run([*CLI, "check"], cwd=app, capture_output=True, text=True)
+    assert done.returncode == 2 and "required: app\n" in done.stderr
+
+
+def test_a_module_planted_in_the_app_directory_cannot_shadow_the_standard_library(app: Path) -> None:
+    """``wsgi-reload check`` run from a directory someone else can write: their uuid.py must not
+    run in place of the standard library's (the app's directory comes after it)."""
+    marker = app / "planted-ran"
+    (app / "uuid.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (app / "cli_app.py").write_text("import uuid\n\ndef application(environ, start_response):\n    return []\n")
+    done = subprocess.run([*CLI, "check", "cli_app:application"], cwd=app, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not marker.exists()
+    # --pythonpath says explicitly what comes first.
+    done = subprocess.run([*CLI, "check", "--pythonpath", str(app), "cli_app:application"], cwd=app,
+                          capture_output=True, text=True)
+    assert marker.exists()

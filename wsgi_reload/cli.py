@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsgi-reload`` command; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "check":
         return _check(args, parser)
@@ -49,17 +49,27 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the pre-reload check, or watch files and signal a server only when the new code loads.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wsgi-reload {__version__}")
+    # -v and the import path are accepted before or after the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug details")
+    common.add_argument("--chdir", default=argparse.SUPPRESS,
+                        help="directory to import the app from (default: the current one)")
+    common.add_argument("--pythonpath", action="append", default=argparse.SUPPRESS, metavar="DIR",
+                        help="a directory to import from ahead of everything else (repeatable). By default the "
+                             "app's directory comes after the standard library and the installed packages, so "
+                             "a file there cannot shadow them")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    check = commands.add_parser("check", help="import an app the way a reload would; exit 0 if it loads, 1 if not, "
+    check = commands.add_parser("check", parents=[common],
+                                help="import an app the way a reload would; exit 0 if it loads, 1 if not, "
                                 "2 for bad usage")
-    check.add_argument("app", help="the entry point, MODULE:CALLABLE")
+    check.add_argument("app", help="the entry point: MODULE:CALLABLE or FILE.py:CALLABLE")
     check.add_argument("--timeout", type=float, default=30.0, help="seconds the import may take (default 30)")
-    check.add_argument("--chdir", help="directory to import from (default: the current one)")
-    check.add_argument("files", nargs="*", help="also compile these files first")
+    check.add_argument("files", nargs="*", default=[], help="also compile these files first")
 
-    watch = commands.add_parser("watch", help="signal a process when files change and the code still loads")
+    watch = commands.add_parser("watch", parents=[common],
+                                help="signal a process when files change and the code still loads")
     target = watch.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the process to signal")
     target.add_argument("--pidfile", help="a file holding the pid to signal, read again before each signal")
@@ -80,10 +90,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         Settings.load({}, app=args.app, check_timeout=args.timeout)
     except SettingsError as exc:
         parser.exit(2, f"wsgi-reload: error: {exc}\n")
-    if args.chdir and not os.path.isdir(args.chdir):
-        parser.exit(2, f"wsgi-reload: error: --chdir {args.chdir}: no such directory\n")
-    cwd = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
-    sys_path = [cwd] + [p for p in sys.path if p]
+    cwd, sys_path = _import_path(args, parser)
     result = compile_files(args.files)
     if result.ok:
         result = import_app(args.app, timeout=args.timeout, cwd=cwd, sys_path=sys_path)
@@ -110,8 +117,7 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (TargetError, SettingsError) as exc:
         parser.exit(2, f"wsgi-reload: error: {exc}\n")
 
-    cwd = os.getcwd()
-    sys_path = [cwd] + [p for p in sys.path if p]
+    cwd, sys_path = _import_path(args, parser)
     name = signal.Signals(signum).name
 
     def send(batch: Sequence[Change]) -> None:
@@ -141,6 +147,20 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             break
     watcher.stop()
     return code
+
+
+def _import_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
+    """The directory and ``sys.path`` the check imports with: ``--pythonpath`` entries first, then
+    this interpreter's own path (less the script's directory), then the app's directory, so a
+    ``uuid.py`` planted there cannot stand in for the standard library's."""
+    chdir = getattr(args, "chdir", None)
+    if chdir and not os.path.isdir(chdir):
+        parser.exit(2, f"wsgi-reload: error: --chdir {chdir}: no such directory\n")
+    cwd = os.path.abspath(chdir) if chdir else os.getcwd()
+    first = [os.path.abspath(p) for p in getattr(args, "pythonpath", [])]
+    script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+    rest = [p for p in sys.path if p and os.path.abspath(p) not in (cwd, script_dir)]
+    return cwd, [*first, *rest, cwd]
 
 
 def _signal_number(name: str) -> int:
