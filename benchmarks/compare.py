@@ -1,7 +1,7 @@
 """Each server three ways, in one run on one machine: with wsgi_reload, with its own reloader, plain.
 
     python benchmarks/compare.py [--edits 20] [--idle-seconds 30] [--only gunicorn uwsgi django]
-                                 [--backend events] [--write-readme]
+                                 [--backend events] [--write-docs]
 
 - gunicorn: the test app plus ``--modules`` imported modules (1,500), ``-w 2`` sync workers; wsgi_reload as
   the README starts it (``-c configs/reload_config.py``), against ``--reload``.
@@ -13,7 +13,7 @@
 Four client threads throughout. Per row: save-to-served p50/p95/p99 over ``--edits`` edits,
 failed requests during good saves and during a 5 s broken save, whether the fix is served,
 and the idle CPU of the whole process tree, also above the plain server's (the floor).
-``--write-readme`` puts the tables into README.md between the compare markers.
+``--write-docs`` puts the tables into docs/benchmarks.md between the compare markers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from _harness import Site, big_site, django_site, measure, measure_idle, table
 from servers import BIN, HERE, Server, server_env
 
-README = HERE.parent / "README.md"
+PAGE = HERE.parent / "docs" / "benchmarks.md"
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
 
 Starter = Callable[[Path, int], Server]
@@ -96,11 +96,11 @@ def main() -> None:
     parser.add_argument("--backend", choices=["events", "poll"], default="events")
     parser.add_argument("--modules", type=int, default=1500, help="imported modules added to the gunicorn and "
                         "uWSGI app (0: the small test app)")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     machine = (f"{platform.system()} {platform.release()}, {os.cpu_count()} cores, Python "
                f"{sys.version.split()[0]}; {args.edits} edits; 4 client threads")
-    command = "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--write-readme", "").strip()
+    command = "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--write-docs", "").strip()
     sections = [f"Measured by `{command.strip()}` on {machine}.\n"]
     for name in args.only:
         size = f"{args.modules:,}-module app" if args.modules else "small app"
@@ -109,12 +109,12 @@ def main() -> None:
         sections.append(f"**{title}**\n\n{table(run_server(name, args))}\n")
     text = "\n".join(sections)
     print("\n" + text)
-    if args.write_readme:
-        readme = README.read_text()
+    if args.write_docs:
+        readme = PAGE.read_text()
         block = f"{START}\n{text}{END}"
         if START not in readme:
-            raise SystemExit(f"README.md has no {START} ... {END} block to fill")
-        README.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S))
+            raise SystemExit(f"{PAGE} has no {START} ... {END} block to fill")
+        PAGE.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S))
 
 
 if __name__ == "__main__":
