@@ -16,7 +16,6 @@ import json
 import os
 import runpy
 import sys
-import sysconfig
 import traceback
 from typing import Any
 
@@ -29,13 +28,8 @@ def _emit(record: dict[str, Any]) -> None:
         data = data[os.write(RESULT_FD, data):]
 
 
-def _library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    dirs = {os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    return tuple(sorted(dirs))
-
-
-LIBRARY_DIRS = _library_dirs()
+LIBRARY_DIRS: tuple[str, ...] = ()
+"""What is not the project's code: ``wsgi_reload.files.library_dirs()``, sent in the payload."""
 
 
 def is_user_file(path: str | None) -> bool:
@@ -298,7 +292,9 @@ def install_generation(generation: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global LIBRARY_DIRS
     payload = json.loads(sys.stdin.read())
+    LIBRARY_DIRS = tuple(payload["library_dirs"])
     os.chdir(payload["cwd"])
     sys.path[:] = payload["sys_path"]
     if payload.get("generation"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _genimport, spawn, warm
+from .files import library_dirs
 from .settings import Settings
 
 _FINDER_FILE = str(Path(_genimport.__file__).resolve())
@@ -146,6 +147,7 @@ def import_app(
         "modules": list(modules),
         "files": list(files),
         "ready_path": ready_path,
+        "library_dirs": list(library_dirs()),
     }
     if generation is not None:
         payload["generation"] = {"finder": _FINDER_FILE, "store": generation.store, "id": generation.id,
@@ -281,5 +283,3 @@ def forget_bytecode(paths: Iterable[str]) -> None:
             except OSError:
                 pass
 
-
-python_executable = spawn.python_executable

@@ -124,9 +124,15 @@ def _site_dirs() -> tuple[str, ...]:
 
 
 def library_dirs() -> tuple[str, ...]:
-    """The standard library's and the installed packages' directories, each ending in a separator
-    (for ``str.startswith``): what is not under one of them is the project's own code."""
-    return tuple(sorted({d.rstrip(os.sep) + os.sep for d in (*_stdlib_dirs(), *_site_dirs())}))
+    """What is not the project's own code, each directory ending in a separator (for
+    ``str.startswith``): the standard library, the installed packages (the user's site-packages
+    too), the interpreter's ``bin`` directories (a console script's directory is first on its
+    ``sys.path``), and this library itself (installed in editable mode it lies outside
+    site-packages). The one definition: the watcher, the generations and the check interpreter
+    all use it."""
+    bins = {os.path.join(p, "bin") for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    dirs = (*_stdlib_dirs(), *_site_dirs(), *sorted(bins), os.path.dirname(os.path.abspath(__file__)))
+    return tuple(sorted({d.rstrip(os.sep) + os.sep for d in dirs}))
 
 
 def _under(path: str, prefix: str) -> bool:

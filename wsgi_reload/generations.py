@@ -95,7 +95,7 @@ class Store:
         paths.update(p for p in map(os.path.abspath, extra) if is_project_file(p) and accept(p))
         for pattern in patterns:
             matched, _ = expand(pattern)
-            paths.update(p for p in matched if accept(p) and not p.startswith(_not_project_dirs()))
+            paths.update(p for p in matched if accept(p) and not p.startswith(library_dirs()))
         files: dict[str, str] = {}
         signatures: dict[str, Signature] = {}
         changed: list[str] = []
@@ -303,25 +303,17 @@ def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,
     return None
 
 
-def _not_project_dirs() -> tuple[str, ...]:
-    """The standard library, installed packages, the interpreter's prefix, and this library itself
-    (installed in editable mode it lies outside site-packages)."""
-    prefixes = {os.path.abspath(p) + os.sep for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
-    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    return (*library_dirs(), *sorted(prefixes), ours)
-
-
 def is_project_file(path: str) -> bool:
     """A ``.py`` file of the project's own: not the standard library's, an installed package's
     or the interpreter's."""
-    return path.endswith(".py") and not os.path.abspath(path).startswith(_not_project_dirs())
+    return path.endswith(".py") and not os.path.abspath(path).startswith(library_dirs())
 
 
 def project_roots(sys_path: Iterable[str] | None = None) -> list[str]:
     """The directories on ``sys.path`` that hold the project's own code: not the standard
     library's or an installed package's, not inside the interpreter's prefix (a virtual
     environment's ``bin``), and existing."""
-    not_project = _not_project_dirs()
+    not_project = library_dirs()
     roots: list[str] = []
     for entry in sys.path if sys_path is None else sys_path:
         path = os.path.abspath(entry or os.getcwd())
@@ -338,7 +330,7 @@ def walk(roots: Iterable[str], accept: Callable[[str], bool] = lambda path: True
     roots = tuple(roots)
     found: set[str] = set()
     deadline = time.monotonic() + max_seconds
-    libraries = _not_project_dirs()
+    libraries = library_dirs()
     for root in roots:
         for directory, subdirs, names in os.walk(root):
             subdirs[:] = sorted(

@@ -73,15 +73,6 @@ class Scanner:
         self._lock = threading.Lock()
         self._module_entries: tuple[frozenset[str], dict[str, int | None]] | None = None
 
-    def add_patterns(self, patterns: Iterable[str]) -> None:
-        """Watch more files, directories or globs, from the next scan on."""
-        with self._lock:
-            self.settings = self.settings.replace(extra_files=(*self.settings.extra_files, *patterns))
-
-    def add_source(self, source: Source) -> None:
-        """Watch the paths another callable gives, from the next scan on."""
-        self._sources.append(source)
-
     def watched_files(self) -> dict[str, int | None]:
         """Every watched path, with the time its content was loaded when known (-1 for glob matches)."""
         accept = self._filter

@@ -31,7 +31,9 @@ class Settings:
     """What to watch, how to watch it, and how to check the code before a reload."""
 
     interval: float = 1.0
-    """Seconds between two polls (and the safety rescan period of the event backend)."""
+    """Seconds between two polls with the polling backend, and between two tries of a reload that
+    could not be sent. The event backend's safety rescan has its own period (300 s with inotify,
+    20 s with watchfiles)."""
     backend: str = "auto"
     """``auto`` (events when they work, else polling), ``poll`` or ``events``."""
     extra_files: tuple[str, ...] = ()

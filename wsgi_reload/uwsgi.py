@@ -1,4 +1,4 @@
-"""uWSGI adapter: importing this module starts the reload timer.
+"""uWSGI adapter: importing it makes the app import the verified generation and starts the server's watcher.
 
 Enable it with ``--import wsgi_reload.uwsgi`` (``import = wsgi_reload.uwsgi`` in an ini
 file), or with ``import wsgi_reload.uwsgi`` in the app module. ``--import`` runs before

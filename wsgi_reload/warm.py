@@ -169,7 +169,7 @@ def checks_forked() -> int:
 
 
 def close_all() -> None:
-    """Stop every warm probe process (tests, and a watcher that stops)."""
+    """Stop every warm probe process (the tests call it between cases)."""
     while _probes:
         _, probe = _probes.popitem()
         probe.close()
