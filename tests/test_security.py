@@ -233,7 +233,7 @@ def test_plants_and_locks_in_the_temp_directory_change_nothing(tmp_path: Path, s
 @pytest.mark.slow
 def test_the_watcher_process_gets_no_settings_on_its_command_line(tmp_path: Path) -> None:
     """Every user can read a command line (ps); the settings go to the watcher on standard input."""
-    from servers import free_port, make_app, running, server_env, uwsgi
+    from servers import free_port, make_app, processes, running, server_env, uwsgi, watcher_processes
 
     app = make_app(tmp_path)
     marker = tmp_path / "private-extra-file.txt"
@@ -242,18 +242,7 @@ def test_the_watcher_process_gets_no_settings_on_its_command_line(tmp_path: Path
     env = server_env(extra_files=str(marker), check_timeout="7")
     with running(uwsgi(app, port, env=env), "v1") as server:
         server.wait_for_log(r"wsgi_reload: watching \d+ files")
-        lines = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    line = f.read().replace(b"\0", b" ").decode(errors="replace")
-                with open(f"/proc/{pid}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            assert server.proc is not None
-            if "wsgi_reload.watch_process" in line and parent == server.proc.pid:  # started by this master
-                lines.append(line)
+        lines = [command for pid, (_, _, command) in processes().items() if pid in watcher_processes(app)]
     assert len(lines) == 1, lines  # one watcher for the server
     assert str(marker) not in lines[0] and "check_timeout" not in lines[0] and "settings" not in lines[0]
 
