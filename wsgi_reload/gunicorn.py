@@ -61,7 +61,8 @@ _LOADED_NS = time.time_ns()
 _CONFIG_PID = os.getpid()
 """The master: gunicorn imports its config there, before any worker exists."""
 
-PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker")
+PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker",
+                          "gunicorn.workers.gasgi.ASGIWorker", "uvicorn_worker._workers.UvicornWorker")
 """Worker classes (and their subclasses) whose preload re-exec is supported. gevent must
 monkey-patch before the app is imported, which preload_app prevents."""
 
@@ -156,6 +157,14 @@ def when_ready(server: Any) -> None:
                    "(it must patch before the app is imported); use the sync or gthread worker, or drop --preload",
                    cfg.worker_class_str)
         return
+    if _skips_request_hooks(cfg.worker_class):
+        # Its workers never run pre_request or post_request: say what that costs, once.
+        _log.warning("wsgi_reload: the %s worker never calls pre_request or post_request, so modules a request "
+                     "imports lazily are in every generation but not imported by the check%s",
+                     cfg.worker_class_str, "; mode=patch needs pre_request, so changes reload instead"
+                     if settings.mode == "patch" else "")
+        if settings.mode == "patch":
+            settings = settings.replace(mode="restart")
     for name in ("post_fork", "post_worker_init"):
         if not getattr(getattr(cfg, name), "_wsgi_reload_hook", False):
             _log.error("wsgi_reload: reloading is off: the config defines its own %s after importing "
@@ -186,6 +195,8 @@ def post_fork(server: Any, worker: Any) -> None:
         _patches = PatchApplier(_manifest_dir)
     if not server.cfg.preload_app:
         worker.load_wsgi = _load_verified(worker.load_wsgi, worker, _master.store)
+    if _skips_request_hooks(type(worker)):
+        _drain_uvicorn_before_shutdown()
 
 
 @_hook
@@ -257,6 +268,33 @@ def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Calla
         sys.exit(1)
 
     return load_wsgi
+
+
+UVICORN_GRACE_SECONDS = 0.1
+
+
+def _drain_uvicorn_before_shutdown() -> None:
+    """uvicorn's graceful shutdown closes every connection that has no request under way yet
+    (``shutdown()`` in ``uvicorn/protocols/http/h11_impl.py`` and ``httptools_impl.py``),
+    including one it accepted an instant before, whose client then sees a reset: a reload would
+    fail a request. Here the worker first stops accepting, then gives such connections a moment
+    to send their request, which they then finish, before uvicorn's own shutdown runs."""
+    import asyncio
+
+    from uvicorn.server import Server
+
+    if getattr(Server.shutdown, "_wsgi_reload", False):
+        return
+    shutdown = Server.shutdown
+
+    async def drained_shutdown(self: Any, sockets: Any = None) -> None:
+        for listener in self.servers:
+            listener.close()
+        await asyncio.sleep(UVICORN_GRACE_SECONDS)
+        await shutdown(self, sockets)
+
+    drained_shutdown._wsgi_reload = True  # type: ignore[attr-defined]
+    Server.shutdown = drained_shutdown  # type: ignore[method-assign]
 
 
 def retry_later(worker: Any, exc: BaseException) -> None:
@@ -755,6 +793,11 @@ if not in_probe():
 
 def _workers(count: int, adjective: str = "") -> str:
     return f"{count} {adjective}worker" + ("" if count == 1 else "s")
+
+
+def _skips_request_hooks(worker_class: type) -> bool:
+    """uvicorn's gunicorn workers run the app through uvicorn, which calls no gunicorn request hook."""
+    return any(c.__module__.startswith("uvicorn_worker") for c in worker_class.__mro__)
 
 
 def _is_preload_worker(worker_class: type) -> bool:

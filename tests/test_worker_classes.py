@@ -1,0 +1,91 @@
+"""Every gunicorn worker class, WSGI and ASGI, with real HTTP under load.
+
+For each: a good save is served with no failed request, a broken save is refused while the
+old code serves, the fix is served, every worker killed while the disk is broken comes back
+with the verified code, and the same under --preload.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from servers import BROKEN_SAVES, Load, free_port, greeting, gunicorn, make_app, running, wait_for_body, write
+from test_generations import worker_pids
+
+pytestmark = pytest.mark.slow
+
+CLASSES = {
+    "sync": ("plain", []),
+    "gthread": ("plain", ["-k", "gthread", "--threads", "4"]),
+    "gevent": ("plain", ["-k", "gevent"]),
+    "asgi": ("asgi", ["-k", "asgi"]),
+    "uvicorn": ("asgi", ["-k", "uvicorn_worker.UvicornWorker"]),
+}
+NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker"}
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
+@pytest.mark.parametrize("worker_class", sorted(CLASSES))
+def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) -> None:
+    module = NEEDS.get(worker_class)
+    if module is not None and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+    if preload and worker_class == "gevent":
+        pytest.skip("gevent patches the standard library when a worker starts, after a preloaded app imported it")
+    app_kind, args = CLASSES[worker_class]
+    app = make_app(tmp_path, app_kind)
+    port = free_port()
+    server = gunicorn(app, port, ["-w", "2", *args, *(["--preload"] if preload else [])])
+    with running(server, "v1"), Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("v2"))  # a good save
+        wait_for_body(port, "v2")
+        server.wait_for_log(r"reload done")
+        time.sleep(1)  # the old workers finish their last requests
+        load.reset_bodies()
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])  # a broken save
+        server.wait_for_log(r"not reloading, the new code does not load: .*greeting.py:1: NameError")
+        time.sleep(1)
+        killed = worker_pids(server)  # every worker killed while the disk is broken
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(3)
+        _, failures, bodies = load.snapshot()
+        assert bodies == {"v2"}
+        # Only requests in flight in a killed worker may fail.
+        in_flight = ("RemoteDisconnected", "IncompleteRead", "ConnectionResetError")
+        assert all(f.startswith(in_flight) for f in failures), failures
+        assert len(failures) <= 4 * len(killed)
+        failed_before = len(failures)
+        write(app / "greeting.py", greeting("v3"))  # the fix
+        wait_for_body(port, "v3")
+        time.sleep(1)
+        _, failures, _ = load.snapshot()
+        assert len(failures) == failed_before, failures[failed_before:]
+    log = server.log()
+    assert "Worker failed to boot" not in log and "Traceback" not in log
+
+
+def test_the_asgi_example_runs_from_its_command(tmp_path: Path) -> None:
+    """example_asgi/app.py's own command (from a copy of the repository), then an edit."""
+    pytest.importorskip("uvicorn_worker")
+    import re
+    import shutil
+
+    from servers import HERE, Server, server_env
+
+    root = tmp_path / "repo"
+    shutil.copytree(HERE.parent / "example_asgi", root / "example_asgi")
+    command = re.search(r"\.venv/bin/(gunicorn .*)", (root / "example_asgi" / "app.py").read_text())
+    assert command is not None
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "gunicorn"), *command.group(1).split()[1:], "-b", f"127.0.0.1:{port}"]
+    with running(Server(argv, port, root, tmp_path / "server.log", server_env()), "hello from ASGI\n"):
+        greeting_file = root / "example_asgi" / "greeting.py"
+        write(greeting_file, greeting_file.read_text().replace("hello", "edited"))
+        wait_for_body(port, "edited from ASGI\n")
