@@ -401,6 +401,8 @@ class _MasterWatch:
                                wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
                                check=self.check, on_tick=self.tick)
         self.dir_lost = False
+        self.unchecked: list[Change] = []
+        """Files that changed while the runtime directory was gone, to check on the next turn."""
 
     def start(self) -> None:
         self.first_generation()
@@ -472,6 +474,7 @@ class _MasterWatch:
 
     def check(self, paths: Sequence[str]) -> CheckResult:
         """Read what changed into a candidate generation and check that, not the disk."""
+        self.heal()
         base = self.current if self.current is not None else self.candidate
         candidate = self.store.build(self.roots, base=base, accept=self.accept,
                                      extra=[*paths, *self.worker_python_files()], patterns=self.worker_files.patterns)
@@ -494,8 +497,9 @@ class _MasterWatch:
         self.previous, self.current = self.current, candidate
         return had_code
 
-    def tick(self) -> None:
-        """Housekeeping in the watcher thread: a removed runtime directory, a pending reload."""
+    def heal(self) -> None:
+        """Make a removed runtime directory again and restore the running generation into it; the
+        files that changed since are checked as a batch of their own."""
         try:
             lost = recover(self.manifest_dir, self.store, self.current)
         except runtime.RuntimeDirError as exc:
@@ -505,8 +509,14 @@ class _MasterWatch:
                 _log.error("wsgi_reload: reloading is paused: %s", exc)
         if lost is not None:
             report_removed(self.manifest_dir, lost)
-            if lost:
-                self.on_batch([Change(path, "modified") for path in lost])
+            self.unchecked.extend(Change(path, "modified") for path in lost)
+
+    def tick(self) -> None:
+        """Housekeeping in the watcher thread: a removed runtime directory, a pending reload."""
+        self.heal()
+        if self.unchecked:
+            batch, self.unchecked = self.unchecked, []
+            self.on_batch(batch)
         self.watcher.gate.retry_pending()
 
     # Deciding and reloading.

@@ -30,7 +30,6 @@ from typing import Any
 from . import runtime, spawn
 from .check import Checked, CheckResult, check_code
 from .files import PathFilter
-from .gate import ActionFailed
 from .generations import Generation, project_roots, recover, store_of
 from .manifest import ManifestReader
 from .process import Target, TargetError
@@ -46,6 +45,9 @@ LOCK_FD = 3
 
 NUDGE_SECONDS = 65.0
 """How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
+
+RELOAD_PATIENCE_SECONDS = 30.0
+"""A signalled reload whose old workers are all still up after this long was lost: signal again."""
 
 RETIRE_AFTER_SECONDS = 10.0
 """With no live worker left to watch for this long (a uWSGI lazy-apps reload moved them to a new
@@ -182,6 +184,11 @@ class _ServerWatch:
         self.candidate: Generation | None = None
         self.dir_lost = False
         self.lock: int | None = None
+        self.unchecked: list[Change] = []
+        """Files that changed while the runtime directory was gone, to check on the next turn."""
+        self.signalled: set[int] | None = None
+        """The live workers when the master was last signalled, while that reload is under way."""
+        self.signalled_at = 0.0
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.manifests, self.generation_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
@@ -195,6 +202,7 @@ class _ServerWatch:
 
     def check(self, paths: Sequence[str]) -> CheckResult:
         """Read what changed into a candidate generation and check that, not the disk."""
+        self.heal()
         base = self.current if self.current is not None else self.candidate
         python = [p for p in self.manifests.files if p.endswith(".py")]
         candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python],
@@ -220,22 +228,54 @@ class _ServerWatch:
             log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the check passed; the old "
                      "workers retire", count, "" if count == 1 else "s", 1000 * (time.monotonic() - started))
             return
-        if not self.manifests.live:
-            # Between two generations, or left behind by a uWSGI --lazy-apps reload (its new
-            # workers found a new runtime directory): hold the reload until workers are back.
-            raise ActionFailed("no worker of this server is up")
+        self.reconcile()
+
+    def reload_wanted(self) -> bool:
+        current = self.current
+        return self.swap is None and current is not None and (
+            self.signalled is not None or self.manifests.generations != {current.id})
+
+    def reconcile(self) -> None:
+        """Signal mode (uWSGI's graceful reload): make the live workers run the current generation.
+
+        Signal only when a live worker runs another generation and no reload is under way: a
+        reload is under way while a worker that was live at the signal still is (it is finishing
+        its requests), or while none is up (the master is loading the app again). uWSGI ignores a
+        reload signal that arrives during a reload, so a second one then would be lost; once the
+        reload is over, the new workers say which generation they loaded, and only if it is not
+        the current one is the master signalled again. Runs after each batch and on every turn
+        of the monitor (a worker's manifest wakes it)."""
+        current = self.current
+        if current is None or self.swap is not None:
+            return
+        live = self.manifests.live
+        if not live:
+            return  # between two generations: the next workers load the current one
+        if self.signalled is not None:
+            waited = time.monotonic() - self.signalled_at
+            if live & self.signalled and waited < RELOAD_PATIENCE_SECONDS:
+                return
+            if not live & self.signalled:
+                log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",
+                         len(live), "" if len(live) == 1 else "s", "/".join(map(str, sorted(
+                             g for g in self.manifests.generations if g is not None))), 1000 * waited)
+            self.signalled = None
+        if self.manifests.generations == {current.id}:
+            return
         workers = children(self.target.pid)
         try:
             self.target.send(self.signum)
         except TargetError as exc:
-            raise ActionFailed(str(exc)) from None
+            log.error("wsgi_reload: cannot reload %s: %s", self.watcher.server, exc)
+            return
+        self.signalled, self.signalled_at = set(live), time.monotonic()
         if self.nudge is not None and workers:
             threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
                              args=(self.target, workers, self.nudge, NUDGE_SECONDS)).start()
 
-    def tick(self) -> None:
-        """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
-        at start, a pending reload."""
+    def heal(self) -> None:
+        """Make a removed runtime directory again and restore the running generation into it; the
+        files that changed since are checked as a batch of their own."""
         try:
             lost = recover(self.runtime_dir, self.store, self.current)
         except runtime.RuntimeDirError as exc:
@@ -249,12 +289,21 @@ class _ServerWatch:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             report_removed(self.runtime_dir, lost)
             if lost:
-                self.watcher.gate([Change(path, "modified") for path in lost])
+                self.unchecked.extend(Change(path, "modified") for path in lost)
+
+    def tick(self) -> None:
+        """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
+        at start, a pending reload."""
+        self.heal()
+        if self.unchecked:
+            batch, self.unchecked = self.unchecked, []
+            self.watcher.gate(batch)
         failed = (self.manifests.app_failed & self.manifests.live) - self.checked_start
         if failed:
             self.checked_start |= failed
             self.recover_start(sorted(failed))
         self.watcher.gate.retry_pending()
+        self.reconcile()
 
     def recover_start(self, pids: list[int]) -> None:
         """Workers say the app did not load: a broken app, or a save that raced their start."""
@@ -271,8 +320,8 @@ class _ServerWatch:
         self.watcher.start()
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
-            if (self.manifests.app_failed & self.manifests.live) - self.checked_start:
-                self.watcher.monitor.wake()
+            if (self.manifests.app_failed & self.manifests.live) - self.checked_start or self.reload_wanted():
+                self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
             if self.manifests.live:
                 seen_workers_at = time.monotonic()
             elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS:
