@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from scan import best  # one timing helper for the benchmarks that time a function
 
 from wsgi_reload import Scanner, Settings
 from wsgi_reload.generations import Store
@@ -75,15 +76,6 @@ def project(root: Path, count: int, per_dir: int = 100) -> list[str]:
             path.write_text(MODULE.format(n=n))
             files.append(str(path))
     return files
-
-
-def best(func: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def tree_size(root: str) -> int:

@@ -32,14 +32,10 @@ from servers import (
     wait_for_body,
     write,
 )
+from test_gunicorn import MODES
 
 pytestmark = pytest.mark.slow
 
-MODES = {
-    "sync": ["-w", "2"],
-    "gthread": ["-w", "2", "-k", "gthread", "--threads", "4"],
-    "preload": ["-w", "2", "--preload"],
-}
 KINDS = [*MODES, "uwsgi-prefork", "uwsgi-lazy"]
 LAZY_BROKEN = 'undefined_name\n\n\ndef text():\n    return "broken"\n'
 WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (\d+)|new pid: (\d+)"

@@ -273,16 +273,28 @@ def adopt(runtime_dir: str) -> tuple[Store, _genimport.GenerationFinder]:
     return store, store.install(generation)
 
 
+_paused: set[str] = set()
+
+
 def recover(runtime_dir: str, store: Store, current: Generation | None) -> list[str] | None:
-    """None while the server's runtime directory is there. If it was removed, make it again and
-    restore the running generation; returns the files that changed since it was checked (to
-    check now). Raises :class:`wsgi_reload.runtime.RuntimeDirError` when the path was taken."""
-    if not runtime.restore(runtime_dir):
+    """None while the server's runtime directory is there. If it was removed, make it again,
+    restore the running generation into it and say so in one line; returns the files that
+    changed since that generation was checked (to check now). If the path was taken by
+    something else, says once that reloading is paused, and returns None."""
+    try:
+        if not runtime.restore(runtime_dir):
+            return None
+    except runtime.RuntimeDirError as exc:
+        if runtime_dir not in _paused:
+            _paused.add(runtime_dir)
+            log.error("wsgi_reload: reloading is paused: %s", exc)
         return None
     runtime.hold_against_cleaners(runtime_dir)
-    if current is None:
-        return []
-    return store.restore(current)
+    lost = [] if current is None else store.restore(current)
+    log.warning("wsgi_reload: the runtime directory %s was removed (a temp-file cleaner?); it is made again and "
+                "the running code restored%s", runtime_dir,
+                f"; {len(lost)} files changed since that code was checked, so they are checked now" if lost else "")
+    return lost
 
 
 def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,

@@ -51,7 +51,6 @@ from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
 from .scanner import Change
 from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import report_removed
 from .watcher import Watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
@@ -400,7 +399,6 @@ class _MasterWatch:
                                sources=[worker_files, self.config_files, self.generation_files],
                                wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
                                check=self.check, on_tick=self.tick)
-        self.dir_lost = False
         self.unchecked: list[Change] = []
         """Files that changed while the runtime directory was gone, to check on the next turn."""
 
@@ -500,15 +498,8 @@ class _MasterWatch:
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
         files that changed since are checked as a batch of their own."""
-        try:
-            lost = recover(self.manifest_dir, self.store, self.current)
-        except runtime.RuntimeDirError as exc:
-            lost = None
-            if not self.dir_lost:
-                self.dir_lost = True
-                _log.error("wsgi_reload: reloading is paused: %s", exc)
-        if lost is not None:
-            report_removed(self.manifest_dir, lost)
+        lost = recover(self.manifest_dir, self.store, self.current)
+        if lost:
             self.unchecked.extend(Change(path, "modified") for path in lost)
 
     def tick(self) -> None:

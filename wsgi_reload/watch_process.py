@@ -182,7 +182,6 @@ class _ServerWatch:
         self.current: Generation | None = None if current is None else self.store.load(current)
         """The newest verified generation: what every process that loads the app imports."""
         self.candidate: Generation | None = None
-        self.dir_lost = False
         self.lock: int | None = None
         self.unchecked: list[Change] = []
         """Files that changed while the runtime directory was gone, to check on the next turn."""
@@ -276,20 +275,12 @@ class _ServerWatch:
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
         files that changed since are checked as a batch of their own."""
-        try:
-            lost = recover(self.runtime_dir, self.store, self.current)
-        except runtime.RuntimeDirError as exc:
-            lost = None
-            if not self.dir_lost:
-                self.dir_lost = True
-                log.error("wsgi_reload: reloading is paused: %s", exc)
+        lost = recover(self.runtime_dir, self.store, self.current)
         if lost is not None:
             self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
             with contextlib.suppress(OSError):
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            report_removed(self.runtime_dir, lost)
-            if lost:
-                self.unchecked.extend(Change(path, "modified") for path in lost)
+            self.unchecked.extend(Change(path, "modified") for path in lost)
 
     def tick(self) -> None:
         """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
@@ -329,12 +320,6 @@ class _ServerWatch:
                 break
         self.watcher.stop(timeout=2)
         runtime.remove(self.runtime_dir)
-
-
-def report_removed(runtime_dir: str, lost: Sequence[str]) -> None:
-    log.warning("wsgi_reload: the runtime directory %s was removed (a temp-file cleaner?); it is made again and "
-                "the running code restored%s", runtime_dir,
-                f"; {len(lost)} files changed since that code was checked, so they are checked now" if lost else "")
 
 
 def alive(pid: int) -> bool:
