@@ -85,14 +85,13 @@ def tree_size(root: str) -> int:
 def boot_seconds(root: Path, count: int, store: str | None, rounds: int) -> float:
     """p50 of a fresh interpreter importing every module (after one warm-up run that writes the
     __pycache__ or the store's code cache)."""
-    names = [f"proj.d{n // 100}.m{n}" for n in range(count)]
     install = ""
     if store is not None:
         install = (f"from wsgi_reload.generations import Store; s = Store({store!r}); "
                    "s.install(s.load(s.current_id()))\n")
     code = (f"import sys, time, importlib\nsys.path.insert(0, {str(root)!r})\n{install}"
             "t = time.perf_counter()\n"
-            f"for name in {names!r}:\n    importlib.import_module(name)\n"
+            f"for n in range({count}):\n    importlib.import_module(f'proj.d{{n // 100}}.m{{n}}')\n"
             "print(time.perf_counter() - t)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     samples = []
