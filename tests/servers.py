@@ -399,3 +399,23 @@ def remove_the_runtime_directory_under_load(server: Server, app: Path, saves: Se
         _, failures, _ = load.snapshot()
     assert failures == []
     assert server.count(r"the runtime directory .* was removed") == 1
+
+
+def every_worker_answers(port: int, path: str, expected: str, workers: int = 2, seconds: float = 3.0) -> int:
+    """Under load for ``seconds``: no request fails, every body is ``expected@<pid>``, and
+    ``workers`` different workers answered (bodies name the pid). Returns the requests served."""
+    with Load(port, threads=4, path=path) as load:
+        time.sleep(seconds)
+        ok, failures, bodies = load.snapshot()
+    assert failures == []
+    assert {b.split("@")[0] for b in bodies} == {expected}
+    assert len({b.split("@")[1] for b in bodies}) == workers, f"every worker must have served {path}"
+    return ok
+
+
+def wait_for_prefix(port: int, path: str, expected: str, timeout: float = LIVENESS_TIMEOUT) -> None:
+    """Poll until ``path`` answers ``expected@<pid>``."""
+    deadline = time.monotonic() + timeout
+    while get(port, path)[1].split("@")[0] != expected:
+        assert time.monotonic() < deadline, f"never served {expected!r} at {path} within {timeout} s"
+        time.sleep(0.05)
