@@ -75,6 +75,11 @@ def project(root: Path, count: int, per_dir: int = 100) -> list[str]:
             path = sub / f"m{n}.py"
             path.write_text(MODULE.format(n=n))
             files.append(str(path))
+    # A checkout made more than 2 s ago, as a real project is: the store trusts a directory's
+    # cached listing only once its mtime is older than that (see generations.RACY_NS).
+    hour_ago = time.time() - 3600
+    for directory, _, _ in os.walk(package):
+        os.utime(directory, (hour_ago, hour_ago))
     return files
 
 

@@ -158,6 +158,28 @@ def test_the_walk_skips_virtual_environments_hidden_and_cache_directories(tmp_pa
     assert not complete and len(found) >= 1
 
 
+def test_a_rebuild_sees_files_added_and_removed_under_cached_listings(tmp_path: Path) -> None:
+    """The store keeps each directory's listing under its stat signature; a file added, removed
+    or renamed changes the directory's mtime, so the next build lists it again."""
+    root = project(tmp_path)
+    (root / "loop").mkdir()
+    (root / "loop" / "back").symlink_to(root)  # a symlink loop: walked as os.walk does, not followed
+    for directory in (root, root / "pkg", root / "loop"):
+        os.utime(directory, (1e9, 1e9))  # older than the "racy" window, so the listings are cached
+    store = Store(str(tmp_path / "store"))
+    first = store.build([str(root)])
+    (root / "pkg" / "new.py").write_text("NEW = 1\n")
+    second = store.build([str(root)], base=first)
+    assert str(root / "pkg" / "new.py") in second.files
+    assert second.changed == (str(root / "pkg" / "new.py"),)
+    (root / "pkg" / "new.py").rename(root / "pkg" / "renamed.py")
+    third = store.build([str(root)], base=second)
+    assert str(root / "pkg" / "new.py") not in third.files and str(root / "pkg" / "renamed.py") in third.files
+    (root / "pkg" / "mod.py").write_text('def text():\n    return "v2"\n')  # no entry added: the mtime of
+    fourth = store.build([str(root)], base=third)  # the directory is unchanged, the file's is not
+    assert fourth.changed == (str(root / "pkg" / "mod.py"),)
+
+
 def test_project_roots_leave_out_the_standard_library_and_installed_packages(tmp_path: Path) -> None:
     import sysconfig
 

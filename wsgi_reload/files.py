@@ -6,6 +6,7 @@ Nothing here stats a file for changes; that is :mod:`wsgi_reload.scanner`'s job.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import importlib.util
 import logging
@@ -123,6 +124,7 @@ def _site_dirs() -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+@functools.cache  # the interpreter's layout does not change while it runs
 def library_dirs() -> tuple[str, ...]:
     """What is not the project's own code, each directory ending in a separator (for
     ``str.startswith``): the standard library, the installed packages (the user's site-packages

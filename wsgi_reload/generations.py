@@ -77,6 +77,7 @@ class Store:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self._walked: tuple[Callable[[str], bool], dict[str, Listing]] | None = None
         for sub in ("", _genimport.OBJECTS, _genimport.CODE):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(directory, sub), 0o700)
@@ -91,31 +92,45 @@ class Store:
         matches ``base`` keep their digest unread; the others are read once and stored."""
         started = time.time_ns()
         roots = tuple(dict.fromkeys(os.path.abspath(r) for r in roots))
-        paths, complete = walk(roots, accept)
+        paths, complete = walk(roots, accept, listings=self._listings(accept))
         paths.update(p for p in map(os.path.abspath, extra) if is_project_file(p) and accept(p))
         for pattern in patterns:
             matched, _ = expand(pattern)
             paths.update(p for p in matched if accept(p) and not p.startswith(library_dirs()))
-        files: dict[str, str] = {}
-        signatures: dict[str, Signature] = {}
-        changed: list[str] = []
-        for path in sorted(paths):
+        # One stat per file and no other work for an unchanged one: a rebuild after one edit
+        # should cost about what a scan does. (A record's files and signatures share their keys.)
+        files: dict[str, str] = dict(base.files) if base is not None else {}
+        signatures: dict[str, Signature] = dict(base.signatures) if base is not None else {}
+        changed = [p for p in files.keys() - paths]
+        for path in changed:
+            del files[path], signatures[path]
+        stat_of = os.stat
+        for path in paths:
             try:
-                entry = self._entry(path, base)
+                st = stat_of(path)
+                signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if signatures.get(path) == signature:
+                    continue
+                digest, signature = self._read(path)
             except OSError:
-                continue  # gone since the walk, or unreadable: it loads from the disk, if at all
-            files[path], signatures[path] = entry
-            if base is None or base.files.get(path) != entry[0]:
+                if path in files:  # gone since the walk, or unreadable: it loads from the disk, if at all
+                    del files[path], signatures[path]
+                    changed.append(path)
+                continue
+            if files.get(path) != digest:
                 changed.append(path)
-        if base is not None:
-            changed.extend(p for p in base.files if p not in files)
-        return Generation(self._next_id(base), roots, files, signatures, tuple(changed), complete, started)
+            files[path] = digest
+            signatures[path] = signature
+        return Generation(self._next_id(base), roots, files, signatures, tuple(sorted(changed)), complete, started)
 
-    def _entry(self, path: str, base: Generation | None) -> tuple[str, Signature]:
-        st = os.stat(path)
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if base is not None and base.signatures.get(path) == signature and path in base.files:
-            return base.files[path], signature
+    def _listings(self, accept: Callable[[str], bool]) -> dict[str, Listing]:
+        """The directory listings of this store's last walk, while ``accept`` is the same."""
+        if self._walked is None or self._walked[0] is not accept:
+            self._walked = (accept, {})
+        return self._walked[1]
+
+    def _read(self, path: str) -> tuple[str, Signature]:
+        """Store the file's bytes; returns their digest and the signature of what was read."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
@@ -334,31 +349,71 @@ def project_roots(sys_path: Iterable[str] | None = None) -> list[str]:
     return roots
 
 
+RACY_NS = 2_000_000_000
+Listing = tuple[Signature, tuple[str, ...], tuple[str, ...]]
+"""A directory's stat signature, the files of it a walk keeps, and the subdirectories it enters."""
+
+
 def walk(roots: Iterable[str], accept: Callable[[str], bool] = lambda path: True,
-         max_files: int = MAX_FILES, max_seconds: float = MAX_WALK_SECONDS) -> tuple[set[str], bool]:
+         max_files: int = MAX_FILES, max_seconds: float = MAX_WALK_SECONDS,
+         listings: dict[str, Listing] | None = None) -> tuple[set[str], bool]:
     """Every ``.py`` and ``.mo`` file under ``roots`` and every file in a ``templates`` directory
-    there, skipping hidden directories, ``__pycache__``, installed
-    packages and virtual environments; bounded by count and time. Returns (files, complete)."""
+    there, skipping hidden directories, ``__pycache__``, installed packages and virtual
+    environments; bounded by count and time. Returns (files, complete).
+
+    ``listings`` caches each directory's listing under its stat signature: adding, removing or
+    renaming an entry changes a directory's mtime, so an unchanged directory costs one ``stat``
+    instead of a listing (a rebuild after one edit is then about one stat per file, as a scan is).
+    """
     roots = tuple(roots)
     found: set[str] = set()
     deadline = time.monotonic() + max_seconds
     libraries = library_dirs()
-    for root in roots:
-        for directory, subdirs, names in os.walk(root):
-            subdirs[:] = sorted(
-                d for d in subdirs
-                if not d.startswith(".") and d not in SKIP_DIRS
-                and not (os.path.join(directory, d) + os.sep).startswith(libraries)
-                and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg")))
-            templates = f"{os.sep}templates{os.sep}" in directory + os.sep
-            for name in names:
-                if name.endswith((".py", ".mo")) or templates:
-                    path = os.path.join(directory, name)
-                    if accept(path):
-                        found.add(path)
-            if len(found) >= max_files or time.monotonic() > deadline:
-                log.warning("wsgi_reload: the project's directories (%s) hold more than %d Python files or took "
-                            "longer than %g s to list; files beyond that load from the disk, unchecked. Run the "
-                            "server from the project's own directory", ", ".join(roots), max_files, max_seconds)
-                return found, False
+    cache: dict[str, Listing] = {} if listings is None else listings
+    pending = list(reversed(roots))
+    while pending:
+        directory = pending.pop()
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        listing = cache.get(directory)
+        if listing is None or listing[0] != signature:
+            listing = _list(directory, signature, accept, libraries)
+            # A directory changed within the mtime granularity of some file systems could change
+            # again without a new mtime (git's "racy clean" problem): list it again next time.
+            if time.time_ns() - st.st_mtime_ns > RACY_NS:
+                cache[directory] = listing
+        found.update(listing[1])
+        pending.extend(reversed(listing[2]))
+        if len(found) >= max_files or time.monotonic() > deadline:
+            log.warning("wsgi_reload: the project's directories (%s) hold more than %d Python files or took "
+                        "longer than %g s to list; files beyond that load from the disk, unchecked. Run the "
+                        "server from the project's own directory", ", ".join(roots), max_files, max_seconds)
+            return found, False
     return found, True
+
+
+def _list(directory: str, signature: Signature, accept: Callable[[str], bool],
+          libraries: tuple[str, ...]) -> Listing:
+    files: list[str] = []
+    subdirs: list[str] = []
+    templates = f"{os.sep}templates{os.sep}" in directory + os.sep
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return signature, (), ()
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)  # as os.walk: a symlink loop ends nowhere
+        except OSError:
+            continue
+        if is_dir:
+            if not entry.name.startswith(".") and entry.name not in SKIP_DIRS \
+                    and not (entry.path + os.sep).startswith(libraries) \
+                    and not os.path.exists(os.path.join(entry.path, "pyvenv.cfg")):
+                subdirs.append(entry.path)
+        elif (entry.name.endswith((".py", ".mo")) or templates) and accept(entry.path):
+            files.append(entry.path)
+    return signature, tuple(files), tuple(sorted(subdirs))
