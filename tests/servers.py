@@ -419,3 +419,84 @@ def wait_for_prefix(port: int, path: str, expected: str, timeout: float = LIVENE
     while get(port, path)[1].split("@")[0] != expected:
         assert time.monotonic() < deadline, f"never served {expected!r} at {path} within {timeout} s"
         time.sleep(0.05)
+
+
+WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (\d+)|new pid: (\d+)"
+"""gunicorn's and uWSGI's log lines for a worker started (a check process is the master's child too)."""
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The live workers, as host pids: the master's children that its log says it started as
+    workers. Under ``unshare`` the master is the unshare process's child and logs the pids of its
+    own namespace (the last ``NSpid``)."""
+    assert server.proc is not None
+    booted = {int(next(filter(None, m))) for m in re.findall(WORKER_PIDS, server.log())}
+    table = processes()
+    master = server.proc.pid
+    if server.argv[0] == "unshare":
+        master = next(pid for pid, (_, ppid, _) in table.items() if ppid == server.proc.pid)
+    live = set()
+    for pid, (state, ppid, _) in table.items():
+        if ppid != master or state == "Z":
+            continue
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:")).split()[-1]
+        except (OSError, StopIteration):
+            continue
+        if int(nspid) in booted:
+            live.add(pid)
+    return live
+
+
+def kill_every_worker(server: Server, expected: str, path: str = "/", workers: int = 2) -> None:
+    """kill -9 of every worker (the OOM killer) while a broken save is on the disk: the
+    replacements load the last verified code, ``expected``, and serve it with nothing failed."""
+    killed = worker_pids(server)
+    assert len(killed) == workers
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for_body(server.port, expected, path=path)
+    with Load(server.port, threads=4, path=path) as load:
+        time.sleep(3)
+        ok, failures, bodies = load.snapshot()
+    assert failures == []
+    assert bodies == {expected}
+    assert ok > 20
+    assert not killed & worker_pids(server)
+    assert "Worker failed to boot" not in server.log()
+
+
+PAIR_GAPS = [0.08, 0.6, 0.15, 0.45, 0.1, 0.3, 0.2, 0.55, 0.12, 0.35]
+"""Seconds between a good save and the broken one after it, and on to the next pair."""
+
+
+def good_then_broken_pairs(port: int, save_good: Callable[[str], str], save_broken: Callable[[], None],
+                           path: str = "/") -> None:
+    """Under load: ten good-then-broken pairs, then a final good save. Nothing fails, every body
+    is a version that was saved good (and so could pass a check); once the final one is served
+    no older one is; and it is served well before ``check_timeout`` (30 s) would have run out.
+    ``save_good(name)`` saves version ``name`` and returns the body it serves."""
+    with Load(port, threads=4, path=path) as load:
+        goods = {get(port, path)[1]}
+        for n, gap in enumerate(PAIR_GAPS, start=2):
+            goods.add(save_good(f"v{n}"))
+            time.sleep(gap)
+            save_broken()
+            time.sleep(gap)
+        saved = time.monotonic()
+        final = save_good("final")
+        wait_for_body(port, final, timeout=20, path=path)
+        served_after = time.monotonic() - saved
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies <= goods | {final}, f"served versions that were never saved good: {bodies - goods - {final}}"
+        time.sleep(1)  # the old workers finish their last requests
+        load.reset_bodies()
+        answers = [get(port, path)[1] for _ in range(40)]
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert set(answers) == {final}
+    assert bodies == {final}
+    assert served_after < 15, f"the final save was served {served_after:.1f} s after it was made"

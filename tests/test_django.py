@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ from servers import (
     every_worker_answers,
     free_port,
     get,
+    good_then_broken_pairs,
     gunicorn,
+    kill_every_worker,
     kill_the_watcher_under_load,
     running,
     server_env,
@@ -265,6 +268,100 @@ def test_a_template_saved_broken_that_one_worker_never_rendered(site: Path, kind
         every_worker_answers(port, "/other/", "other-1")
         write(template, "other-3@{{ pid }}")
         wait_for_prefix(port, "/other/", "other-3", timeout=LIVENESS)
+
+
+def add_view(site: Path, name: str, body: str) -> None:
+    """A view ``name`` at /<name>/ whose function body is ``body``."""
+    views = site / VIEWS
+    write(views, views.read_text() + f"\n\ndef {name}(request):\n{textwrap.indent(body, '    ')}\n")
+    urls = site / "mysite" / "urls.py"
+    write(urls, urls.read_text().replace("urlpatterns = [", f'urlpatterns = [\n    path("{name}/", views.{name}),'))
+
+
+def break_views(site: Path) -> None:
+    views = site / VIEWS
+    write(views, views.read_text() + "\nundefined_name\n")
+
+
+def mend_views(site: Path) -> None:
+    views = site / VIEWS
+    write(views, views.read_text().replace("\nundefined_name\n", ""))
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_good_then_broken_view_saves_never_serve_an_older_version_after_the_final_one(site: Path, kind: str) -> None:
+    port = free_port()
+    views = site / VIEWS
+    original = views.read_text()
+
+    def save_good(version: str) -> str:
+        write(views, original.replace('GREETING = "hello"', f'GREETING = "{version}"'))
+        return page(version)
+
+    with running(start(kind, site, port), page("hello")) as server:
+        wait_generation(server, kind, 1)
+        good_then_broken_pairs(port, save_good, lambda: break_views(site))
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_every_worker_killed_while_a_view_is_broken(site: Path, kind: str) -> None:
+    port = free_port()
+    with running(start(kind, site, port), page("hello")) as server:
+        wait_generation(server, kind, 1)
+        greeting_view(site, "v2")
+        wait_for_body(port, page("v2"), timeout=LIVENESS)
+        wait_generation(server, kind, 2)
+        break_views(site)
+        server.wait_for_log(r"not reloading, the new code does not load")
+        time.sleep(1)  # the old workers of the v2 reload have retired
+        kill_every_worker(server, page("v2"))
+        mend_views(site)
+        greeting_view(site, "v3")
+        wait_for_body(port, page("v3"), timeout=LIVENESS)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_ready_path_answering_500_refuses_the_swap(site: Path, kind: str) -> None:
+    add_view(site, "healthz", 'return HttpResponse(status=500 if GREETING == "sick" else 200)')
+    port = free_port()
+    with running(start(kind, site, port, server_env(ready_path="/healthz/")), page("hello")) as server, \
+            Load(port, threads=4) as load:
+        wait_generation(server, kind, 1)
+        greeting_view(site, "sick")
+        server.wait_for_log(r"not reloading, the new code does not load: NotReady: GET /healthz/ answered 500")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("hello")}
+        greeting_view(site, "v3")
+        wait_for_body(port, page("v3"), timeout=LIVENESS)
+
+
+@pytest.mark.parametrize("broken", ["views_name_error", "models_exception"])
+def test_started_broken_under_gunicorn_with_no_config_stays_up_and_serves_the_fix(site: Path, broken: str) -> None:
+    """Django under gunicorn with no config, started with a view or the models broken: one line
+    with the file and line, the server stays up, and the fix is served. Nothing halts the arbiter."""
+    relative, breaker = BROKEN[broken]
+    target = site / relative
+    original = target.read_text()
+    write(target, breaker(original))
+    port = free_port()
+    server = start("gunicorn-sync", site, port)
+    with running(server, None):
+        server.wait_for_log(rf"{target}:\d+: (NameError|RuntimeError)")
+        time.sleep(2)
+        assert server.proc is not None and server.proc.poll() is None
+        write(target, original)
+        greeting_view(site, "fixed")
+        wait_for_body(port, page("fixed"), timeout=LIVENESS)
+        with Load(port, threads=4) as load:
+            time.sleep(1)
+            _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("fixed")}
+        log = server.log()
+        assert "Worker failed to boot" not in log and "Shutting down: Master" not in log
+        assert len(re.findall(rf"wsgi_reload: .*{target}:\d+", log)) == 1, "one line names the file and line"
 
 
 def test_without_wsgi_application_the_check_imports_gunicorns_app(site: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from servers import (
     every_worker_answers,
     free_port,
     get,
+    good_then_broken_pairs,
     greeting,
     gunicorn,
+    kill_every_worker,
     kill_the_watcher_under_load,
     make_app,
     remove_the_runtime_directory_under_load,
@@ -38,9 +41,11 @@ from test_gunicorn import MODES
 
 pytestmark = pytest.mark.slow
 
-KINDS = [*MODES, "uwsgi-prefork", "uwsgi-lazy"]
+AS_PID_1 = os.geteuid() == 0 and shutil.which("unshare") is not None
+"""gunicorn --preload as PID 1 of a new pid namespace (a container) needs root and unshare."""
+KINDS = [*MODES, *(["preload-pid1"] if AS_PID_1 else []), "uwsgi-prefork", "uwsgi-lazy"]
+GUNICORN = [*sorted(MODES), *(["preload-pid1"] if AS_PID_1 else [])]
 LAZY_BROKEN = 'undefined_name\n\n\ndef text():\n    return "broken"\n'
-WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (\d+)|new pid: (\d+)"
 RESTARTS = r"Autorestarting worker"
 
 
@@ -49,11 +54,16 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def serve(kind: str, app: Path, port: int, args: tuple[str, ...] = ()) -> Server:
-    """gunicorn as the README starts it (the config hooks), or uWSGI with --import."""
+def serve(kind: str, app: Path, port: int, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Server:
+    """gunicorn as the README starts it (the config hooks; preload-pid1: the master is PID 1 of
+    its own pid namespace, as in a container), or uWSGI with --import."""
+    if kind == "preload-pid1":
+        server = gunicorn(app, port, [*MODES["preload"], *args], env=env)
+        server.argv = ["unshare", "--pid", "--fork", "--mount-proc", *server.argv]
+        return server
     if kind in MODES:
-        return gunicorn(app, port, [*MODES[kind], *args])
-    return uwsgi(app, port, args, lazy=kind == "uwsgi-lazy")
+        return gunicorn(app, port, [*MODES[kind], *args], env=env)
+    return uwsgi(app, port, args, lazy=kind == "uwsgi-lazy", env=env)
 
 
 def lazy_app(tmp_path: Path) -> Path:
@@ -89,23 +99,6 @@ application = app
     return app
 
 
-def worker_pids(server: Server) -> set[int]:
-    """The live workers: pids gunicorn logged booting that are still its children (a check
-    process is a child of the master too, so the log says which are workers)."""
-    assert server.proc is not None
-    booted = {int(next(filter(None, m))) for m in re.findall(WORKER_PIDS, server.log())}
-    live = set()
-    for pid in booted:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == server.proc.pid:
-            live.add(pid)
-    return live
-
-
 def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path: Path, kind: str) -> None:
     """The worker that had not imported lazy_part imports it after the broken save; it gets the
     checked bytes, so both workers answer lazy-1 and nothing fails."""
@@ -123,39 +116,18 @@ def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path:
 
 def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one(
         tmp_path: Path, kind: str) -> None:
-    """Ten good-then-broken pairs 80 to 600 ms apart, then a final good save. Every body is a
-    version that passed a check; once the final one is served no older one is; and it is served
-    well before check_timeout (30 s) would have run out."""
     app = make_app(tmp_path)
     port = free_port()
-    goods = {"v1"}
-    gaps = [0.08, 0.6, 0.15, 0.45, 0.1, 0.3, 0.2, 0.55, 0.12, 0.35]
-    with running(serve(kind, app, port), "v1"), Load(port, threads=4) as load:
-        for n, gap in enumerate(gaps, start=2):
-            goods.add(f"v{n}")
-            write(app / "greeting.py", greeting(f"v{n}"))
-            time.sleep(gap)
-            write(app / "greeting.py", BROKEN_SAVES["name_error"])
-            time.sleep(gap)
-        saved = time.monotonic()
-        write(app / "greeting.py", greeting("final"))
-        goods.add("final")
-        wait_for_body(port, "final", timeout=20)
-        served_after = time.monotonic() - saved
-        time.sleep(1)  # the old workers finish their last requests
-        load.reset_bodies()
-        answers = [get(port)[1] for _ in range(40)]
-        time.sleep(1)
-        _, failures, bodies = load.snapshot()
-    assert failures == []
-    assert set(answers) == {"final"}
-    assert bodies == {"final"}
-    assert served_after < 15, f"the final save was served {served_after:.1f} s after it was made"
+
+    def save_good(version: str) -> str:
+        write(app / "greeting.py", greeting(version))
+        return version
+
+    with running(serve(kind, app, port), "v1"):
+        good_then_broken_pairs(port, save_good, lambda: write(app / "greeting.py", BROKEN_SAVES["name_error"]))
 
 
 def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, kind: str) -> None:
-    """kill -9 of every worker (the OOM killer) while a broken save is on disk: the replacements
-    load the last verified code and serve it."""
     app = make_app(tmp_path)
     port = free_port()
     with running(serve(kind, app, port), "v1") as server:
@@ -163,26 +135,13 @@ def test_every_worker_killed_while_the_disk_is_broken(tmp_path: Path, kind: str)
         wait_for_body(port, "v2")
         write(app / "greeting.py", BROKEN_SAVES["name_error"])
         server.wait_for_log(r"not reloading, the new code does not load")
-        assert server.proc is not None
         time.sleep(1)  # the old workers of the v2 reload have retired
-        killed = worker_pids(server)
-        assert len(killed) == 2
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        wait_for_body(port, "v2")
-        with Load(port, threads=4) as load:
-            time.sleep(3)
-            ok, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"v2"}
-        assert ok > 20
-        assert not killed & worker_pids(server)
-        assert "Worker failed to boot" not in server.log()
+        kill_every_worker(server, "v2")
         write(app / "greeting.py", greeting("v3"))
         wait_for_body(port, "v3")
 
 
-@pytest.mark.parametrize("kind", sorted(MODES))
+@pytest.mark.parametrize("kind", GUNICORN)
 def test_max_requests_restarts_under_load_while_the_disk_is_broken(tmp_path: Path, kind: str) -> None:
     """Workers restart every 50 requests as gunicorn asks; each one loads the verified code.
     (uWSGI 2.0.31 with --max-requests 50 recycled no worker in 300 requests here, with or
@@ -210,14 +169,14 @@ def test_max_requests_restarts_under_load_while_the_disk_is_broken(tmp_path: Pat
         assert bodies == {"v2"}
 
 
-@pytest.mark.parametrize("mode_name", ["sync", "preload"])
-def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, mode_name: str) -> None:
+@pytest.mark.parametrize("kind", GUNICORN)
+def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, kind: str) -> None:
     """gunicorn started with an app that does not load: one line with the file and line, the
     server stays up, and the fix is served. Nothing halts the arbiter."""
     app = make_app(tmp_path)
     write(app / "greeting.py", BROKEN_SAVES["name_error"])
     port = free_port()
-    server = gunicorn(app, port, MODES[mode_name])
+    server = serve(kind, app, port)
     with running(server, None):
         server.wait_for_log(rf"{app / 'greeting.py'}:1: NameError")
         time.sleep(2)
@@ -234,7 +193,7 @@ def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, mode_name: s
         assert len(re.findall(r"greeting.py:1: NameError", log)) >= 1
 
 
-@pytest.mark.parametrize("kind", ["sync", "preload", "uwsgi-prefork", "uwsgi-lazy"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) -> None:
     """With ready_path=/healthz, new code whose /healthz answers 500 never replaces the old code."""
     app = make_app(tmp_path)
@@ -247,8 +206,7 @@ def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) ->
     write(app / "app.py", source)
     port = free_port()
     env = server_env(ready_path="/healthz")
-    server = gunicorn(app, port, MODES[kind], env=env) if kind in MODES else \
-        uwsgi(app, port, lazy=kind == "uwsgi-lazy", env=env)
+    server = serve(kind, app, port, env=env)
     with running(server, "v1"), Load(port, threads=4) as load:
         write(app / "greeting.py", greeting("sick"))
         server.wait_for_log(r"not reloading, the new code does not load: NotReady: GET /healthz answered 500")

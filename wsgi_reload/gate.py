@@ -153,8 +153,8 @@ class ReloadGate:
             self.log.error("wsgi_reload: not reloading, %s: %s. The old code keeps serving; saving a fix reloads.",
                            what_failed(result), result)
         else:
-            self.log.error("wsgi_reload: the app does not load, so the workers have no code to serve and "
-                           "every request fails: %s. Saving a fix reloads.", result)
+            self.log.error("wsgi_reload: the app does not load, so the workers have no code to serve: %s. "
+                           "Saving a fix reloads.", result)
         if result.details:
             self.log.debug("wsgi_reload: check traceback:\n%s", result.details)
 

@@ -75,6 +75,8 @@ _prepare: list[Callable[[], object]] = []
 _manifest_dir: str | None = None
 _master: _MasterWatch | None = None
 _worker: ManifestWriter | None = None
+_on_failed_start: Callable[[], object] | None = None
+"""Django under gunicorn with no config: starts the watcher of a server started broken."""
 _patches: PatchApplier | None = None
 
 
@@ -296,16 +298,20 @@ def _drain_uvicorn_before_shutdown() -> None:
     Server.shutdown = drained_shutdown  # type: ignore[method-assign]
 
 
-def retry_later(worker: Any, exc: BaseException) -> None:
+def retry_later(worker: Any, exc: BaseException, *, quiet: bool = False) -> None:
     """A worker could not load verified code (the environment's fault: a database down at import):
     say so, and wait :data:`RETRY_SECONDS`, or until newer code passes the check, telling the master
-    it is alive. The caller then exits with 1, which gunicorn answers with a new worker."""
+    it is alive. The caller then exits with 1, which gunicorn answers with a new worker.
+
+    :param quiet: log at debug level (the watcher already says what is broken).
+    """
     path, line = error_location(exc)
     finder = _genimport.installed()
     generation = None if finder is None else finder.generation
-    _log.error("wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: %s); "
-               "the other workers serve on, and another worker tries again in %g s or once newer code passes "
-               "the check", os.getpid(), generation, path, line, type(exc).__name__, exc, RETRY_SECONDS)
+    _log.log(logging.DEBUG if quiet else logging.ERROR,
+             "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: %s); the "
+             "other workers serve on, and another worker tries again in %g s or once newer code passes the check",
+             os.getpid(), generation, path, line, type(exc).__name__, exc, RETRY_SECONDS)
     if _manifest_dir is not None:
         wait_for_newer(store_of(_manifest_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
 
@@ -323,26 +329,56 @@ def _worker_exit(server: Any, worker: Any) -> None:
     exc = sys.exc_info()[1]
     if not isinstance(exc, SystemExit) or exc.code not in (server.WORKER_BOOT_ERROR, server.APP_LOAD_ERROR):
         return
-    from .watch_process import watcher_running
+    if wait_for_loadable_code(worker, exc.__context__ or exc):
+        raise SystemExit(1)
 
-    if not watcher_running(_manifest_dir):
-        return  # the server never served: a broken app at start stops it, as gunicorn does
-    retry_later(worker, exc.__context__ or exc)
-    raise SystemExit(1)
+
+def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
+    """A worker of a server whose master runs none of our code could not load the app: wait (see
+    :func:`retry_later`) so that the caller exits with 1 and gunicorn starts another worker. False
+    when nothing can watch this server, so gunicorn should stop as it would without us.
+
+    If no worker of the server serves (it was started broken), the worker first says it waits
+    (its manifest keeps the watcher from retiring and has it check the app) and makes sure the
+    watcher runs: then the fix is checked and served, where gunicorn's "Worker failed to boot"
+    would have stopped the server.
+    """
+    from .watch_process import alive
+
+    assert _worker is not None and _manifest_dir is not None
+    workers = ManifestReader(_manifest_dir, accept=alive)
+    workers()
+    serving = any(loaded is not False for loaded in workers.loaded.values())
+    if not serving:
+        if _on_failed_start is None:
+            return False
+        _worker.app_loaded = lambda: False
+        with contextlib.suppress(OSError):
+            _worker.publish()
+        try:
+            _on_failed_start()
+        except Exception as error:  # the settings do not load: nothing can watch
+            _log.error("wsgi_reload: cannot watch this server: %s: %s", type(error).__name__, error)
+            return False
+    retry_later(worker, exc, quiet=not serving)  # with none serving, the watcher's check says once what is broken
+    return True
 
 
 def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Sequence[str] = (),
                  before_publish: Callable[[], object] | None = None,
-                 after_publish: Callable[[], object] | None = None) -> None:
+                 after_publish: Callable[[], object] | None = None,
+                 on_failed_start: Callable[[], object] | None = None) -> None:
     """Give a booting worker this adapter's worker-side hooks, from inside its app import.
 
     For Django under gunicorn with no gunicorn config: the master runs none of our code, so
     the hooks go into this worker's copy of the config. ``before_publish`` runs after the app
     loaded and before the worker serves (an error there fails the boot); the manifest is then
-    the worker's proof that it loaded.
+    the worker's proof that it loaded. ``on_failed_start`` starts the server's watcher when the
+    app does not load before any worker of the server has served (it was started broken).
     """
-    global _manifest_dir, _worker
+    global _manifest_dir, _worker, _on_failed_start
     _manifest_dir = directory
+    _on_failed_start = on_failed_start
     _worker = ManifestWriter(directory, loaded_at_ns, patterns=patterns)
     cfg = worker.cfg
 

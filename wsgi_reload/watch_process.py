@@ -221,6 +221,11 @@ class _ServerWatch:
 
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
+        if self.swap is not None and not self.manifests.live - self.manifests.app_failed:
+            # Started broken: no worker serves, and those that wait for loadable code load this.
+            log.info("wsgi_reload: generation %s passed the check; the waiting workers load it",
+                     None if self.current is None else self.current.id)
+            return
         if self.swap is not None:
             started = time.monotonic()
             count = self.swap()

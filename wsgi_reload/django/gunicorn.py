@@ -15,7 +15,6 @@ to the running arbiter, and its preload path (an in-place re-exec) applies.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ from ..check import in_probe
 from ..generations import adopt
 from ..logs import forward_to
 from ..settings import Settings, SettingsError
-from ..watch_process import ensure_watcher, keep_watcher_running, watcher_running
+from ..watch_process import ensure_watcher, keep_watcher_running
 from .files import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
@@ -37,11 +36,15 @@ _STARTED_NS = time.time_ns()
 """Django loads this module during django.setup(), before the URLconf and views."""
 
 
+def _log_to_gunicorn() -> None:
+    server_log = logging.getLogger("gunicorn.error")  # gunicorn's own error log
+    forward_to(lambda level, message: server_log.log(level, message))
+
+
 def start() -> None:
     """From the app's ``ready()``: route our log lines into gunicorn's, and in a preloading master
     hand the watching to the gunicorn adapter's hooks (workers were adopted at import)."""
-    server_log = logging.getLogger("gunicorn.error")  # gunicorn's own error log
-    forward_to(lambda level, message: server_log.log(level, message))
+    _log_to_gunicorn()
     if _config_hooks_watch():
         log.info("wsgi_reload: the gunicorn config hooks already watch this server")
         return
@@ -70,6 +73,7 @@ def adopt_booting_worker() -> None:
     arbiter, worker = found
     if arbiter.cfg.preload_app:
         return
+    _log_to_gunicorn()  # before the models load: a worker whose models fail never gets to ready()
     from .. import gunicorn as adapter
 
     try:
@@ -89,33 +93,38 @@ def adopt_booting_worker() -> None:
             state["settings"] = reload_settings(server_app)
         except SettingsError:
             return  # the app's ready() says so
-        served_before = watcher_running(directory)
         try:
             load_urlconf()
         except Exception as exc:
-            if served_before:
-                # The old workers serve on; this one waits, exits, and gunicorn starts another.
-                adapter.retry_later(worker, exc)
+            # The worker waits, exits, and gunicorn starts another; the old workers serve on, or,
+            # if none has served yet, the watcher checks the fix.
+            if adapter.wait_for_loadable_code(worker, exc):
                 raise SystemExit(1) from None
-            log.warning("wsgi_reload: worker %d cannot load the URLconf (%s: %s)", os.getpid(),
-                        type(exc).__name__, exc)
+            raise
         assert adapter._worker is not None
         adapter._worker.patterns = django_watch_patterns()
 
-    def after_publish() -> None:
-        settings = state.get("settings")
-        if settings is None:
-            return
-        start_watcher = functools.partial(ensure_watcher, directory, master_pid=arbiter.pid, signal_name="TTIN",
-                                          server="gunicorn", replace="swap", settings=settings,
-                                          loaded_at_ns=_STARTED_NS)
-        if start_watcher():
+    def ensure() -> bool:
+        """Make sure the server's watcher runs; True if this worker started it."""
+        if "settings" not in state:
+            state["settings"] = reload_settings(server_app)  # a worker whose app failed before the URLconf
+        return ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
+                              replace="swap", settings=state["settings"], loaded_at_ns=_STARTED_NS)
+
+    def start_watcher() -> None:
+        if ensure():
             log.info("wsgi_reload: worker %d started this server's watcher process", os.getpid())
+
+    def after_publish() -> None:
+        if "settings" not in state:
+            return
+        start_watcher()
         writer = adapter._worker
-        keep_watcher_running(directory, start_watcher, None if writer is None else writer.publish_if_missing)
+        keep_watcher_running(directory, ensure, None if writer is None else writer.publish_if_missing)
         log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
 
-    adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish)
+    adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish,
+                         on_failed_start=start_watcher)
     _adopted = True
     earlier = _project_apps_before_us()
     if earlier and markers.first_report(directory, "apps-before-us"):
