@@ -218,6 +218,36 @@ def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) ->
         wait_for_body(port, "v3")
 
 
+@pytest.mark.parametrize("kind", ["sync", "uwsgi-lazy"])
+def test_each_new_worker_asks_ready_path_itself(tmp_path: Path, kind: str) -> None:
+    """The check's call to ready_path passes, but the new workers' own call answers 500 (what
+    differs between the two is the environment, as with a database only workers reach): the new
+    code never replaces the old, and the fix is served."""
+    from wsgi_reload.check import PROBE_ENV
+
+    app = make_app(tmp_path)
+    source = (app / "app.py").read_text().replace(
+        "        body = greeting.text().encode()",
+        '        if environ["PATH_INFO"] == "/healthz" and greeting.text() == "sick" '
+        f'and not __import__("os").environ.get("{PROBE_ENV}"):\n'
+        '            start_response("500 Internal Server Error", [("Content-Length", "0")])\n'
+        "            return [b\"\"]\n"
+        "        body = greeting.text().encode()")
+    write(app / "app.py", source)
+    port = free_port()
+    with running(serve(kind, app, port, env=server_env(ready_path="/healthz")), "v1") as server, \
+            Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("sick"))
+        server.wait_for_log(r"check passed")
+        server.wait_for_log(r"cannot load the app from verified code \(.*NotReady: GET /healthz answered 500")
+        time.sleep(2)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v1"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+
+
 @pytest.mark.parametrize("kind", ["uwsgi-prefork", "uwsgi-lazy"])
 def test_the_watcher_killed_under_load_comes_back(tmp_path: Path, kind: str) -> None:
     app = make_app(tmp_path)

@@ -273,6 +273,19 @@ def error_location(exc: BaseException) -> tuple[str | None, int | None]:
     return None, None
 
 
+def describe_error(exc: BaseException) -> str:
+    """``file:line: Kind: message`` for one log line. An error the check's probe raised itself
+    (a ``kind`` and its own ``file``, such as "NotReady") names its own kind and place."""
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str):
+        path, line = getattr(exc, "file", None), getattr(exc, "line", None)
+    else:
+        kind = type(exc).__name__
+        path, line = error_location(exc)
+    where = f"{path}:{line}: " if path and line else f"{path}: " if path else ""
+    return f"{where}{kind}: {exc}"
+
+
 class FailedImports:
     """Files whose import failed: they are not in ``sys.modules`` but a fix to them must count.
 

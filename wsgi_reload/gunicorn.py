@@ -35,7 +35,7 @@ from typing import Any
 from . import _genimport, runtime
 from ._probe import ask_ready
 from .check import Checked, CheckResult, check_code, in_probe
-from .files import ModuleFiles, PathFilter, error_location
+from .files import ModuleFiles, PathFilter, describe_error
 from .generations import (
     RETRY_SECONDS,
     Generation,
@@ -208,6 +208,7 @@ def post_worker_init(worker: Any) -> None:
         try:
             ask_ready(worker.wsgi, _master.settings.ready_path)
         except Exception as exc:
+            _say_it_failed(exc)
             retry_later(worker, exc)
             sys.exit(1)  # exit code 1: gunicorn starts another worker; the swap retires the new ones
     if _worker is not None:
@@ -265,6 +266,7 @@ def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Calla
             load()
             return
         except Exception as exc:
+            _say_it_failed(exc)
             retry_later(worker, exc)
         sys.exit(1)
 
@@ -298,6 +300,15 @@ def _drain_uvicorn_before_shutdown() -> None:
     Server.shutdown = drained_shutdown  # type: ignore[method-assign]
 
 
+def _say_it_failed(exc: BaseException) -> None:
+    """A worker of the config hooks tells the master's swap that it cannot load the checked code."""
+    if _worker is not None:
+        _worker.app_loaded = lambda: False
+        _worker.failure = describe_error(exc)
+        with contextlib.suppress(OSError):
+            _worker.publish()
+
+
 def retry_later(worker: Any, exc: BaseException, *, quiet: bool = False) -> None:
     """A worker could not load verified code (the environment's fault: a database down at import):
     say so, and wait :data:`RETRY_SECONDS`, or until newer code passes the check, telling the master
@@ -305,13 +316,12 @@ def retry_later(worker: Any, exc: BaseException, *, quiet: bool = False) -> None
 
     :param quiet: log at debug level (the watcher already says what is broken).
     """
-    path, line = error_location(exc)
     finder = _genimport.installed()
     generation = None if finder is None else finder.generation
     _log.log(logging.DEBUG if quiet else logging.ERROR,
-             "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s:%s: %s: %s); the "
-             "other workers serve on, and another worker tries again in %g s or once newer code passes the check",
-             os.getpid(), generation, path, line, type(exc).__name__, exc, RETRY_SECONDS)
+             "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "
+             "workers serve on, and another worker tries again in %g s or once newer code passes the check",
+             os.getpid(), generation, describe_error(exc), RETRY_SECONDS)
     if _manifest_dir is not None:
         wait_for_newer(store_of(_manifest_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
 
@@ -531,6 +541,16 @@ class _MasterWatch:
         self.previous, self.current = self.current, candidate
         return had_code
 
+    def roll_back(self) -> None:
+        """The new workers could not serve the published generation: the old workers' is what
+        every worker forked from now on imports again (a respawn of an old one, say)."""
+        if self.previous is None:
+            return
+        keep = {g for g in self.worker_files.generations if g is not None}
+        self.store.publish(self.previous, keep=keep)
+        self.store.install(self.previous)
+        self.current, self.previous = self.previous, None
+
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
         files that changed since are checked as a batch of their own."""
@@ -612,9 +632,14 @@ class _MasterWatch:
             self._signal_master_and_wait(signal.SIGTTIN, lambda before: server.num_workers > before)
         deadline = time.monotonic() + self.settings.check_timeout
         fresh: set[int] = set()
+        failure = None
         while time.monotonic() < deadline:
-            fresh = {pid for pid in list(server.WORKERS) if pid not in old and self._has_manifest(pid)}
-            if len(fresh) >= count:
+            new = [(pid, self.worker_files.read(pid)) for pid in list(server.WORKERS) if pid not in old]
+            fresh = {pid for pid, manifest in new if manifest is not None and manifest.get("app_loaded") is not False}
+            # A new worker that says it cannot load the checked code (ready_path answered 500 there, or
+            # the environment differs from the check's) ends the swap now, not after check_timeout.
+            failure = next((m.get("failure") for _, m in new if m is not None and m.get("app_loaded") is False), None)
+            if len(fresh) >= count or failure is not None:
                 break
             time.sleep(0.02)
         loaded = len(fresh) >= count
@@ -643,9 +668,13 @@ class _MasterWatch:
             _log.info("wsgi_reload: reload done: %s serving, %.0f ms after the change was seen; "
                       "the old workers retire", _workers(count, "new "), 1000 * (time.monotonic() - self.batch_started))
         else:
-            _log.error("wsgi_reload: the new workers did not load the app within %g s (a file changed after the "
-                       "check?); they retire and the old workers keep serving. Saving a fix reloads.",
-                       self.settings.check_timeout)
+            self.roll_back()
+            if failure is not None:
+                _log.error("wsgi_reload: a new worker cannot serve the code that passed the check (%s); the new "
+                           "workers retire and the old ones keep serving. Saving a fix reloads.", failure)
+            else:
+                _log.error("wsgi_reload: the new workers did not load the app within %g s; they retire and the old "
+                           "workers keep serving. Saving a fix reloads.", self.settings.check_timeout)
 
     def _signal_master_and_wait(self, signum: int, done: Callable[[int], bool], timeout: float = 10.0) -> None:
         before = self.server.num_workers
@@ -659,7 +688,7 @@ class _MasterWatch:
         """Log once every worker of the new generation has loaded its code."""
         while time.monotonic() - started < timeout:
             live = set(self.server.WORKERS)
-            fresh = {pid for pid in live - old_workers if self._has_manifest(pid)}
+            fresh = {pid for pid in live - old_workers if self._has_loaded(pid)}
             # Read each time: a HUP that re-reads an edited config can change the worker count.
             if fresh and len(fresh) >= self.server.num_workers:
                 self.served_once = True
@@ -673,8 +702,10 @@ class _MasterWatch:
             time.sleep(0.05)
         _log.warning("wsgi_reload: the new workers are not all up %.0f s after the reload", timeout)
 
-    def _has_manifest(self, pid: int) -> bool:
-        return os.path.exists(manifest_path(self.manifest_dir, pid))
+    def _has_loaded(self, pid: int) -> bool:
+        """The worker's manifest says it loaded the app (it is there, and not a failure)."""
+        manifest = self.worker_files.read(pid)
+        return manifest is not None and manifest.get("app_loaded") is not False
 
     def retire_old_workers(self, old_workers: list[int], timeout: float = 120.0) -> None:
         """After an in-place re-exec: once our own workers are up, stop the old image's workers
@@ -682,7 +713,7 @@ class _MasterWatch:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             live = set(self.server.WORKERS)
-            if len(live) >= self.server.num_workers and all(self._has_manifest(pid) for pid in live):
+            if len(live) >= self.server.num_workers and all(self._has_loaded(pid) for pid in live):
                 break
             time.sleep(0.05)
         else:
@@ -771,10 +802,8 @@ def _guard_preload() -> None:
             except Exception as exc:
                 if not previous.isdigit():
                     raise
-                path, line = error_location(exc)
-                _log.error("wsgi_reload: the re-executed master cannot load the code that passed the check (%s:%s: "
-                           "%s: %s); it executes itself again with the code the old workers run (same pid)",
-                           path, line, type(exc).__name__, exc)
+                _log.error("wsgi_reload: the re-executed master cannot load the code that passed the check (%s); "
+                           "it executes itself again with the code the old workers run (same pid)", describe_error(exc))
                 environ = dict(os.environ)
                 environ[GENERATION_ENV] = previous
                 os.execvpe(sys.executable, [sys.executable, *sys.argv], environ)
@@ -796,8 +825,7 @@ def _first_preload(app: Any, load_once: Callable[[Any], Any]) -> Any:
         try:
             loaded = load_once(app)
         except Exception as exc:
-            path, line = error_location(exc)
-            key = f"{path}:{line}: {type(exc).__name__}: {exc}"
+            key = describe_error(exc)
             if key not in reported:
                 reported.add(key)
                 _log.error("wsgi_reload: the app does not load (%s); gunicorn stays up, without listening yet, and "

@@ -28,6 +28,8 @@ class ManifestWriter:
         self.loaded_at_ns = loaded_at_ns
         self.patterns = list(patterns)
         self.app_loaded = app_loaded
+        self.failure: str | None = None
+        """Why the app did not load here (one line), once it did not."""
         self.published_count = -1
         self.files = ModuleFiles()
         self._lock = threading.Lock()  # gthread workers finish requests on several threads
@@ -38,7 +40,7 @@ class ManifestWriter:
             self.published_count = len(sys.modules)
             finder = _genimport.installed()
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
-                    "patterns": self.patterns, "app_loaded": self.app_loaded(),
+                    "patterns": self.patterns, "app_loaded": self.app_loaded(), "failure": self.failure,
                     "generation": None if finder is None else finder.generation}
             runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
 
@@ -117,6 +119,10 @@ class ManifestReader:
         self.patterns = patterns
         self.files = files
         return files
+
+    def read(self, pid: int) -> Mapping[str, Any] | None:
+        """The manifest of ``pid``, or None while it has none."""
+        return self._read(f"{pid}.json")
 
     def _read(self, name: str) -> Mapping[str, Any] | None:
         path = os.path.join(self.directory, name)

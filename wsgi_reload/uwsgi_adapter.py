@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _genimport, runtime
+from ._probe import ask_ready
 from .check import in_probe
+from .files import describe_error
 from .generations import RETRY_SECONDS, Store, adopt, wait_for_newer
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter
@@ -43,9 +45,15 @@ class Publisher:
     loaded (with ``--lazy-apps`` that is the worker's proof for the chain reload)."""
 
     def __init__(self, directory: str, app_module: str | None,
-                 prepare: Callable[[], Iterable[str] | None] | None = None, store: Store | None = None) -> None:
+                 prepare: Callable[[], Iterable[str] | None] | None = None, store: Store | None = None,
+                 ready: Callable[[Any], None] | None = None) -> None:
         self.store = store
         self.app_module = app_module
+        self.ready = ready
+        """--lazy-apps with ``ready_path``: GET it from this worker's app before it says it loaded."""
+        self.answered_ready = False
+        if ready is not None and app_module is not None and app_module not in sys.modules:
+            sys.meta_path.insert(0, _ReadyOnImport(app_module, self._ready))
         self.prepare = prepare
         self.prepared = prepare is None
         self.writer: ManifestWriter | None = None
@@ -58,10 +66,20 @@ class Publisher:
         """True once the app module finished importing; False if it failed; None while unknown."""
         if self.app_module is None:
             return None
-        module = sys.modules.get(self.app_module)
-        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
-            return True
-        return False if self.failed or self.load_finished else None
+        if self.failed:
+            return False
+        if self._module_loaded():
+            return True if self.ready is None or self.answered_ready else None
+        return False if self.load_finished else None
+
+    def _ready(self, module: Any) -> None:
+        if self.ready is not None and not self.answered_ready:
+            self.ready(module)
+        self.answered_ready = True
+
+    def _module_loaded(self) -> bool:
+        module = None if self.app_module is None else sys.modules.get(self.app_module)
+        return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
     def publish_once_loaded(self, timeout: float = 600.0) -> None:
         """--lazy-apps: publish again as soon as the app has loaded, from a daemon thread (uWSGI
@@ -73,7 +91,14 @@ class Publisher:
         def run() -> None:
             deadline = time.monotonic() + timeout
             while not self.failed and time.monotonic() < deadline:
-                if self.app_loaded():
+                if self._module_loaded():
+                    try:
+                        # Asked here only where uWSGI loaded the app without an import (--wsgi-file).
+                        if not self.answered_ready:
+                            self._ready(sys.modules.get(self.app_module or ""))
+                    except Exception as exc:
+                        self.fail(exc)
+                        return
                     self.publish_safely()
                     return
                 time.sleep(0.01)
@@ -95,26 +120,30 @@ class Publisher:
             if self.app_loaded() or self.failed:
                 return
             sys.excepthook = previous
-            self.failed = True
-            if not self.others_serve():
-                # Nothing better to serve: uWSGI goes on without an app, as it always does, and
-                # the watcher, told so, reloads as soon as the code loads.
-                self.publish_safely()
-                return
-            if self.writer is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.writer.path)
-            # It loaded verified code, so the failure is the environment's (a database down at
-            # import): try again after a while, or at once when newer code passes the check.
-            _log.error("wsgi_reload: worker %d cannot load the app from verified code (%s: %s); the other workers "
-                       "serve on, and the master starts another in %g s or once newer code passes the check",
-                       os.getpid(), type(value).__name__, value, RETRY_SECONDS)
-            if self.store is not None:
-                finder = _genimport.installed()
-                wait_for_newer(self.store, None if finder is None else finder.generation, RETRY_SECONDS)
-            os._exit(1)  # the master starts this worker again
+            self.fail(value)
 
         sys.excepthook = excepthook
+
+    def fail(self, exc: BaseException) -> None:
+        """This --lazy-apps worker's app did not load, or did not answer ``ready_path``."""
+        self.failed = True
+        if not self.others_serve():
+            # Nothing better to serve: uWSGI goes on without an app, as it always does, and
+            # the watcher, told so, reloads as soon as the code loads.
+            self.publish_safely()
+            return
+        if self.writer is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.writer.path)
+        # It loaded verified code, so the failure is the environment's (a database down at
+        # import): try again after a while, or at once when newer code passes the check.
+        _log.error("wsgi_reload: worker %d cannot load the app from verified code (%s); the other workers serve "
+                   "on, and the master starts another in %g s or once newer code passes the check",
+                   os.getpid(), describe_error(exc), RETRY_SECONDS)
+        if self.store is not None:
+            finder = _genimport.installed()
+            wait_for_newer(self.store, None if finder is None else finder.generation, RETRY_SECONDS)
+        os._exit(1)  # the master starts this worker again
 
     def others_serve(self) -> bool:
         reader = ManifestReader(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
@@ -184,6 +213,59 @@ def _app_module_name(opt: Any) -> str | None:
         name = path.replace(".", "_").replace("/", "_")
         return "uwsgi_file_" + (name[:-3] if name.endswith("_py") else name)
     return None
+
+
+class _ReadyOnImport:
+    """A ``sys.meta_path`` entry that makes one module's import also GET ``ready_path`` from it.
+
+    uWSGI's --lazy-apps worker accepts requests as soon as the app module is imported and runs
+    none of our code in between, so asking afterwards would let it serve until the answer came.
+    Asked inside the import, a failure is a failed import: the worker never serves it.
+    """
+
+    def __init__(self, module_name: str, ask: Callable[[Any], None]) -> None:
+        self.module_name = module_name
+        self.ask = ask
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)  # once, and so that the search below does not find us again
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if find is None else find(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _AskingLoader(spec.loader, self.ask)
+                return spec
+        return None
+
+
+class _AskingLoader:
+    def __init__(self, loader: Any, ask: Callable[[Any], None]) -> None:
+        self.loader = loader
+        self.ask = ask
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        self.ask(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_code, is_package: the real loader's
+        return getattr(self.loader, name)
+
+
+def _app_callable(opt: Any) -> str:
+    module = _text(opt.get("module")) or _text(opt.get("wsgi")) or ""
+    return module.split(":", 1)[1] if ":" in module else _text(opt.get("callable")) or "application"
+
+
+def _ask_ready(callable_name: str, path: str, module: Any) -> None:
+    """GET ``path`` from the app, ``callable_name`` in the module uWSGI loaded it into."""
+    app = getattr(module, callable_name, None)
+    if app is not None:
+        ask_ready(app, path)
 
 
 def _threads(opt: Any) -> int:
@@ -291,7 +373,11 @@ def start(settings: Settings | None = None,
             # once, so a connection it accepted in that instant is reset; a plugin cannot change that.
             _log.warning("wsgi_reload: uWSGI workers are single-threaded, so a graceful reload can reset a "
                          "connection accepted in the instant it starts; add --threads 2 (threads = 2) to drop none")
-    publisher = _started = Publisher(directory, _app_module_name(uwsgi.opt), prepare, store)
+    app_module = _app_module_name(uwsgi.opt)
+    ready = None
+    if settings.ready_path and uwsgi.worker_id() > 0 and app_module is not None:
+        ready = functools.partial(_ask_ready, _app_callable(uwsgi.opt), settings.ready_path)
+    publisher = _started = Publisher(directory, app_module, prepare, store, ready)
     # Each worker starts the watcher process again if it stops (never the master: no thread of
     # ours runs in uWSGI's master loop).
     keep = functools.partial(keep_watcher_running, directory, start_watcher, publisher.republish_if_missing)
