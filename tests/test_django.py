@@ -77,24 +77,28 @@ def django_gunicorn(site: Path, port: int, args: list[str], env: dict[str, str] 
     return server
 
 
-def django_uwsgi(site: Path, port: int, lazy: bool, env: dict[str, str] | None = None) -> Server:
-    server = uwsgi(site, port, lazy=lazy, enable="django", target=["--module", "mysite.wsgi:application"], env=env)
+def django_uwsgi(site: Path, port: int, lazy: bool, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> Server:
+    server = uwsgi(site, port, args, lazy=lazy, enable="django", target=["--module", "mysite.wsgi:application"],
+                   env=env)
     return server
 
 
 SERVERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi-prefork", "uwsgi-lazy"]
+RESTARTS = r"Autorestarting worker|The work of process \d+ is done"
+"""gunicorn's and uWSGI's log lines for a worker recycled by --max-requests."""
 
 
-def start(kind: str, site: Path, port: int, env: dict[str, str] | None = None) -> Server:
+def start(kind: str, site: Path, port: int, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Server:
     if kind == "gunicorn-sync":
-        return django_gunicorn(site, port, ["-w", "2"], env)
+        return django_gunicorn(site, port, ["-w", "2", *args], env)
     if kind == "gunicorn-gthread":
-        return django_gunicorn(site, port, ["-w", "2", "-k", "gthread", "--threads", "4"], env)
+        return django_gunicorn(site, port, ["-w", "2", "-k", "gthread", "--threads", "4", *args], env)
     if kind == "gunicorn-preload":
-        return django_gunicorn(site, port, ["-w", "2", "--preload"], env)
+        return django_gunicorn(site, port, ["-w", "2", "--preload", *args], env)
     if not HAS_UWSGI:
         pytest.skip("uWSGI is not installed")
-    return django_uwsgi(site, port, lazy=kind == "uwsgi-lazy", env=env)
+    return django_uwsgi(site, port, lazy=kind == "uwsgi-lazy", env=env, args=args)
 
 
 def wait_generation(server: Server, kind: str, n: int) -> None:
@@ -446,22 +450,26 @@ def test_a_worker_respawning_while_models_are_broken_loads_the_verified_models(s
         assert server.alive()
 
 
-def test_max_requests_restarts_load_the_verified_views_while_a_view_is_broken(site: Path) -> None:
+@pytest.mark.parametrize("kind", SERVERS)
+def test_max_requests_restarts_load_the_verified_views_while_a_view_is_broken(site: Path, kind: str) -> None:
+    """Workers restart every 100 requests (uWSGI: --min-worker-lifetime 1, its default of 10 s
+    would recycle none in this test) and load the verified views."""
     port = free_port()
-    with running(django_gunicorn(site, port, ["-w", "2", "--max-requests", "100"]), page("hello")) as server, \
-            Load(port, threads=4) as load:
-        wait_generation(server, "gunicorn-sync", 1)
+    args = ("--max-requests", "100") if kind.startswith("gunicorn") else \
+        ("--max-requests", "100", "--min-worker-lifetime", "1")
+    with running(start(kind, site, port, args=args), page("hello")) as server, Load(port, threads=4) as load:
+        wait_generation(server, kind, 1)
         greeting_view(site, "v2")  # the views change and are broken at once
         views = site / VIEWS
         write(views, views.read_text() + "\nundefined_name\n")
         server.wait_for_log(r"not reloading, the new code does not load")
-        restarts = server.count(r"Autorestarting worker")
+        restarts = server.count(RESTARTS)
         load.reset_bodies()
         time.sleep(5)
         ok, failures, bodies = load.snapshot()
         assert failures == []
         assert bodies == {page("hello")}
-        assert server.count(r"Autorestarting worker") >= restarts + 2
+        assert server.count(RESTARTS) >= restarts + 2
         write(views, views.read_text().replace("\nundefined_name\n", ""))
         wait_for_body(port, page("v2"), timeout=LIVENESS)
         assert server.alive()
