@@ -368,6 +368,22 @@ def test_started_broken_under_gunicorn_with_no_config_stays_up_and_serves_the_fi
         assert len(re.findall(rf"wsgi_reload: .*{target}:\d+", log)) == 1, "one line names the file and line"
 
 
+@pytest.mark.parametrize("kind", ["gunicorn-sync", "uwsgi-prefork"])
+def test_the_files_read_from_the_disk_are_named_once_at_start(site: Path, kind: str) -> None:
+    """Our code first runs from django.setup() here: the settings and the WSGI module were read
+    from the disk before it, so one start-up line names them and how to cover them."""
+    port = free_port()
+    with running(start(kind, site, port), page("hello")) as server:
+        wait_generation(server, kind, 1)
+        greeting_view(site, "v2")
+        wait_for_body(port, page("v2"), timeout=LIVENESS)
+        lines = re.findall(r"wsgi_reload: \d+ files of the project \(.*\) loaded before wsgi_reload.*", server.log())
+        assert len(lines) == 1, lines
+        assert str(site / "mysite" / "settings.py") in lines[0]
+        assert ("-c python:wsgi_reload.gunicorn" if kind.startswith("gunicorn") else "--import wsgi_reload.uwsgi") \
+            in lines[0]
+
+
 def test_without_wsgi_application_the_check_imports_gunicorns_app(site: Path) -> None:
     """gunicorn needs no WSGI_APPLICATION (it was started as mysite.wsgi:application), so the
     check must import what gunicorn imports: a NameError in a view is refused, not reloaded."""

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from . import _genimport, runtime
+from . import _genimport, markers, runtime
 from .files import expand, library_dirs
 
 log = logging.getLogger("wsgi_reload.generations")
@@ -267,11 +267,25 @@ def store_of(runtime_dir: str) -> Store:
     return Store(os.path.join(runtime_dir, STORE_DIR))
 
 
-def adopt(runtime_dir: str) -> tuple[Store, _genimport.GenerationFinder]:
+def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, _genimport.GenerationFinder]:
     """In a process about to import the app: import the project's files from the server's
     newest verified generation. At the server's very first start there is none yet: the first
     process to get here reads one from the disk (the others wait for it), and its own import of
-    the app is that generation's check."""
+    the app is that generation's check.
+
+    :param cover: how to start the server so that our code runs before the app's (said once per
+        server, with the project files this process imported before it got here: each new
+        process reads those from the disk, unchecked).
+    """
+    # gunicorn's config file is the module "__config__" (gunicorn/app/base.py): the master's, not
+    # imported again by a worker.
+    before = sorted({f for name, m in list(sys.modules.items()) if name != "__config__"
+                     and isinstance(f := getattr(m, "__file__", None), str) and is_project_file(f)})
+    if before and markers.first_report(runtime_dir, "read-from-disk"):
+        log.warning("wsgi_reload: %d file%s of the project (%s%s) loaded before wsgi_reload, so each new process "
+                    "reads %s from the disk, unchecked%s", len(before), "" if len(before) == 1 else "s",
+                    ", ".join(before[:3]), ", ..." if len(before) > 3 else "", "it" if len(before) == 1 else "them",
+                    f"; {cover}" if cover else "")
     store = store_of(runtime_dir)
     lock = os.open(os.path.join(store.directory, "build.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                    0o600)

@@ -349,7 +349,7 @@ def start(settings: Settings | None = None,
     try:
         directory = runtime.for_server(master)
         # Before the app loads (--import): the app imports the newest verified generation.
-        store, _ = adopt(directory)
+        store, _ = adopt(directory, cover="start uWSGI with --import wsgi_reload.uwsgi to load them checked")
         # --lazy-apps workers import the app themselves (worker_id is set while this is imported);
         # a chain needs to know the app's module to tell when a new worker has loaded it.
         lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None

@@ -79,7 +79,7 @@ def adopt_booting_worker() -> None:
     try:
         directory = runtime.for_server(arbiter.pid)
         # From here on (models, URLconf, views) the worker imports the newest verified generation.
-        adopt(directory)
+        adopt(directory, cover="start gunicorn with -c python:wsgi_reload.gunicorn to load them checked")
     except (OSError, runtime.RuntimeDirError) as exc:
         log.error("wsgi_reload: reloading is off: %s", exc)
         return
