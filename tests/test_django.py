@@ -341,6 +341,29 @@ def test_ready_path_answering_500_refuses_the_swap(site: Path, kind: str) -> Non
         wait_for_body(port, page("v3"), timeout=LIVENESS)
 
 
+def test_each_new_worker_asks_ready_path_itself(site: Path) -> None:
+    """Django under gunicorn with no config: the check's call to ready_path passes, the new
+    workers' own call answers 500 (what differs is the environment, as with a database only
+    workers reach). The swap ends at once, the old views serve on, and the fix is served."""
+    from wsgi_reload.check import PROBE_ENV
+
+    add_view(site, "healthz", 'import os\n\n'
+             f'return HttpResponse(status=500 if GREETING == "sick" and not os.environ.get("{PROBE_ENV}") else 200)')
+    port = free_port()
+    with running(start("gunicorn-sync", site, port, server_env(ready_path="/healthz/")), page("hello")) as server, \
+            Load(port, threads=4) as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        greeting_view(site, "sick")
+        server.wait_for_log(r"a new worker cannot serve the code that passed the check \(NotReady: GET /healthz/ "
+                            r"answered 500")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {page("hello")}
+        greeting_view(site, "v3")
+        wait_for_body(port, page("v3"), timeout=LIVENESS)
+
+
 @pytest.mark.parametrize("broken", ["views_name_error", "models_exception"])
 def test_started_broken_under_gunicorn_with_no_config_stays_up_and_serves_the_fix(site: Path, broken: str) -> None:
     """Django under gunicorn with no config, started with a view or the models broken: one line

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from . import _genimport, runtime
@@ -348,10 +348,10 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     :func:`retry_later`) so that the caller exits with 1 and gunicorn starts another worker. False
     when nothing can watch this server, so gunicorn should stop as it would without us.
 
-    If no worker of the server serves (it was started broken), the worker first says it waits
-    (its manifest keeps the watcher from retiring and has it check the app) and makes sure the
-    watcher runs: then the fix is checked and served, where gunicorn's "Worker failed to boot"
-    would have stopped the server.
+    The worker says so in its manifest: a swap waiting for it ends at once. If no worker of the
+    server serves (it was started broken), that manifest also keeps the watcher from retiring and
+    has it check the app, and the worker makes sure the watcher runs: then the fix is checked and
+    served, where gunicorn's "Worker failed to boot" would have stopped the server.
     """
     from .watch_process import alive
 
@@ -359,14 +359,13 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     workers = ManifestReader(_manifest_dir, accept=alive)
     workers()
     serving = any(loaded is not False for loaded in workers.loaded.values())
-    if not serving:
-        if _on_failed_start is None:
-            return False
-        _worker.app_loaded = lambda: False
-        with contextlib.suppress(OSError):
-            _worker.publish()
+    start_watcher = _on_failed_start
+    if not serving and start_watcher is None:
+        return False
+    _say_it_failed(exc)  # a swap under way ends at once; with none serving, the watcher checks the app
+    if start_watcher is not None and not serving:
         try:
-            _on_failed_start()
+            start_watcher()
         except Exception as error:  # the settings do not load: nothing can watch
             _log.error("wsgi_reload: cannot watch this server: %s: %s", type(error).__name__, error)
             return False
@@ -374,36 +373,75 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     return True
 
 
-def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, patterns: Sequence[str] = (),
-                 before_publish: Callable[[], object] | None = None,
+def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *,
+                 before_publish: Callable[[], Sequence[str] | None] | None = None,
                  after_publish: Callable[[], object] | None = None,
                  on_failed_start: Callable[[], object] | None = None) -> None:
     """Give a booting worker this adapter's worker-side hooks, from inside its app import.
 
     For Django under gunicorn with no gunicorn config: the master runs none of our code, so
-    the hooks go into this worker's copy of the config. ``before_publish`` runs after the app
-    loaded and before the worker serves (an error there fails the boot); the manifest is then
-    the worker's proof that it loaded. ``on_failed_start`` starts the server's watcher when the
-    app does not load before any worker of the server has served (it was started broken).
+    the hooks go into this worker's copy of the config.
+
+    :param before_publish: runs after the app loaded and before the worker serves (an error
+        there fails the boot); returns extra patterns to watch (Django's template and locale
+        globs). The manifest published after it is the worker's proof that it loaded.
+    :param after_publish: runs once the manifest is published.
+    :param on_failed_start: starts the server's watcher when the app does not load while no
+        worker of the server serves (it was started broken).
     """
     global _manifest_dir, _worker, _on_failed_start
     _manifest_dir = directory
     _on_failed_start = on_failed_start
-    _worker = ManifestWriter(directory, loaded_at_ns, patterns=patterns)
+    _worker = ManifestWriter(directory, loaded_at_ns)
     cfg = worker.cfg
 
     def loaded(worker: Any) -> None:
         if before_publish is not None:
-            before_publish()
+            patterns = before_publish()
+            if patterns is not None and _worker is not None:
+                _worker.patterns = list(patterns)
         post_worker_init(worker)
         if after_publish is not None:
             after_publish()
 
     loaded.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
-    hooks: dict[str, Callable[..., Any]] = {"post_worker_init": loaded, "pre_request": pre_request,
-                                            "post_request": post_request, "worker_exit": _worker_exit}
+    _add_hooks(cfg, {"post_worker_init": loaded, "pre_request": pre_request, "post_request": post_request,
+                     "worker_exit": _worker_exit})
+
+
+def watching() -> bool:
+    """True in a gunicorn master whose config hooks watch the server (and in its workers)."""
+    return _master is not None
+
+
+def republish_if_missing() -> None:
+    """In a worker: publish its manifest again if the runtime directory lost it."""
+    if _worker is not None:
+        _worker.publish_if_missing()
+
+
+def add_to_running_arbiter(arbiter: Any, prepare: Callable[[], Mapping[str, Any]]) -> None:
+    """Add this adapter's hooks to an arbiter whose preload is importing the app right now (Django
+    with ``--preload`` and no gunicorn config); its ``when_ready`` then watches the server.
+
+    :param prepare: runs in the master once the app loaded, before the workers fork; returns
+        settings that win over ``WSGI_RELOAD_*`` (Django's, with its template globs).
+    """
+
+    def prepared() -> None:
+        _overrides.update(prepare())
+
+    _prepare.append(prepared)
+    cfg = arbiter.cfg
+    _add_hooks(cfg, {name: globals()[name] for name in HOOK_NAMES})
+
+
+def _add_hooks(cfg: Any, hooks: Mapping[str, Callable[..., Any]]) -> None:
+    """Set each hook in a live gunicorn config; one the user set keeps running, before ours."""
     for name, hook in hooks.items():
         current = getattr(cfg, name)
+        if getattr(current, "_wsgi_reload_hook", False):
+            continue
         cfg.set(name, hook if current is cfg.settings[name].default else _chain(current, hook))
 
 

@@ -74,6 +74,8 @@ class ManifestReader:
         """The extra patterns the live manifests name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
+        self.failures: dict[int, str] = {}
+        """Why the app did not load, for each live pid that says so."""
         self.generations: set[int | None] = set()
         """The code generations the live processes run (None: one imports from the disk)."""
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
@@ -84,6 +86,7 @@ class ManifestReader:
         loaded: dict[int, bool | None] = {}
         patterns: set[str] = set()
         generations: set[int | None] = set()
+        failures: dict[int, str] = {}
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -111,10 +114,13 @@ class ManifestReader:
                 files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
             if manifest.get("app_loaded") is False:
                 self.app_failed.add(int(stem))
+                if isinstance(manifest.get("failure"), str):
+                    failures[int(stem)] = manifest["failure"]
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
         self.live = live
         self.loaded = loaded
+        self.failures = failures
         self.generations = generations
         self.patterns = patterns
         self.files = files

@@ -57,9 +57,17 @@ class SignalledSwap:
         deadline = time.monotonic() + wait
         while True:
             self.manifests()
-            fresh = {pid for pid in self.manifests.live - self.retiring if pid not in self.manifests.app_failed}
+            new = self.manifests.live - self.retiring
+            fresh = {pid for pid in new if pid not in self.manifests.app_failed}
             if len(fresh) >= self.added:
                 break
+            failed = new & self.manifests.app_failed
+            if failed:
+                # It says why (ready_path answered 500 there, say): the old workers serve on, and
+                # the swap resumes once new workers load, on a retry or after the next good save.
+                raise ActionFailed(f"a new worker cannot serve the code that passed the check "
+                                   f"({self.manifests.failures.get(min(failed)) or 'see its log'}); the old ones "
+                                   "serve until new ones can")
             if time.monotonic() >= deadline:
                 raise ActionFailed(f"{len(fresh)} of {self.added} new workers have loaded the app; the old ones "
                                    "serve until all have")

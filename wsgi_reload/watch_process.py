@@ -294,12 +294,20 @@ class _ServerWatch:
         if self.unchecked:
             batch, self.unchecked = self.unchecked, []
             self.watcher.gate(batch)
-        failed = (self.manifests.app_failed & self.manifests.live) - self.checked_start
+        failed = self.waiting_for_code()
         if failed:
             self.checked_start |= failed
             self.recover_start(sorted(failed))
         self.watcher.gate.retry_pending()
         self.reconcile()
+
+    def waiting_for_code(self) -> set[int]:
+        """Workers whose app did not load while none serves (the server started broken), not yet
+        looked at. A worker that fails while others serve only waits for newer code."""
+        live = self.manifests.live
+        if live - self.manifests.app_failed:
+            return set()
+        return (self.manifests.app_failed & live) - self.checked_start
 
     def recover_start(self, pids: list[int]) -> None:
         """Workers say the app did not load: a broken app, or a save that raced their start."""
@@ -316,7 +324,7 @@ class _ServerWatch:
         self.watcher.start()
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
-            if (self.manifests.app_failed & self.manifests.live) - self.checked_start or self.reload_wanted():
+            if self.waiting_for_code() or self.reload_wanted():
                 self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
             if self.manifests.live:
                 seen_workers_at = time.monotonic()

@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from .. import markers, runtime
+from .._probe import ask_ready
 from ..check import in_probe
 from ..generations import adopt
 from ..logs import forward_to
@@ -58,7 +59,7 @@ def start() -> None:
 
 def _config_hooks_watch() -> bool:
     adapter = sys.modules.get("wsgi_reload.gunicorn")
-    return adapter is not None and getattr(adapter, "_master", None) is not None
+    return adapter is not None and bool(adapter.watching())
 
 
 _adopted = False
@@ -88,21 +89,22 @@ def adopt_booting_worker() -> None:
     # The check imports what gunicorn itself imports, whatever WSGI_APPLICATION says.
     server_app = None if arbiter.cfg.paste else getattr(arbiter.app, "app_uri", None)
 
-    def before_publish() -> None:
+    def before_publish() -> list[str] | None:
         try:
-            state["settings"] = reload_settings(server_app)
+            settings = state["settings"] = reload_settings(server_app)
         except SettingsError:
-            return  # the app's ready() says so
+            return None  # the app's ready() says so
         try:
             load_urlconf()
+            if settings.ready_path:
+                ask_ready(worker.wsgi, settings.ready_path)
         except Exception as exc:
             # The worker waits, exits, and gunicorn starts another; the old workers serve on, or,
             # if none has served yet, the watcher checks the fix.
             if adapter.wait_for_loadable_code(worker, exc):
                 raise SystemExit(1) from None
             raise
-        assert adapter._worker is not None
-        adapter._worker.patterns = django_watch_patterns()
+        return django_watch_patterns()
 
     def ensure() -> bool:
         """Make sure the server's watcher runs; True if this worker started it."""
@@ -119,8 +121,7 @@ def adopt_booting_worker() -> None:
         if "settings" not in state:
             return
         start_watcher()
-        writer = adapter._worker
-        keep_watcher_running(directory, ensure, None if writer is None else writer.publish_if_missing)
+        keep_watcher_running(directory, ensure, adapter.republish_if_missing)
         log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
 
     adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish,
@@ -180,18 +181,10 @@ def _install_preload_hooks(arbiter: Any) -> None:
 
     settings = reload_settings()
 
-    def prepare() -> None:
+    def prepare() -> dict[str, Any]:
         # In the master once the preload finished: the views load before the workers fork.
         load_urlconf()
-        adapter._overrides.update(vars(settings), extra_files=(*settings.extra_files, *django_watch_patterns()))
+        return dict(vars(settings), extra_files=(*settings.extra_files, *django_watch_patterns()))
 
-    adapter._prepare.append(prepare)
-    cfg = arbiter.cfg
-    for name in adapter.HOOK_NAMES:
-        hook = getattr(adapter, name)
-        current = getattr(cfg, name)
-        if getattr(current, "_wsgi_reload_hook", False):
-            continue
-        default = cfg.settings[name].default
-        cfg.set(name, hook if current is default else adapter._chain(current, hook))
+    adapter.add_to_running_arbiter(arbiter, prepare)
     log.info("wsgi_reload: preload_app: watching through the gunicorn adapter's hooks")

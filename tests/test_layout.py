@@ -1,0 +1,55 @@
+"""The package's shape: no module reaches into another module's private names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "wsgi_reload"
+
+
+def reaches_into_privates(source: str) -> list[str]:
+    """Where ``source`` (a module of the package) uses a private name of another module of the
+    package: ``from .x import _name``, ``alias._name`` or ``getattr(alias, "_name")`` for an
+    alias bound by an import of the package. Private modules (``_genimport``) may be imported;
+    their public names are their interface."""
+    tree = ast.parse(source)
+    aliases: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("wsgi_reload")):
+            for alias in node.names:
+                if node.module is not None and _private(alias.name):
+                    found.append(f"line {node.lineno}: from {'.' * node.level}{node.module} import {alias.name}")
+                aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            aliases.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("wsgi_reload"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and _private(node.attr):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr") \
+                and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+                and _private(node.args[1].value):
+            found.append(f"line {node.lineno}: {node.func.id}({node.args[0].id}, {node.args[1].value!r})")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    found = {str(path.relative_to(PACKAGE)): hits for path in sorted(PACKAGE.rglob("*.py"))
+             if (hits := reaches_into_privates(path.read_text()))}
+    assert found == {}
+
+
+def test_the_check_sees_each_kind_of_reach() -> None:
+    source = ("from .. import gunicorn as adapter\nfrom .gate import _reported\nimport wsgi_reload.files\n"
+              "adapter._worker.patterns = []\ngetattr(adapter, '_master', None)\nwsgi_reload._x\n"
+              "import os\nos._exit\nadapter.public\n")
+    assert set(reaches_into_privates(source)) == {
+        "line 2: from .gate import _reported", "line 4: adapter._worker", "line 5: getattr(adapter, '_master')",
+        "line 6: wsgi_reload._x"}
