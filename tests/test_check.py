@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -438,12 +438,63 @@ def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     if request.param == "watchfiles":
         pytest.importorskip("watchfiles")
-        monkeypatch.setattr(inotify_module, "unavailable", lambda: "turned off in this test")
+        monkeypatch.delitem(monitor_module.EVENT_SOURCES, "inotify")  # the table's next backend
     elif inotify_module.unavailable():
         pytest.skip(inotify_module.unavailable() or "")
-    monkeypatch.setattr(monitor_module, "EVENTS_RESCAN_SECONDS", 3600.0)
-    monkeypatch.setattr(monitor_module, "INOTIFY_RESCAN_SECONDS", 3600.0)
+    monkeypatch.setattr(monitor_module._WatchfilesSource, "rescan_seconds", 3600.0)
+    monkeypatch.setattr(inotify_module.DirectoryWatcher, "rescan_seconds", 3600.0)
     return str(request.param)
+
+
+def test_the_first_backend_of_the_table_that_opens_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table of event backends, with a fake one: one that cannot open is skipped, the next
+    gets the watched directories and its wake-ups make the monitor scan (the rescan is off)."""
+    import wsgi_reload.monitor as monitor_module
+
+    opened: list[FakeEvents] = []
+
+    def unavailable(*args: object) -> monitor_module.EventSource:
+        raise monitor_module.Unavailable("not on this machine")
+
+    def fake(dirs: set[str], wake: Callable[[], object], name: str,
+             relevant: Callable[[str, str], bool]) -> monitor_module.EventSource:
+        opened.append(FakeEvents(wake, dirs))
+        return opened[-1]
+
+    monkeypatch.setattr(monitor_module, "EVENT_SOURCES", {"first": unavailable, "fake": fake})
+    target = tmp_path / "watched.txt"
+    target.write_text("0")
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(target),), backend="events", settle=0)
+    with Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append(list(b))) as monitor:
+        assert monitor.describe() == "file events (fake; a safety rescan every 3600 s)"
+        assert opened[0].dirs == {str(tmp_path)}
+        time.sleep(0.3)  # the monitor's first turn looks once by itself (a save made while events started)
+        target.write_text("1")
+        time.sleep(0.3)
+        assert batches == []  # no event, no scan
+        opened[0].wake()
+        deadline = time.monotonic() + 10
+        while not batches and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert batches == [[Change(str(target), "modified")]]
+
+
+class FakeEvents:
+    name = "fake"
+    rescan_seconds = 3600.0
+    clock = None
+
+    def __init__(self, wake: Callable[[], object], dirs: set[str]) -> None:
+        self.wake = wake
+        self.dirs = set(dirs)
+
+    def set_directories(self, directories: set[str]) -> bool:
+        self.dirs = set(directories)
+        return False
+
+    def stop(self) -> None:
+        pass
 
 
 def test_the_event_backend_reports_changes(tmp_path: Path, event_source: str) -> None:

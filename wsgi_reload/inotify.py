@@ -84,6 +84,11 @@ class DirectoryWatcher:
     """Calls ``on_change()`` as changes arrive in any of a set of directories (not recursive;
     a burst read at once is one call). The set can change while it runs: only the difference is added or removed."""
 
+    name = "inotify"
+    rescan_seconds = 300.0
+    """A full rescan this seldom: the kernel reports a lost event (a queue overflow) as an
+    event, so the rescan only guards against what no event covers."""
+
     def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify",
                  relevant: Callable[[str, str], bool] = lambda directory, name: True) -> None:
         libc = _libc()
@@ -110,6 +115,10 @@ class DirectoryWatcher:
         moves it. An event ``relevant(directory, name)`` rejects (a request log, a database
         file beside the code) neither moves it nor wakes anyone."""
         return self._last_event
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.last_event
 
     @property
     def directories(self) -> frozenset[str]:

@@ -1,9 +1,10 @@
 """Runs a scanner in a daemon thread and reports settled batches of changes.
 
 Two backends share one loop: ``poll`` scans every ``interval`` seconds; ``events`` sleeps
-until a watched directory changes, with a slow safety rescan. On Linux the events come from
-inotify itself (:mod:`.inotify`, standard library only, asleep while nothing changes);
-elsewhere from ``watchfiles``. ``auto`` picks events and falls back to polling with one log line.
+until a watched directory changes, with a slow safety rescan. The events come from the first
+entry of :data:`EVENT_SOURCES` that opens: inotify itself (:mod:`.inotify`, standard library
+only, asleep while nothing changes), then ``watchfiles``. ``auto`` picks events and falls
+back to polling with one log line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from . import inotify
 from .scanner import Change, Scanner
@@ -23,10 +25,6 @@ log = logging.getLogger("wsgi_reload.monitor")
 
 EVENTS_RESCAN_SECONDS = 20.0
 """With watchfiles, a full rescan this often; new module directories are also picked up when a manifest changes."""
-
-INOTIFY_RESCAN_SECONDS = 300.0
-"""With inotify itself, a full rescan this seldom: the kernel reports a lost event (a queue
-overflow) as an event, so the rescan only guards against what no event covers."""
 
 MAX_RESTARTS = 5
 """A watcher thread that keeps failing gives up loudly rather than spinning."""
@@ -43,6 +41,71 @@ NETWORK_FILESYSTEMS = frozenset(
 """inotify starts on these but never hears changes made by other machines."""
 
 BatchHandler = Callable[[Sequence[Change]], object]
+
+
+class EventSource(Protocol):
+    """A backend of file events: it calls the monitor's ``wake`` when a watched directory
+    changes; the monitor then scans. Opened by an entry of :data:`EVENT_SOURCES`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def rescan_seconds(self) -> float:
+        """How often the monitor rescans anyway, for what no event covers."""
+
+    @property
+    def clock(self) -> Callable[[], float] | None:
+        """The monotonic time of the latest relevant event, where the backend knows it (the
+        settle window is then measured from it); None: from the last scan that found nothing."""
+
+    def set_directories(self, directories: set[str]) -> bool:
+        """Watch exactly these directories; True when one was added (look once more)."""
+
+    def stop(self) -> None: ...
+
+
+class Unavailable(Exception):
+    """An event backend cannot start here; the message says why."""
+
+
+EventOpener = Callable[[set[str], Callable[[], object], str, Callable[[str, str], bool]], EventSource]
+"""Opens a backend on (directories, wake, thread name, relevant(directory, name))."""
+
+
+def _open_inotify(dirs: set[str], wake: Callable[[], object], name: str,
+                  relevant: Callable[[str, str], bool]) -> EventSource:
+    reason = inotify.unavailable()
+    if reason is not None:
+        raise Unavailable(reason)
+    try:
+        watcher = inotify.DirectoryWatcher(wake, name, relevant=relevant)
+    except OSError as exc:
+        raise Unavailable(exc.strerror or str(exc)) from None
+    try:
+        watcher.set_directories(dirs)
+    except OSError as exc:
+        watcher.stop()
+        raise Unavailable(exc.strerror or str(exc)) from None
+    return watcher.start()
+
+
+def _open_watchfiles(dirs: set[str], wake: Callable[[], object], name: str,
+                     relevant: Callable[[str, str], bool]) -> EventSource:
+    try:
+        import watchfiles  # noqa: F401
+    except ImportError:
+        raise Unavailable("watchfiles is not installed: pip install 'wsgi_reload[fast]'") from None
+    watcher = _WatchfilesSource(wake, dirs, name)
+    reason = watcher.start()
+    if reason is not None:
+        raise Unavailable(reason)
+    return watcher
+
+
+EVENT_SOURCES: dict[str, EventOpener] = {"inotify": _open_inotify, "watchfiles": _open_watchfiles}
+"""The file-event backends, tried in this order (``backend = "auto"`` or ``"events"``); polling
+is the fallback when none starts. inotify itself needs only the standard library (ctypes)."""
 
 
 def settle(
@@ -147,7 +210,7 @@ class Monitor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._events: _EventWatcher | inotify.DirectoryWatcher | None = None
+        self._events: EventSource | None = None
         self._rescan_seconds = EVENTS_RESCAN_SECONDS
         self._first: list[Change] = []
         self._on_tick = on_tick
@@ -188,9 +251,8 @@ class Monitor:
 
     def describe(self) -> str:
         """How it watches: 'file events' or 'polling every N s'."""
-        if self.backend == "events":
-            source = "inotify" if isinstance(self._events, inotify.DirectoryWatcher) else "watchfiles"
-            return f"file events ({source}; a safety rescan every {self._rescan_seconds:g} s)"
+        if self.backend == "events" and self._events is not None:
+            return f"file events ({self._events.name}; a safety rescan every {self._rescan_seconds:g} s)"
         return f"polling every {self.settings.interval:g} s"
 
     def _run(self) -> None:
@@ -231,9 +293,6 @@ class Monitor:
 
     def _watch_dirs(self) -> None:
         assert self._events is not None
-        if isinstance(self._events, _EventWatcher):
-            self._events.set_dirs(self._dirs_to_watch())
-            return
         try:
             if self._events.set_directories(self._dirs_to_watch()):
                 self._wake.set()  # what was saved in a new directory before its watch has no event
@@ -258,9 +317,8 @@ class Monitor:
             log.exception("wsgi_reload: handling a change failed")
 
     def _settle(self, changes: list[Change]) -> list[Change]:
-        events = self._events
-        last_event = events.last_event if isinstance(events, inotify.DirectoryWatcher) else None
-        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait, last_event)
+        clock = None if self._events is None else self._events.clock
+        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait, clock)
 
     def _dirs_to_watch(self) -> set[str]:
         """The directories to hear events from, resolved (inotify watches what a path pointed
@@ -307,43 +365,22 @@ class Monitor:
     def _start_events(self) -> None:
         dirs = self._dirs_to_watch()
         network = _network_mount(dirs)
-        reason: str | None
+        reasons = []
         if network:
-            reason = f"{network[0]} is on a {network[1]} filesystem, where inotify misses remote changes"
-        elif inotify.unavailable() is None:
-            reason = self._start_inotify(dirs)
+            reasons.append(f"{network[0]} is on a {network[1]} filesystem, where inotify misses remote changes")
         else:
-            reason = self._start_watchfiles(dirs)
-        if reason is None:
-            self.backend = "events"
-            return
+            for name, opener in EVENT_SOURCES.items():
+                try:
+                    self._events = opener(dirs, self._wake.set, self._name + "-events", self._relevant)
+                except Unavailable as exc:
+                    reasons.append(f"{name}: {exc}")
+                    continue
+                self.backend = "events"
+                self._rescan_seconds = self._events.rescan_seconds
+                return
         level = logging.WARNING if self.settings.backend == "events" else logging.INFO
-        log.log(level, "wsgi_reload: file events unavailable (%s); polling every %s s", reason, self.settings.interval)
-
-    def _start_inotify(self, dirs: set[str]) -> str | None:
-        try:
-            watcher = inotify.DirectoryWatcher(self._wake.set, self._name + "-events", relevant=self._relevant)
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        try:
-            watcher.set_directories(dirs)
-        except OSError as exc:
-            watcher.stop()
-            return exc.strerror or str(exc)
-        self._events = watcher.start()
-        self._rescan_seconds = INOTIFY_RESCAN_SECONDS
-        return None
-
-    def _start_watchfiles(self, dirs: set[str]) -> str | None:
-        try:
-            import watchfiles  # noqa: F401
-        except ImportError:
-            return "watchfiles is not installed: pip install 'wsgi_reload[fast]'"
-        watcher = _EventWatcher(self._wake, dirs, self._name + "-events")
-        reason = watcher.start()
-        if reason is None:
-            self._events = watcher
-        return reason
+        log.log(level, "wsgi_reload: file events unavailable (%s); polling every %s s", "; ".join(reasons),
+                self.settings.interval)
 
 
 def symlink_parents(path: str) -> set[str]:
@@ -387,10 +424,14 @@ def _identity(dirs: Iterable[str]) -> frozenset[tuple[str, int, int]]:
     return frozenset(found)
 
 
-class _EventWatcher:
+class _WatchfilesSource:
     """A watchfiles thread over the watched directories that only wakes the monitor."""
 
-    def __init__(self, wake: threading.Event, dirs: set[str], name: str) -> None:
+    name = "watchfiles"
+    rescan_seconds = EVENTS_RESCAN_SECONDS
+    clock = None  # watchfiles debounces and batches its events; the settle window counts from scans
+
+    def __init__(self, wake: Callable[[], object], dirs: set[str], name: str) -> None:
         self._wake = wake
         self._dirs = dirs
         self._identity = _identity(dirs)
@@ -410,14 +451,16 @@ class _EventWatcher:
     def stop(self) -> None:
         self._stop.set()
 
-    def set_dirs(self, dirs: set[str]) -> None:
+    def set_directories(self, directories: set[str]) -> bool:
         """Watch these directories; a path that is another directory now (``mv app.new app``)
-        counts as a change too, since the old watch went with the old directory."""
-        identity = _identity(dirs)
+        counts as a change too, since the old watch went with the old directory. (The thread
+        wakes the monitor itself once the new watches are up.)"""
+        identity = _identity(directories)
         with self._lock:
-            if dirs != self._dirs or identity != self._identity:
-                self._dirs, self._identity = dirs, identity
+            if directories != self._dirs or identity != self._identity:
+                self._dirs, self._identity = directories, identity
                 self._restart.set()
+        return False
 
     def _run(self) -> None:
         from watchfiles import watch
@@ -452,7 +495,7 @@ class _EventWatcher:
                     if changes or fresh:
                         # Fresh: the directories changed and inotify was rebuilt; what was saved in
                         # between has no event, so the monitor looks once more.
-                        self._wake.set()
+                        self._wake()
                         fresh = False
                     if self._restart.is_set() or self._stop.is_set():
                         break
@@ -462,5 +505,5 @@ class _EventWatcher:
                     self._started.set()
                     return
                 log.warning("wsgi_reload: file events failed (%s); restarting them", exc)
-                self._wake.set()
+                self._wake()
                 self._stop.wait(1.0)
