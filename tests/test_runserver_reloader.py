@@ -33,8 +33,8 @@ class Recording(WsgiReloadReloader):  # type: ignore[misc]
 def reloader() -> Iterator[Recording]:
     r = Recording()
     yield r
-    if r.monitor is not None:
-        r.monitor.stop()
+    if r.watcher is not None:
+        r.watcher.stop()
 
 
 def ticks_until(reloader: Recording, ticker: Iterator[None], count: int, timeout: float = 5.0) -> None:

@@ -35,10 +35,10 @@ from typing import Any, TypeVar
 
 from . import statements
 from .files import error_location, module_file
-from .monitor import Monitor
 from .patch import code_tree, loaded_functions, patch_lock
-from .scanner import Change, Scanner
+from .scanner import Change
 from .settings import Settings
+from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.hot")
 
@@ -446,8 +446,12 @@ class HotReloader:
         self.settings = settings if settings is not None else Settings.load()
         self.on_reload = on_reload
         self._files: dict[str, str] = {}
-        self.scanner = Scanner(self.settings, watch_modules=False, sources=[lambda: set(self._files)])
-        self.monitor = Monitor(self.scanner, self.apply, name="wsgi_reload-hot")
+        # Each module's own reload is its check (a module that does not load keeps its old code),
+        # so batches go straight to apply(), not through the gate.
+        self.watcher = Watcher(self.settings, self.apply, server="in-process reload",
+                               sources=[lambda: set(self._files)], on_batch=self.apply, on_tick=lambda: None,
+                               name="wsgi_reload-hot")
+        self.scanner = self.watcher.scanner
 
     def watch(self, target: types.ModuleType | str) -> HotReloader:
         """Watch a module, or a package and every submodule of it already imported."""
@@ -472,12 +476,12 @@ class HotReloader:
     def start(self) -> HotReloader:
         """Record the baseline and start watching."""
         self.scanner.scan()
-        self.monitor.start()
+        self.watcher.start(announce=False)
         return self
 
     def stop(self) -> None:
         """Stop watching."""
-        self.monitor.stop()
+        self.watcher.stop()
 
     def __enter__(self) -> HotReloader:
         return self.start()

@@ -9,7 +9,9 @@ Every adapter builds the same :class:`Watcher` and configures three things:
 
 It runs as a thread where a process can spare one that serves no requests (the gunicorn
 master, the ``wsgi-reload watch`` command) and otherwise in a watcher process of its own,
-one per server (:mod:`wsgi_reload.watch_process`).
+one per server (:mod:`wsgi_reload.watch_process`). ``manage.py runserver``'s reloader and
+the in-process :class:`wsgi_reload.hot.HotReloader` use it too: this is the one place a
+scanner, a monitor and a gate are put together.
 """
 
 from __future__ import annotations
@@ -53,11 +55,16 @@ class Watcher:
                                on_tick=on_tick or self.gate.retry_pending,
                                tick_pending=self.gate.has_pending)
 
-    def start(self) -> Watcher:
-        """Record the baseline, start watching, and log one line that says how."""
+    def start(self, announce: bool = True) -> Watcher:
+        """Record the baseline and start watching.
+
+        :param announce: log one line that says what is watched, how, and what a change does.
+        """
         self.monitor.start()
-        log.info("wsgi_reload: watching %d files by %s; check: %s; a good change reloads %s",
-                 len(self.scanner.watched_files()), self.monitor.describe(), self.check_description(), self.server)
+        if announce:
+            log.info("wsgi_reload: watching %d files by %s; check: %s; a good change reloads %s",
+                     len(self.scanner.watched_files()), self.monitor.describe(), self.check_description(),
+                     self.server)
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:

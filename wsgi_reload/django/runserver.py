@@ -23,10 +23,9 @@ from typing import Any
 from django.utils import autoreload
 
 from ..files import ModuleFiles
-from ..gate import ReloadGate
-from ..monitor import Monitor
-from ..scanner import Change, Scanner
+from ..scanner import Change
 from ..settings import Settings, SettingsError
+from ..watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -42,7 +41,7 @@ class WsgiReloadReloader(autoreload.BaseReloader):  # type: ignore[misc]
         self.settings = settings if settings is not None else _settings()
         self._batches: queue.Queue[Sequence[Change]] = queue.Queue()
         self._module_files = ModuleFiles()
-        self.monitor: Monitor | None = None
+        self.watcher: Watcher | None = None
 
     def django_files(self) -> dict[str, int | None]:
         """What Django would watch; the modules this process imported carry when it began loading
@@ -52,10 +51,12 @@ class WsgiReloadReloader(autoreload.BaseReloader):  # type: ignore[misc]
 
     def tick(self) -> Iterator[None]:
         """The first tick records a baseline; later ones report each changed file once."""
-        scanner = Scanner(self.settings, watch_modules=False, sources=[self.django_files])
-        self.monitor = Monitor(scanner, self._batches.put, name="wsgi_reload-runserver")
-        self.monitor.start()  # the baseline is recorded before it returns, so before the first yield
-        gate = ReloadGate(self.settings, self._notify, server="runserver", rescan=scanner.scan)
+        # Batches are queued for this (the autoreloader's) thread, which checks them: the gate
+        # runs here only, so no retry runs on the monitor's thread.
+        self.watcher = Watcher(self.settings, self._notify, server="runserver", sources=[self.django_files],
+                               on_batch=self._batches.put, on_tick=lambda: None, name="wsgi_reload-runserver")
+        self.watcher.start(announce=False)  # the baseline is recorded before it returns: before the first yield
+        gate = self.watcher.gate
         try:
             while True:
                 try:
@@ -71,7 +72,7 @@ class WsgiReloadReloader(autoreload.BaseReloader):  # type: ignore[misc]
                     self._notify(batch)  # templates and translations: Django resets its caches
                 yield
         finally:
-            self.monitor.stop()
+            self.watcher.stop()
 
     def _notify(self, batch: Sequence[Change]) -> None:
         for change in batch:
