@@ -16,20 +16,69 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from .gate import ActionFailed
-from .manifest import ManifestReader
 from .process import Target, TargetError
 
 SIGNAL_GAP = 0.05
 """Two equal signals that reach a Python process before its handler ran count once; space them."""
 
 
+class Signals(Protocol):
+    """All a strategy does to the server: signal one of its processes, and list the master's
+    children (gunicorn's ``arbiter.py`` talks to its workers the same way)."""
+
+    def send(self, pid: int, signum: int) -> None:
+        """Signal ``pid`` and return once it is delivered; :class:`TargetError` if it is gone."""
+
+    def children(self, pid: int) -> frozenset[int] | None:
+        """The pids of a process's children, or None where they cannot be read."""
+
+
+class Workers(Protocol):
+    """What the workers say of themselves (:class:`wsgi_reload.manifest.ManifestReader`): call
+    it to read again; then ``live`` are the workers that have a record, ``loaded`` what each
+    says of its app, ``app_failed`` and ``failures`` those that say it did not load, and why."""
+
+    @property
+    def live(self) -> set[int]: ...
+
+    @property
+    def loaded(self) -> Mapping[int, bool | None]: ...
+
+    @property
+    def app_failed(self) -> set[int]: ...
+
+    @property
+    def failures(self) -> Mapping[int, str]: ...
+
+    def __call__(self) -> object: ...
+
+
+class ProcessSignals:
+    """:class:`Signals` for real processes, through pidfds (:class:`wsgi_reload.process.Target`)."""
+
+    def __init__(self, master: Target) -> None:
+        self.master = master
+
+    def send(self, pid: int, signum: int) -> None:
+        target = self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
+        target.send(signum)
+        wait_until_delivered(pid, signum)
+        time.sleep(SIGNAL_GAP)
+
+    def children(self, pid: int) -> frozenset[int] | None:
+        return children(pid)
+
+
 class SignalledSwap:
     """One swap of a gunicorn master's workers, carried out (and resumed) by signals."""
 
-    def __init__(self, master: Target, manifests: ManifestReader, load_timeout: float) -> None:
-        self.master = master
+    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+        self.master_pid = master_pid
+        self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
         self.retiring: set[int] = set()
@@ -48,11 +97,12 @@ class SignalledSwap:
         # looks once, so the watcher goes on seeing saves meanwhile.
         wait = self.load_timeout if self.added < len(self.retiring) else 0.0
         while self.added < len(self.retiring):
-            before = children(self.master.pid)
+            before = self.signals.children(self.master_pid)
             self._send(signal.SIGTTIN)
             self.added += 1
             deadline = time.monotonic() + 5.0
-            while before is not None and children(self.master.pid) == before and time.monotonic() < deadline:
+            while before is not None and self.signals.children(self.master_pid) == before \
+                    and time.monotonic() < deadline:
                 time.sleep(0.01)
         deadline = time.monotonic() + wait
         while True:
@@ -79,12 +129,10 @@ class SignalledSwap:
 
     def _send(self, signum: int) -> None:
         try:
-            self.master.send(signum)
+            self.signals.send(self.master_pid, signum)
         except TargetError as exc:
             self.retiring, self.added = set(), 0
             raise ActionFailed(str(exc)) from None
-        wait_until_delivered(self.master.pid, signum)
-        time.sleep(SIGNAL_GAP)
 
 
 def children(pid: int) -> frozenset[int] | None:
@@ -154,7 +202,8 @@ class WorkerChain:
     workers serving, and resumes on a retry or after the next good save.
     """
 
-    def __init__(self, manifests: ManifestReader, load_timeout: float) -> None:
+    def __init__(self, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+        self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
         self.retiring: list[int] = []
@@ -177,7 +226,7 @@ class WorkerChain:
             if old not in self.signalled:
                 self.signalled.add(old)
                 try:
-                    Target(old, f"uWSGI worker {old}").send(signal.SIGHUP)
+                    self.signals.send(old, signal.SIGHUP)
                 except TargetError:
                     pass  # already gone: its replacement may be loading
             deadline = time.monotonic() + wait
@@ -193,3 +242,17 @@ class WorkerChain:
     def _loaded(self) -> set[int]:
         self.manifests()
         return {pid for pid, loaded in self.manifests.loaded.items() if loaded}
+
+
+Strategy = Callable[[], int]
+"""Replace the server's workers; returns how many were replaced. :class:`ActionFailed` while it
+cannot finish (the old workers serve on); calling again resumes it."""
+
+STRATEGIES: dict[str, Callable[[int, Signals, Workers, float], Strategy]] = {
+    "swap": SignalledSwap,
+    "chain": lambda master_pid, signals, workers, timeout: WorkerChain(signals, workers, timeout),
+}
+"""How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
+``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU) and ``chain`` (uWSGI
+``--lazy-apps``: one worker at a time). ``signal`` (uWSGI's own graceful reload, re-evaluated
+on each turn) is the watcher's :meth:`~wsgi_reload.watch_process._ServerWatch.reconcile`."""

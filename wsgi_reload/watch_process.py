@@ -35,7 +35,7 @@ from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
 from .settings import Settings
-from .swap import SignalledSwap, WorkerChain, children, nudge_as_workers_exit
+from .swap import STRATEGIES, ProcessSignals, Strategy, children, nudge_as_workers_exit
 from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.watch_process")
@@ -165,15 +165,13 @@ class _ServerWatch:
         self.manifests = ManifestReader(self.runtime_dir, accept=alive)
         self.checked_start: set[int] = set()
         replace = config.get("replace", "signal")
-        self.swap: SignalledSwap | WorkerChain | None = None
-        if replace == "swap":
-            self.swap = SignalledSwap(target, self.manifests, self.settings.check_timeout)
-            how = "new workers by TTIN, the old retired by TTOU once those load"
-        elif replace == "chain":
-            self.swap = WorkerChain(self.manifests, self.settings.check_timeout)
-            how = "a chain: one worker at a time, the next once the new one has loaded"
-        else:
-            how = config["signal"]
+        self.swap: Strategy | None = None
+        if replace in STRATEGIES:
+            self.swap = STRATEGIES[replace](target.pid, ProcessSignals(target), self.manifests,
+                                            self.settings.check_timeout)
+        how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
+               "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
+                                                                                                   config["signal"])
         server = f"{config['server']} ({how}; master pid {target.pid})"
         self.store = store_of(self.runtime_dir)
         self.roots = project_roots(config["sys_path"])

@@ -1,0 +1,151 @@
+"""The watcher process's strategies for replacing workers, on a fake server (no processes).
+
+A fake master answers signals the way gunicorn's arbiter (TTIN forks one more worker, TTOU
+retires the oldest) and uWSGI's master (a worker sent HUP is replaced) do, and its workers
+publish what a real worker's manifest says: loaded, or failed and why. The real servers run
+these strategies in tests/test_django.py and tests/test_uwsgi.py.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from wsgi_reload.gate import ActionFailed
+from wsgi_reload.process import TargetGone
+from wsgi_reload.swap import STRATEGIES, SignalledSwap, WorkerChain
+
+MASTER = 100
+
+
+class FakeServer:
+    """Implements both :class:`wsgi_reload.swap.Signals` and :class:`wsgi_reload.swap.Workers`."""
+
+    def __init__(self, workers: int, new_worker: Callable[[int], bool | str] = lambda pid: True) -> None:
+        self.next_pid = 1000
+        self.workers: list[int] = []  # oldest first, as gunicorn's ages order them
+        self.records: dict[int, bool | str] = {}
+        self.new_worker = new_worker
+        """What a worker started from now on says: True (loaded), why it failed, or None: nothing
+        yet (a gunicorn worker publishes its record only once its app loaded)."""
+        self.sent: list[tuple[int, str]] = []
+        for _ in range(workers):
+            self.records[self.spawn()] = True
+        self.live: set[int] = set()
+        self.loaded: dict[int, bool | None] = {}
+        self.app_failed: set[int] = set()
+        self.failures: dict[int, str] = {}
+
+    def spawn(self) -> int:
+        self.next_pid += 1
+        self.workers.append(self.next_pid)
+        return self.next_pid
+
+    # Signals
+
+    def send(self, pid: int, signum: int) -> None:
+        self.sent.append((pid, signal.Signals(signum).name))
+        if pid == MASTER and signum == signal.SIGTTIN:
+            self.start_worker()
+        elif pid == MASTER and signum == signal.SIGTTOU:
+            self.records.pop(self.workers.pop(0), None)
+        elif signum == signal.SIGHUP:
+            if pid not in self.workers:
+                raise TargetGone(f"worker {pid} has exited")
+            self.workers.remove(pid)
+            self.records.pop(pid, None)
+            self.start_worker()
+
+    def start_worker(self) -> None:
+        pid = self.spawn()
+        record = self.new_worker(pid)
+        if record is not None:
+            self.records[pid] = record
+
+    def children(self, pid: int) -> frozenset[int] | None:
+        return frozenset(self.workers) if pid == MASTER else frozenset()
+
+    # Workers
+
+    def __call__(self) -> object:
+        self.live = set(self.records)
+        self.loaded = {pid: (False if isinstance(r, str) else True) for pid, r in self.records.items()}
+        self.app_failed = {pid for pid, r in self.records.items() if isinstance(r, str)}
+        self.failures = {pid: r for pid, r in self.records.items() if isinstance(r, str)}
+        return self.records
+
+    def say(self, pid: int, record: bool | str) -> None:
+        self.records[pid] = record
+
+
+def test_the_table_names_each_strategy() -> None:
+    server = FakeServer(2)
+    assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0), SignalledSwap)
+    assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0), WorkerChain)
+
+
+def test_swap_adds_a_worker_per_worker_then_retires_the_old_ones() -> None:
+    server = FakeServer(2)
+    old = list(server.workers)
+    assert SignalledSwap(MASTER, server, server, load_timeout=1.0)() == 2
+    assert server.sent == [(MASTER, "SIGTTIN"), (MASTER, "SIGTTIN"), (MASTER, "SIGTTOU"), (MASTER, "SIGTTOU")]
+    assert not set(old) & set(server.workers) and len(server.workers) == 2
+
+
+def test_swap_retires_nothing_while_the_new_workers_load_and_resumes_once_they_have() -> None:
+    server = FakeServer(2, new_worker=lambda pid: None)
+    swap = SignalledSwap(MASTER, server, server, load_timeout=0.1)
+    with pytest.raises(ActionFailed, match="0 of 2 new workers have loaded"):
+        swap()
+    assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN"]
+    for pid in server.workers[2:]:
+        server.say(pid, True)
+    assert swap() == 2
+    assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN", "SIGTTOU", "SIGTTOU"]  # no TTIN again
+
+
+def test_swap_ends_at_once_when_a_new_worker_says_it_cannot_serve() -> None:
+    server = FakeServer(2, new_worker=lambda pid: "NotReady: GET /healthz answered 500")
+    swap = SignalledSwap(MASTER, server, server, load_timeout=60.0)  # would wait a minute for a load
+    with pytest.raises(ActionFailed, match="cannot serve the code that passed the check .NotReady: GET /healthz"):
+        swap()
+    assert "SIGTTOU" not in [name for _, name in server.sent]  # the old workers serve on
+
+
+def test_swap_of_a_server_with_no_worker_up_does_nothing() -> None:
+    server = FakeServer(0)
+    with pytest.raises(ActionFailed, match="no worker of this server is up"):
+        SignalledSwap(MASTER, server, server, load_timeout=0.1)()
+    assert server.sent == []
+
+
+def test_chain_replaces_one_worker_at_a_time() -> None:
+    server = FakeServer(3)
+    old = list(server.workers)
+    assert WorkerChain(server, server, load_timeout=1.0)() == 3
+    assert server.sent == [(pid, "SIGHUP") for pid in old]
+    assert not set(old) & set(server.workers)
+
+
+def test_chain_stops_at_a_worker_whose_replacement_has_not_loaded() -> None:
+    server = FakeServer(2, new_worker=lambda pid: None)
+    first, second = server.workers
+    chain = WorkerChain(server, server, load_timeout=0.1)
+    with pytest.raises(ActionFailed, match=f"the new worker replacing {first} has not loaded"):
+        chain()
+    assert server.sent == [(first, "SIGHUP")]  # the second old worker serves on
+    server.say(server.workers[-1], True)
+    server.new_worker = lambda pid: True
+    assert chain() == 2
+    assert server.sent == [(first, "SIGHUP"), (second, "SIGHUP")]
+
+
+def test_chain_goes_on_when_an_old_worker_is_already_gone() -> None:
+    server = FakeServer(2)
+    first, second = server.workers
+    server.workers.remove(first)  # it exited by itself; its record is read until the master reaps it
+    server.start_worker()  # the master's replacement, loaded
+    assert WorkerChain(server, server, load_timeout=1.0)() == 2
+    assert server.sent == [(first, "SIGHUP"), (second, "SIGHUP")]
