@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -36,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from . import _genimport, markers, runtime
+from . import _genimport, runtime
 from .files import expand, library_dirs
 
 log = logging.getLogger("wsgi_reload.generations")
@@ -66,10 +65,10 @@ class Generation:
     built_ns: int = 0
     """When the build began reading the files (``time.time_ns()``)."""
 
-    def to_json(self) -> bytes:
-        return json.dumps({"id": self.id, "roots": list(self.roots), "files": dict(self.files),
-                           "signatures": {p: list(s) for p, s in self.signatures.items()},
-                           "complete": self.complete, "built_ns": self.built_ns}).encode()
+    def to_record(self) -> dict[str, object]:
+        return {"id": self.id, "roots": list(self.roots), "files": dict(self.files),
+                "signatures": {p: list(s) for p, s in self.signatures.items()},
+                "complete": self.complete, "built_ns": self.built_ns}
 
 
 class Store:
@@ -175,7 +174,7 @@ class Store:
 
     def save(self, generation: Generation) -> str:
         """Write the generation's record (a candidate for the check); returns its path."""
-        runtime.write_atomic(self.directory, f"{generation.id}.json", generation.to_json())
+        runtime.write_record(self.directory, f"{generation.id}.json", generation.to_record())
         return os.path.join(self.directory, f"{generation.id}.json")
 
     def publish(self, generation: Generation, keep: Iterable[int] = ()) -> None:
@@ -186,24 +185,19 @@ class Store:
         self.prune(keep={generation.id, *keep})
 
     def current_id(self) -> int | None:
-        try:
-            fd = os.open(os.path.join(self.directory, "current"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as f:
-                text = f.read(32).decode("ascii", "replace").strip()
-        except OSError:
-            return None
+        data = runtime.read_bytes(self.directory, "current", limit=32)
+        text = "" if data is None else data.decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
 
     def load(self, generation_id: int) -> Generation | None:
+        record = runtime.read_record(self.directory, f"{generation_id}.json")
+        if record is None:
+            return None
         try:
-            fd = os.open(os.path.join(self.directory, f"{generation_id}.json"),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as f:
-                record = json.load(f)
             return Generation(int(record["id"]), tuple(record["roots"]), dict(record["files"]),
                               {p: (s[0], s[1], s[2]) for p, s in record["signatures"].items()},
                               complete=bool(record.get("complete", True)), built_ns=int(record.get("built_ns", 0)))
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             return None
 
     def ids(self) -> list[int]:
@@ -281,7 +275,7 @@ def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, _genimport.Generati
     # imported again by a worker.
     before = sorted({f for name, m in list(sys.modules.items()) if name != "__config__"
                      and isinstance(f := getattr(m, "__file__", None), str) and is_project_file(f)})
-    if before and markers.first_report(runtime_dir, "read-from-disk"):
+    if before and runtime.first_report(runtime_dir, "read-from-disk"):
         log.warning("wsgi_reload: %d file%s of the project (%s%s) loaded before wsgi_reload, so each new process "
                     "reads %s from the disk, unchecked%s", len(before), "" if len(before) == 1 else "s",
                     ", ".join(before[:3]), ", ..." if len(before) > 3 else "", "it" if len(before) == 1 else "them",

@@ -11,7 +11,6 @@ apply, which makes the master fall back to a graceful reload.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -19,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import runtime
 from .hot import reload_source
 from .patch import judge, module_for
 from .scanner import Change
@@ -83,12 +83,7 @@ class PatchPublisher:
         self.patched.update(new_sources)
         files = {path: {"loaded": self.loaded[path].decode("latin-1"), "latest": source.decode("latin-1")}
                  for path, source in self.patched.items()}
-        body = {"generation": self.generation, "files": files}
-        path = os.path.join(self.manifest_dir, PATCH_FILE)
-        temporary = f"{path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(body, f)
-        os.replace(temporary, path)
+        runtime.write_record(self.manifest_dir, PATCH_FILE, {"generation": self.generation, "files": files})
         self.sources.update(new_sources)
         return None
 
@@ -117,15 +112,14 @@ class PatchPublisher:
             while time.monotonic() < deadline and generation == self.generation:
                 for name in os.listdir(self.manifest_dir):
                     if name.endswith(FAILED_SUFFIX):
-                        failed = os.path.join(self.manifest_dir, name)
+                        data = runtime.read_bytes(self.manifest_dir, name, limit=64 * 1024)
                         try:
-                            with open(failed, encoding="utf-8") as f:
-                                reason = f.read()
-                            os.unlink(failed)
+                            os.unlink(os.path.join(self.manifest_dir, name))
                         except OSError:
                             continue
-                        on_failure(reason)
-                        return
+                        if data is not None:
+                            on_failure(data.decode("utf-8", "replace"))
+                            return
                 time.sleep(0.1)
 
         threading.Thread(target=run, name="wsgi_reload-patch-failures", daemon=True).start()
@@ -152,10 +146,8 @@ class PatchApplier:
             self.running = {path: f["latest"].encode("latin-1") for path, f in patch["files"].items()}
 
     def _read(self) -> dict[str, Any] | None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                patch: dict[str, Any] = json.load(f)
-        except (OSError, ValueError):
+        patch = runtime.read_record(self.manifest_dir, PATCH_FILE)
+        if patch is None or not isinstance(patch.get("generation"), int) or not isinstance(patch.get("files"), dict):
             return None
         return patch
 
@@ -192,8 +184,7 @@ class PatchApplier:
         if problems:
             reason = f"worker {os.getpid()}: {'; '.join(problems)}"
             log.warning("wsgi_reload: cannot patch in place: %s", reason)
-            with open(os.path.join(self.manifest_dir, f"{os.getpid()}{FAILED_SUFFIX}"), "w", encoding="utf-8") as f:
-                f.write(reason)
+            runtime.write_atomic(self.manifest_dir, f"{os.getpid()}{FAILED_SUFFIX}", reason.encode())
             return
         self.running[path] = latest
         log.debug("wsgi_reload: worker %d patched %s", os.getpid(), ", ".join(report.patched + report.changed))

@@ -7,7 +7,6 @@ runtime directory; a reader turns that directory into a scanner source.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -42,7 +41,7 @@ class ManifestWriter:
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
                     "patterns": self.patterns, "app_loaded": self.app_loaded(), "failure": self.failure,
                     "generation": None if finder is None else finder.generation}
-            runtime.write_atomic(self.directory, os.path.basename(self.path), json.dumps(body).encode())
+            runtime.write_record(self.directory, os.path.basename(self.path), body)
 
     def publish_if_missing(self) -> None:
         """Publish again if the manifest is gone (the runtime directory was removed and made again)."""
@@ -131,17 +130,16 @@ class ManifestReader:
         return self._read(f"{pid}.json")
 
     def _read(self, name: str) -> Mapping[str, Any] | None:
-        path = os.path.join(self.directory, name)
         try:
-            st = os.lstat(path)
-            cached = self._cache.get(name)
-            if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
-                return cached[1]
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, encoding="utf-8") as f:
-                st = os.fstat(f.fileno())
-                manifest: Mapping[str, Any] = json.load(f)
-        except (OSError, ValueError):
+            st = os.lstat(os.path.join(self.directory, name))
+        except OSError:
+            return None
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
+            return cached[1]
+        manifest = runtime.read_record(self.directory, name)
+        if manifest is None or not isinstance(manifest.get("files"), list) \
+                or not isinstance(manifest.get("loaded_at_ns"), int):
             return None
         self._cache[name] = ((st.st_mtime_ns, st.st_size), manifest)
         return manifest

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Mapping
+from typing import Any
 
 RUNTIME_ENV = "_WSGI_RELOAD_RUNTIME"
 """Names the server's runtime directory for its children. The leading underscore keeps it
@@ -147,6 +151,61 @@ def write_atomic(directory: str, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+"""A record larger than this is not one of ours (a generation of 20,000 files is about 4 MB)."""
+
+
+def write_record(directory: str, name: str, record: Mapping[str, Any]) -> None:
+    """Write one JSON record (a worker's manifest, a generation, a patch), atomically."""
+    write_atomic(directory, name, json.dumps(record).encode())
+
+
+def read_bytes(directory: str, name: str, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The contents of ``directory/name``; None when it is not there or not a regular file of at
+    most ``limit`` bytes. It never follows a symlink, and never blocks on a FIFO planted there."""
+    try:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                return None
+            data = f.read(limit + 1)
+        except OSError:
+            return None
+    return data if len(data) <= limit else None
+
+
+def read_record(directory: str, name: str) -> dict[str, Any] | None:
+    """One JSON record written by :func:`write_record`; None when it is missing or not one."""
+    data = read_bytes(directory, name)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+REPORTED_PREFIX = "reported-"
+
+
+def first_report(directory: str, key: str) -> bool:
+    """True for the first process of the server to report ``key`` (an error, say): what one
+    process has logged, the others need not."""
+    name = REPORTED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        os.close(os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def open_lock(directory: str, name: str) -> int:

@@ -22,7 +22,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from .. import markers, runtime
+from .. import runtime
 from .._probe import ask_ready
 from ..check import in_probe
 from ..generations import adopt
@@ -128,7 +128,7 @@ def adopt_booting_worker() -> None:
                          on_failed_start=start_watcher)
     _adopted = True
     earlier = _project_apps_before_us()
-    if earlier and markers.first_report(directory, "apps-before-us"):
+    if earlier and runtime.first_report(directory, "apps-before-us"):
         log.warning("wsgi_reload: %s come%s before \"wsgi_reload.django\" in INSTALLED_APPS, so a save that breaks "
                     "%s while new workers start would stop gunicorn; list \"wsgi_reload.django\" first",
                     ", ".join(earlier), "s" if len(earlier) == 1 else "", "it" if len(earlier) == 1 else "them")
