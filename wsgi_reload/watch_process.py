@@ -35,7 +35,7 @@ from .manifest import ManifestReader
 from .process import Target, TargetError
 from .scanner import Change
 from .settings import Settings
-from .swap import STRATEGIES, ProcessSignals, Strategy, children, nudge_as_workers_exit
+from .swap import STRATEGIES, ProcessSignals, Strategy, children, exited, nudge_as_workers_exit
 from .watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.watch_process")
@@ -241,7 +241,7 @@ class _ServerWatch:
         """Signal mode (uWSGI's graceful reload): make the live workers run the current generation.
 
         Signal only when a live worker runs another generation and no reload is under way: a
-        reload is under way while a worker that was live at the signal still is (it is finishing
+        reload is under way while a worker that was live at the signal still runs (it is finishing
         its requests), or while none is up (the master is loading the app again). uWSGI ignores a
         reload signal that arrives during a reload, so a second one then would be lost; once the
         reload is over, the new workers say which generation they loaded, and only if it is not
@@ -250,14 +250,17 @@ class _ServerWatch:
         current = self.current
         if current is None or self.swap is not None:
             return
+        self.manifests()  # a worker may have published since the last scan
         live = self.manifests.live
         if not live:
             return  # between two generations: the next workers load the current one
         if self.signalled is not None:
             waited = time.monotonic() - self.signalled_at
-            if live & self.signalled and waited < RELOAD_PATIENCE_SECONDS:
+            # By process: a signalled worker whose record is gone may still be finishing requests.
+            retiring = {pid for pid in self.signalled if not exited(pid)}
+            if retiring and waited < RELOAD_PATIENCE_SECONDS:
                 return
-            if not live & self.signalled:
+            if not retiring:
                 log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",
                          len(live), "" if len(live) == 1 else "s", "/".join(map(str, sorted(
                              g for g in self.manifests.generations if g is not None))), 1000 * waited)
@@ -270,6 +273,8 @@ class _ServerWatch:
         except TargetError as exc:
             log.error("wsgi_reload: cannot reload %s: %s", self.watcher.server, exc)
             return
+        # The workers by their records (read just now), not the master's children: those can
+        # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
         self.signalled, self.signalled_at = set(live), time.monotonic()
         if self.nudge is not None and workers:
             threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
