@@ -165,6 +165,7 @@ class _ServerWatch:
         self.manifests = ManifestReader(self.runtime_dir, accept=alive)
         self.checked_start: set[int] = set()
         replace = config.get("replace", "signal")
+        self.replace = replace
         self.swap: Strategy | None = None
         if replace in STRATEGIES:
             self.swap = STRATEGIES[replace](target.pid, ProcessSignals(target), self.manifests,
@@ -219,8 +220,9 @@ class _ServerWatch:
 
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
-        if self.swap is not None and not self.manifests.live - self.manifests.app_failed:
-            # Started broken: no worker serves, and those that wait for loadable code load this.
+        if self.replace == "swap" and not self.manifests.live - self.manifests.app_failed:
+            # gunicorn started broken: no worker serves, and those that wait for loadable code load
+            # this. (uWSGI workers without an app do not wait: the chain replaces them.)
             log.info("wsgi_reload: generation %s passed the check; the waiting workers load it",
                      None if self.current is None else self.current.id)
             return
