@@ -15,8 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import BROKEN_SAVES, Load, free_port, greeting, gunicorn, make_app, running, wait_for_body, write
-from test_generations import worker_pids
+from servers import (
+    BROKEN_SAVES,
+    Load,
+    free_port,
+    greeting,
+    gunicorn,
+    make_app,
+    running,
+    wait_for_body,
+    worker_pids,
+    write,
+)
 
 pytestmark = pytest.mark.slow
 
