@@ -124,6 +124,63 @@ def test_a_same_size_same_second_edit_is_not_hidden_by_stale_bytecode(tmp_path: 
     assert not list((tmp_path / "__pycache__").glob("probe_helper.*.pyc"))
 
 
+DAEMON_APP = """import os, sys, time
+
+import wsgi_reload
+
+if wsgi_reload.checking():
+    open(os.path.join(os.path.dirname(__file__), "checked"), "a").write("x")
+started, told = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setsid()  # out of the check's process group and session
+    if os.fork() == 0:
+        with open(os.path.join(os.path.dirname(__file__), "daemons"), "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        os.write(told, b"up")
+        time.sleep(120)
+    os._exit(0)
+os.waitpid(pid, 0)
+os.read(started, 2)  # the daemon runs, and has written its pid
+
+
+def application(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+"""
+
+
+def test_twenty_checks_of_an_app_that_starts_a_daemon_leave_no_process_behind(tmp_path: Path) -> None:
+    """The check interpreter is the subreaper of everything the app starts: a setsid() daemon
+    comes back to it when its parent exits, and is killed when the check ends."""
+    (tmp_path / "daemon_app.py").write_text(DAEMON_APP)
+    settings = Settings(check="import", app="daemon_app:application")
+    sys_path = [str(tmp_path), *sys.path]  # the app imports wsgi_reload too
+    for _ in range(20):
+        assert check_code([], settings, cwd=str(tmp_path), sys_path=sys_path).ok
+    daemons = [int(p) for p in (tmp_path / "daemons").read_text().split()]
+    assert len(daemons) == 20
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in daemons if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []
+    assert (tmp_path / "checked").read_text() == "x" * 20  # wsgi_reload.checking() was true in each
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_checking_is_false_outside_a_check() -> None:
+    import wsgi_reload
+
+    assert wsgi_reload.checking() is False
+
+
 # --- the reloader --------------------------------------------------------------------------
 
 

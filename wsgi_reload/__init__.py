@@ -7,7 +7,7 @@ proves the new code loads, :class:`ReloadGate` acts only on code that loads, and
 good change into the server's own graceful reload.
 """
 
-from .check import CheckResult, check_code, compile_files, import_app
+from .check import CheckResult, check_code, checking, compile_files, import_app
 from .files import failed_imports
 from .gate import ActionFailed, ReloadGate
 from .monitor import Monitor
@@ -29,6 +29,7 @@ __all__ = [
     "Watcher",
     "__version__",
     "check_code",
+    "checking",
     "code_changed",
     "compile_files",
     "failed_imports",

@@ -291,8 +291,61 @@ def install_generation(generation: dict[str, Any]) -> None:
     module.install(generation["store"], generation["id"], generation["files"])
 
 
+PR_SET_CHILD_SUBREAPER = 36
+"""prctl(2): orphaned descendants are re-parented to this process instead of to init."""
+
+
+def _become_subreaper() -> None:
+    """Make every process the app starts, a ``setsid()`` daemon that left our process group
+    included, come back to this process when its parent exits, so that it can be killed."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the check's process group is still killed
+
+
+def _children() -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{os.getpid()}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{os.getpid()}/task/{task}/children", encoding="ascii") as f:
+                found.extend(int(pid) for pid in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _kill_leftovers(rounds: int = 20) -> None:
+    """Kill what the app left running. Each child killed hands its own children to us (we are
+    their subreaper), so go round until none is left."""
+    import signal
+
+    for _ in range(rounds):
+        children = _children()
+        if not children:
+            return
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
 def main() -> None:
     global LIBRARY_DIRS
+    _become_subreaper()
     payload = json.loads(sys.stdin.read())
     LIBRARY_DIRS = tuple(payload["library_dirs"])
     os.chdir(payload["cwd"])
@@ -319,6 +372,7 @@ def main() -> None:
             "watch_for": where_it_would_be(exc.name) if isinstance(exc, ModuleNotFoundError) and exc.name else [],
         }
     _emit({"event": "result", "result": result})
+    _kill_leftovers()
     # Skip atexit handlers and thread joins the app may have started.
     os._exit(0)
 

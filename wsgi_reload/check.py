@@ -71,8 +71,11 @@ class CheckResult:
         return (self.file, self.line, self.message)
 
 
-def in_probe() -> bool:
-    """True inside the check's own interpreter."""
+def checking() -> bool:
+    """True only inside wsgi_reload's pre-reload check: the interpreter that imports the new code
+    to see whether it loads, and throws it away. An app can skip side effects there (sending
+    mail, starting a scheduler, opening a metrics port) with ``if not wsgi_reload.checking():``,
+    as Django code does with ``RUN_MAIN``."""
     return os.environ.get(PROBE_ENV) == "1"
 
 

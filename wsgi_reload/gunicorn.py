@@ -34,7 +34,7 @@ from typing import Any
 
 from . import _genimport, runtime
 from ._probe import ask_ready
-from .check import Checked, CheckResult, check_code, in_probe
+from .check import Checked, CheckResult, check_code, checking
 from .files import ModuleFiles, PathFilter, describe_error
 from .generations import (
     RETRY_SECONDS,
@@ -133,7 +133,7 @@ def _hook(func: Callable[..., None]) -> Callable[..., None]:
 def when_ready(server: Any) -> None:
     """Master: start the one watcher of this server (and retire the old master after a re-exec)."""
     global _master, _manifest_dir
-    if in_probe():
+    if checking():
         return
     forward_to(_gunicorn_emitter(server.log))
     for prepare in _prepare:
@@ -888,7 +888,7 @@ def _next_generation(store: Store, roots: Sequence[str], base: Generation, poll:
             return store.build(roots, base=base, extra=base.files)
 
 
-if not in_probe():
+if not checking():
     if os.environ.get(OLD_WORKERS_ENV):
         _import_reexec_generation()
     _guard_preload()

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _genimport, runtime
 from ._probe import ask_ready
-from .check import in_probe
+from .check import checking
 from .files import describe_error
 from .generations import RETRY_SECONDS, Store, adopt, wait_for_newer
 from .logs import forward_to
@@ -318,7 +318,7 @@ def start(settings: Settings | None = None,
     locale files).
     """
     global _started
-    if in_probe():
+    if checking():
         return None
     if _started is not None:
         _log.info("wsgi_reload: already watching this uWSGI instance")

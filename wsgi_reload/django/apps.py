@@ -10,7 +10,7 @@ from typing import Any
 from django.apps import AppConfig
 from django.core import checks
 
-from ..check import in_probe
+from ..check import checking
 from ..settings import SettingsError
 from .files import reload_settings
 
@@ -29,7 +29,7 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
         from . import generation, runserver
 
         runserver.install()
-        if in_probe():
+        if checking():
             return
         generation.serve_from_generation()
         host = detect_host()

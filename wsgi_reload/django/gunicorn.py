@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import runtime
 from .._probe import ask_ready
-from ..check import in_probe
+from ..check import checking
 from ..generations import adopt
 from ..logs import forward_to
 from ..settings import Settings, SettingsError
@@ -69,7 +69,7 @@ def adopt_booting_worker() -> None:
     """In a gunicorn worker importing Django: take the adapter's worker-side hooks (see above)."""
     global _adopted
     found = _booting_worker()
-    if found is None or _config_hooks_watch() or in_probe():
+    if found is None or _config_hooks_watch() or checking():
         return
     arbiter, worker = found
     if arbiter.cfg.preload_app:
