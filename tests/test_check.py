@@ -175,6 +175,28 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_a_port_the_server_holds_does_not_fail_the_check(tmp_path: Path) -> None:
+    """The app opens a metrics port at import; a --preload master (here: this process) holds it
+    already. The check binds a free port instead; a port someone else holds still fails."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    (tmp_path / "metrics_app.py").write_text(
+        f"import socket\nmetrics = socket.socket()\nmetrics.bind(('127.0.0.1', {port}))\nmetrics.listen()\n"
+        "def application(environ, start_response):\n    return []\n")
+    settings = Settings(check="import", app="metrics_app:application")
+    try:
+        assert check_code([], settings, cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path]).ok
+        other = check_code([], settings, cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path],
+                           server_pid=os.getppid())
+        assert not other.ok and "Address already in use" in other.message
+    finally:
+        held.close()
+
+
 def test_checking_is_false_outside_a_check() -> None:
     import wsgi_reload
 

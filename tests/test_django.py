@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from servers import (
     BIN,
+    BROKEN_SAVES,
     HERE,
     Load,
     Server,
@@ -23,9 +24,11 @@ from servers import (
     free_port,
     get,
     good_then_broken_pairs,
+    greeting,
     gunicorn,
     kill_every_worker,
     kill_the_watcher_under_load,
+    make_app,
     running,
     server_env,
     uwsgi,
@@ -405,6 +408,40 @@ def test_the_files_read_from_the_disk_are_named_once_at_start(site: Path, kind: 
         assert str(site / "mysite" / "settings.py") in lines[0]
         assert ("-c python:wsgi_reload.gunicorn" if kind.startswith("gunicorn") else "--import wsgi_reload.uwsgi") \
             in lines[0]
+
+
+SELF_CONFIGURED = """import django
+from django.conf import settings
+
+settings.configure(INSTALLED_APPS=["django.contrib.contenttypes"], DATABASES={})
+django.setup()
+
+import greeting
+
+
+def app(environ, start_response):
+    body = greeting.text().encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_an_app_that_configures_django_itself_is_reloaded(tmp_path: Path) -> None:
+    """settings.configure() at import, no settings module and no URLconf (Django as a library):
+    the check loads no URLconf it does not have, so a good save is served, and a repeated
+    refusal is still said once per save."""
+    app = make_app(tmp_path)
+    write(app / "app.py", SELF_CONFIGURED)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2", timeout=LIVENESS)
+        for n in (1, 2):
+            write(app / "greeting.py", BROKEN_SAVES["name_error"] + f"# save {n}\n")
+            server.wait_for_log(r"not reloading, (the new code does not load|still the same error)", count=n)
+        assert server.count(r"not reloading, still the same error: .*greeting.py:1: NameError") == 1
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3", timeout=LIVENESS)
 
 
 def test_without_wsgi_application_the_check_imports_gunicorns_app(site: Path) -> None:

@@ -159,8 +159,8 @@ def _load_django_urls() -> None:
         return
     from django.conf import settings
 
-    if not settings.configured:
-        return
+    if not settings.configured or not getattr(settings, "ROOT_URLCONF", None):
+        return  # a site that configured itself without a URLconf (settings.configure()) has none to load
     from django.urls import get_resolver
 
     get_resolver().url_patterns  # noqa: B018 - importing the URLconf is the point
@@ -343,10 +343,67 @@ def _kill_leftovers(rounds: int = 20) -> None:
                 pass
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes listening on TCP ``port`` (Linux's /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        found.add(fields[9])
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _held_by(pid: int, port: int) -> bool:
+    inodes = _listening_inodes(port)
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def _bind_aside_of(server_pid: int) -> None:
+    """A port the running server already holds (a metrics port its ``--preload`` master opened at
+    import) makes the app's bind fail here with EADDRINUSE, though no worker binds it again: in
+    the check, such a bind takes a free port of the same address, with one note on stderr."""
+    import errno
+    import socket
+
+    bind = socket.socket.bind
+
+    def bind_aside(self: socket.socket, address: Any) -> None:
+        try:
+            bind(self, address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not isinstance(address, tuple) or len(address) < 2 \
+                    or not _held_by(server_pid, int(address[1])):
+                raise
+            sys.stderr.write(f"wsgi_reload check: {address[0]}:{address[1]} is the running server's; bound a free "
+                             "port instead\n")
+            bind(self, (address[0], 0, *address[2:]))
+
+    socket.socket.bind = bind_aside  # type: ignore[method-assign,assignment]
+
+
 def main() -> None:
     global LIBRARY_DIRS
     _become_subreaper()
     payload = json.loads(sys.stdin.read())
+    if payload.get("server_pid"):
+        _bind_aside_of(int(payload["server_pid"]))
     LIBRARY_DIRS = tuple(payload["library_dirs"])
     os.chdir(payload["cwd"])
     sys.path[:] = payload["sys_path"]

@@ -119,6 +119,7 @@ def import_app(
     changed: Iterable[str] = (),
     generation: Checked | None = None,
     ready_path: str | None = None,
+    server_pid: int | None = None,
 ) -> CheckResult:
     """Import ``app`` (``module:callable``), then the module files ``modules`` it did not import,
     in a fresh interpreter, and report how it went. For a Django app, changed template and
@@ -135,6 +136,10 @@ def import_app(
 
     With ``generation`` the project's files are imported from that generation's bytes, the
     ones the workers will load, not from the disk.
+
+    A port the app binds at import that ``server_pid`` (default: this process) holds already
+    (a metrics port a ``--preload`` master opened) is bound on a free port in the check instead,
+    with one note on the check's standard error: the workers never bind it again.
     """
     started = time.time_ns()
     clock = time.monotonic()
@@ -151,6 +156,7 @@ def import_app(
         "files": list(files),
         "ready_path": ready_path,
         "library_dirs": list(library_dirs()),
+        "server_pid": os.getpid() if server_pid is None else server_pid,
     }
     if generation is not None:
         payload["generation"] = {"finder": _FINDER_FILE, "store": generation.store, "id": generation.id,
@@ -245,6 +251,7 @@ def check_code(
     sys_path: Sequence[str] | None = None,
     loaded_modules: Iterable[str] = (),
     generation: Checked | None = None,
+    server_pid: int | None = None,
 ) -> CheckResult:
     """The shared pre-reload check, in the mode the settings ask for.
 
@@ -265,7 +272,7 @@ def check_code(
     imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
                           files=[path for path in changed if not path.endswith(".py")],
                           warm_from=loaded or None, changed=changed, generation=generation,
-                          ready_path=settings.ready_path)
+                          ready_path=settings.ready_path, server_pid=server_pid)
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 

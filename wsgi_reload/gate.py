@@ -146,7 +146,8 @@ class ReloadGate:
         for path in result.watch_for:  # a missing module: creating it is the fix
             failed_imports.record(path, read_at_ns=result.started_ns)
         if result.key in self._reported:
-            self.log.debug("wsgi_reload: still broken: %s", result)
+            # Once per save, in one short line: the save was not served (the error was logged).
+            self.log.info("wsgi_reload: not reloading, still the same error: %s", result)
             return
         self._reported.add(result.key)
         if old_code_serves:

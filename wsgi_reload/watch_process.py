@@ -208,7 +208,8 @@ class _ServerWatch:
         self.candidate = candidate
         return check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
                           sys_path=self.config["sys_path"], loaded_modules=self.manifests.files,
-                          generation=Checked(self.store.directory, candidate.id, candidate.files))
+                          generation=Checked(self.store.directory, candidate.id, candidate.files),
+                          server_pid=self.target.pid)
 
     def publish(self) -> None:
         """Make the checked candidate what every process that loads the app imports from now on."""

@@ -58,8 +58,13 @@ def django_watch_patterns() -> list[str]:
 
 
 def load_urlconf() -> None:
-    """Import the root URLconf: views load lazily from it, and their modules must be watched."""
+    """Import the root URLconf: views load lazily from it, and their modules must be watched.
+    A site that configured itself without one (``settings.configure()``) has none."""
+    from django.conf import settings
     from django.urls import get_resolver
+
+    if not getattr(settings, "ROOT_URLCONF", None):
+        return
 
     get_resolver().url_patterns  # noqa: B018 - importing is the point
 
