@@ -360,6 +360,58 @@ def preload_reloads_under_load(server: Server, app: Path, port: int, reloads: in
     assert failures == []
 
 
+METRICS_APP = """import socket
+import threading
+
+import greeting
+
+metrics = socket.socket()
+metrics.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+metrics.bind(("127.0.0.1", {port}))  # a metrics port opened at import, as prometheus_client's start_http_server
+metrics.listen()
+
+
+def answer():
+    while True:
+        connection, _ = metrics.accept()
+        connection.sendall(("metrics " + greeting.text()).encode())
+        connection.close()
+
+
+threading.Thread(target=answer, daemon=True).start()
+
+
+def app(environ, start_response):
+    body = greeting.text().encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def metrics(port: int) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        return connection.recv(100).decode()
+
+
+def test_preload_with_a_port_opened_at_import_reloads(tmp_path: Path) -> None:
+    """The master opens a metrics port at import. The check binds a free port instead of the one
+    the master holds, and the re-executed master takes the socket over from its old workers,
+    which still hold it: a good save is served, and the metrics port answers with the new code."""
+    app = make_app(tmp_path)
+    metrics_port = free_port()
+    write(app / "app.py", METRICS_APP.format(port=metrics_port))
+    port = free_port()
+    with running(gunicorn(app, port, MODES["preload"]), "v1") as server:
+        assert metrics(metrics_port) == "metrics v1"
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        server.wait_for_log(rf"the re-executed master takes port {metrics_port} over from its old workers")
+        assert metrics(metrics_port) == "metrics v2"
+        assert "Address already in use" not in server.log()
+
+
 def test_preload_keeps_the_master_pid(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()

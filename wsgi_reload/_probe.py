@@ -343,7 +343,7 @@ def _kill_leftovers(rounds: int = 20) -> None:
                 pass
 
 
-def _listening_inodes(port: int) -> set[str]:
+def listening_inodes(port: int) -> set[str]:
     """The socket inodes listening on TCP ``port`` (Linux's /proc/net/tcp and tcp6)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -360,7 +360,7 @@ def _listening_inodes(port: int) -> set[str]:
 
 
 def _held_by(pid: int, port: int) -> bool:
-    inodes = _listening_inodes(port)
+    inodes = listening_inodes(port)
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:

@@ -22,6 +22,7 @@ config, so only the hooks below may share a name with a gunicorn setting.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -29,11 +30,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from . import _genimport, runtime
-from ._probe import ask_ready
+from ._probe import ask_ready, listening_inodes
 from .check import Checked, CheckResult, check_code, checking
 from .files import ModuleFiles, PathFilter, describe_error
 from .generations import (
@@ -835,8 +836,10 @@ def _guard_preload() -> None:
         forward_to(_gunicorn_emitter(logging.getLogger("gunicorn.error")))
         finder = _genimport.installed()
         if finder is not None and finder.generation is not None:
+            old_workers = [int(p) for p in os.environ.get(OLD_WORKERS_ENV, "").split(",") if p.isdigit()]
             try:
-                return load_once(self)
+                with _adopting_listeners_of(old_workers):
+                    return load_once(self)
             except Exception as exc:
                 if not previous.isdigit():
                     raise
@@ -848,6 +851,72 @@ def _guard_preload() -> None:
         return _first_preload(self, load_once)
 
     BaseApplication.wsgi = wsgi
+
+
+@contextlib.contextmanager
+def _adopting_listeners_of(old_workers: Sequence[int]) -> Iterator[None]:
+    """While the re-executed master imports the app: a port the app binds at import (a metrics
+    port) is still held by the old workers, which inherited it from the old image and serve
+    until the new ones are up, so the bind fails with EADDRINUSE. Take their listening socket
+    instead (``pidfd_getfd``, Linux 5.6+): the app gets the very socket, already listening."""
+    import socket
+
+    bind = socket.socket.bind
+
+    def adopting_bind(self: socket.socket, address: Any) -> None:
+        try:
+            bind(self, address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not isinstance(address, tuple) or len(address) < 2:
+                raise
+            fd = _listener_of(old_workers, int(address[1]))
+            if fd is None:
+                raise
+            try:
+                os.dup2(fd, self.fileno(), inheritable=False)
+            finally:
+                os.close(fd)
+            _log.info("wsgi_reload: the re-executed master takes port %s over from its old workers", address[1])
+
+    socket.socket.bind = adopting_bind  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        socket.socket.bind = bind  # type: ignore[method-assign]
+
+
+SYS_PIDFD_GETFD = 438
+"""pidfd_getfd(2), the same number on every Linux architecture (asm-generic/unistd.h)."""
+
+
+def _listener_of(pids: Sequence[int], port: int) -> int | None:
+    """A duplicate of the socket listening on ``port`` that one of ``pids`` holds, or None."""
+    import ctypes
+
+    inodes = listening_inodes(port)
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if not (link.startswith("socket:[") and link[8:-1] in inodes):
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                fd = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            finally:
+                os.close(pidfd)
+            if fd >= 0:
+                return int(fd)
+    return None
 
 
 def _first_preload(app: Any, load_once: Callable[[Any], Any]) -> Any:
