@@ -66,7 +66,13 @@ class EventSource(Protocol):
 
 
 class Unavailable(Exception):
-    """An event backend cannot start here; the message says why."""
+    """An event backend does not exist here (the next one of the table is tried); the message
+    says why."""
+
+
+class EventsFailed(Exception):
+    """An event backend that exists here could not start (a watch limit): the monitor polls, and
+    tries no other backend, which would meet the same limit."""
 
 
 EventOpener = Callable[[set[str], Callable[[], object], str, Callable[[str, str], bool]], EventSource]
@@ -81,12 +87,12 @@ def _open_inotify(dirs: set[str], wake: Callable[[], object], name: str,
     try:
         watcher = inotify.DirectoryWatcher(wake, name, relevant=relevant)
     except OSError as exc:
-        raise Unavailable(exc.strerror or str(exc)) from None
+        raise EventsFailed(exc.strerror or str(exc)) from None
     try:
         watcher.set_directories(dirs)
     except OSError as exc:
         watcher.stop()
-        raise Unavailable(exc.strerror or str(exc)) from None
+        raise EventsFailed(exc.strerror or str(exc)) from None
     return watcher.start()
 
 
@@ -99,7 +105,7 @@ def _open_watchfiles(dirs: set[str], wake: Callable[[], object], name: str,
     watcher = _WatchfilesSource(wake, dirs, name)
     reason = watcher.start()
     if reason is not None:
-        raise Unavailable(reason)
+        raise EventsFailed(reason)
     return watcher
 
 
@@ -375,6 +381,9 @@ class Monitor:
                 except Unavailable as exc:
                     reasons.append(f"{name}: {exc}")
                     continue
+                except EventsFailed as exc:
+                    reasons.append(str(exc))
+                    break
                 self.backend = "events"
                 self._rescan_seconds = self._events.rescan_seconds
                 return

@@ -46,8 +46,14 @@ LOCK_FD = 3
 NUDGE_SECONDS = 65.0
 """How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
 
-RELOAD_PATIENCE_SECONDS = 30.0
-"""A signalled reload whose old workers are all still up after this long was lost: signal again."""
+RELOAD_PATIENCE_SECONDS = 60.0
+"""A reload whose old workers have begun to exit is followed this long (uWSGI's default mercy)."""
+
+LOST_SIGNAL_SECONDS = 3.0
+"""A signalled reload none of whose old workers has exited after this long was lost (uWSGI
+ignores a reload signal while it is still starting up from the last one): signal again. A
+graceful stop lets a worker finish its request; if every worker is in a long one, the signal
+sent again is ignored as part of the reload under way, which does no harm."""
 
 RETIRE_AFTER_SECONDS = 10.0
 """With no live worker left to watch for this long (a uWSGI lazy-apps reload moved them to a new
@@ -261,7 +267,8 @@ class _ServerWatch:
             waited = time.monotonic() - self.signalled_at
             # By process: a signalled worker whose record is gone may still be finishing requests.
             retiring = {pid for pid in self.signalled if not exited(pid)}
-            if retiring and waited < RELOAD_PATIENCE_SECONDS:
+            lost = retiring == self.signalled and waited >= LOST_SIGNAL_SECONDS
+            if retiring and not lost and waited < RELOAD_PATIENCE_SECONDS:
                 return
             if not retiring:
                 log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",

@@ -1,0 +1,153 @@
+"""Faults injected into real servers under load: processes of ours killed or stopped at random
+moments, mid-check included. Each time the server serves on with no failed request, and the
+next save is served. (The watcher killed, the runtime directory removed and every worker
+killed have their cases in tests/test_generations.py and tests/test_django.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from servers import (
+    Load,
+    Server,
+    free_port,
+    greeting,
+    gunicorn,
+    make_app,
+    processes,
+    running,
+    uwsgi,
+    wait_for_body,
+    watcher_processes,
+    write,
+)
+
+pytestmark = pytest.mark.slow
+
+COLD_CHECK = "Loads an application in a fresh interpreter"
+WARM_PROCESS = "A warm check process"
+RELOADS = r"check passed .*; reloading uWSGI"
+
+
+def serve(kind: str, app: Path, port: int) -> Server:
+    return gunicorn(app, port, ["-w", "2"]) if kind == "gunicorn" else uwsgi(app, port)
+
+
+def descendants(roots: set[int]) -> dict[int, tuple[str, int, str]]:
+    table = processes()
+    found: dict[int, tuple[str, int, str]] = {}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (state, ppid, command) in table.items():
+            if pid not in found and (ppid in roots or ppid in found) and state != "Z":
+                found[pid] = (state, ppid, command)
+                grew = True
+    return found
+
+
+def ours(server: Server, app: Path) -> dict[int, tuple[str, int, str]]:
+    """The server's processes and those of its watcher process."""
+    assert server.proc is not None
+    return descendants({server.proc.pid, *watcher_processes(app)})
+
+
+def check_children(server: Server, app: Path) -> list[int]:
+    """Check interpreters: a cold one, or one the warm process forked (with its command line)."""
+    family = ours(server, app)
+    servers = set(warm_processes(server, app))
+    return [pid for pid, (_, ppid, command) in family.items() if COLD_CHECK in command or ppid in servers]
+
+
+def warm_processes(server: Server, app: Path) -> list[int]:
+    """The warm processes themselves, not the checks they forked."""
+    family = ours(server, app)
+    return [pid for pid, (_, ppid, command) in family.items()
+            if WARM_PROCESS in command and WARM_PROCESS not in family.get(ppid, ("", 0, ""))[2]]
+
+
+def killer(server: Server, app: Path, which: str, within: float, killed: list[int]) -> threading.Thread:
+    """A thread that kill -9s the first process of ``which`` kind (``check``: a check child;
+    ``warm``: the warm process that forks them) it sees within ``within`` seconds, at a random
+    moment of its life."""
+
+    def run() -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            # Mid-check: once a check child runs, kill it or the warm process that forked it.
+            if check_children(server, app):
+                time.sleep(random.uniform(0, 0.2))
+                found = check_children(server, app) if which == "check" else warm_processes(server, app)
+                for pid in found:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except OSError:
+                        pass
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
+@pytest.mark.parametrize("which", ["check", "warm"])
+def test_a_check_process_killed_at_random_loses_nothing(tmp_path: Path, kind: str, which: str) -> None:
+    """Ten saves; every other one has its check child (or the warm process that forks checks)
+    killed with -9 while the check runs. Nothing fails, and the save after each kill is served."""
+    random.seed(os.getpid())
+    app = make_app(tmp_path)
+    # An app that takes 0.4 s to import, as a larger one does: the check is there to be killed.
+    write(app / "app.py", "import time\ntime.sleep(0.4)\n" + (app / "app.py").read_text())
+    port = free_port()
+    killed: list[int] = []
+    with running(serve(kind, app, port), "v1") as server, Load(port, threads=4) as load:
+        for n in range(2, 12):
+            if n % 2 == 0:
+                kill = killer(server, app, which, 3.0, killed)
+                write(app / "greeting.py", greeting(f"v{n}"))
+                kill.join(5)
+                time.sleep(0.5)
+            else:
+                write(app / "greeting.py", greeting(f"v{n}"))
+                wait_for_body(port, f"v{n}")
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert len(killed) >= 3, f"only {len(killed)} of 5 checks were caught running"
+
+
+def test_the_watcher_stopped_for_10_s_loses_no_save(tmp_path: Path) -> None:
+    """SIGSTOP of uWSGI's watcher process for 10 s while three saves land, then SIGCONT: the
+    last save is served, the queued saves make one reload, and nothing fails."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port), "v1") as server, Load(port, threads=4) as load:
+        deadline = time.monotonic() + 30
+        while not watcher_processes(app):
+            assert time.monotonic() < deadline, "no watcher process"
+            time.sleep(0.05)
+        [watcher] = watcher_processes(app)
+        reloads = server.count(RELOADS)
+        os.kill(watcher, signal.SIGSTOP)
+        try:
+            for n in (2, 3, 4):
+                write(app / "greeting.py", greeting(f"v{n}"))
+                time.sleep(3)
+            time.sleep(1)
+        finally:
+            os.kill(watcher, signal.SIGCONT)
+        wait_for_body(port, "v4")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert "v2" not in bodies and "v3" not in bodies
+        assert server.count(RELOADS) == reloads + 1
