@@ -103,26 +103,27 @@ def killer(server: Server, app: Path, which: str, within: float, killed: list[in
 @pytest.mark.parametrize("which", ["check", "warm"])
 def test_a_check_process_killed_at_random_loses_nothing(tmp_path: Path, kind: str, which: str) -> None:
     """Ten saves; every other one has its check child (or the warm process that forks checks)
-    killed with -9 while the check runs. Nothing fails, and the save after each kill is served."""
+    killed with -9 while the check runs (as the OOM killer would). Nothing fails, and every save
+    is served: a check killed from outside says nothing of the code, so it runs again."""
     random.seed(os.getpid())
     app = make_app(tmp_path)
-    # An app that takes 0.4 s to import, as a larger one does: the check is there to be killed.
-    write(app / "app.py", "import time\ntime.sleep(0.4)\n" + (app / "app.py").read_text())
+    # An app that takes 0.8 s to import, as a larger one does: the check is there to be killed.
+    write(app / "app.py", "import time\ntime.sleep(0.8)\n" + (app / "app.py").read_text())
     port = free_port()
     killed: list[int] = []
     with running(serve(kind, app, port), "v1") as server, Load(port, threads=4) as load:
         for n in range(2, 12):
-            if n % 2 == 0:
-                kill = killer(server, app, which, 3.0, killed)
-                write(app / "greeting.py", greeting(f"v{n}"))
+            kill = killer(server, app, which, 3.0, killed) if n % 2 == 0 else None
+            write(app / "greeting.py", greeting(f"v{n}"))
+            if kill is not None:
                 kill.join(5)
-                time.sleep(0.5)
-            else:
-                write(app / "greeting.py", greeting(f"v{n}"))
-                wait_for_body(port, f"v{n}")
+            wait_for_body(port, f"v{n}")  # a check killed from outside is run again
         _, failures, _ = load.snapshot()
     assert failures == []
-    assert len(killed) >= 3, f"only {len(killed)} of 5 checks were caught running"
+    if which == "check":
+        assert len(killed) >= 3, f"only {len(killed)} of 5 checks were caught running"
+    else:  # killed once, the warm process is not started again: the checks run cold, as one line says
+        assert killed and server.count(r"checks run cold, each in a fresh interpreter \(it exited\)") == 1
 
 
 def test_the_watcher_stopped_for_10_s_loses_no_save(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,8 @@ from typing import Any
 from . import _genimport, spawn, warm
 from .files import library_dirs
 from .settings import Settings
+
+log = logging.getLogger("wsgi_reload.check")
 
 _FINDER_FILE = str(Path(_genimport.__file__).resolve())
 
@@ -56,6 +59,8 @@ class CheckResult:
     seconds: float = 0.0
     warm: bool = False
     """The import ran forked from a warm probe process (:mod:`wsgi_reload.warm`)."""
+    killed: bool = False
+    """The check interpreter was killed with SIGKILL by someone else (the OOM killer, a person)."""
     watch_for: tuple[str, ...] = ()
     """Files that do not exist yet and would fix the error (a missing module's candidates)."""
 
@@ -198,7 +203,7 @@ def import_app(
         detail = f": {tail[0][:300]}" if tail else ""
         what = "this file" if loading else app
         return CheckResult(False, "import", f"{_exit_description(code)} while importing {what}{detail}", loading,
-                           details=errors, started_ns=started, seconds=seconds)
+                           details=errors, started_ns=started, seconds=seconds, killed=code == -signal.SIGKILL)
     if result["ok"]:
         return CheckResult(True, "import", started_ns=started, seconds=seconds, warm=forked is not None)
     return CheckResult(False, "import", f"{result['type']}: {result['message']}", result["file"], result["line"],
@@ -269,10 +274,18 @@ def check_code(
         return compiled
     loaded = set(loaded_modules)
     lazy = [path for path in changed if path in loaded and path.endswith(".py")]
-    imported = import_app(settings.app, timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path, modules=lazy,
-                          files=[path for path in changed if not path.endswith(".py")],
+    def run() -> CheckResult:
+        return import_app(settings.app or "", timeout=settings.check_timeout, cwd=cwd, sys_path=sys_path,
+                          modules=lazy, files=[path for path in changed if not path.endswith(".py")],
                           warm_from=loaded or None, changed=changed, generation=generation,
                           ready_path=settings.ready_path, server_pid=server_pid)
+
+    imported = run()
+    if imported.killed:
+        # Killed from outside (the OOM killer, a person), which says nothing of the code: once more.
+        log.warning("wsgi_reload: the check interpreter was killed (SIGKILL) while importing %s; checking again",
+                    imported.file or settings.app)
+        imported = run()
     return dataclasses.replace(imported, started_ns=compiled.started_ns)
 
 
