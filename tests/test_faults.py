@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,11 +20,13 @@ from servers import (
     Load,
     Server,
     free_port,
+    get,
     greeting,
     gunicorn,
     make_app,
     processes,
     running,
+    server_env,
     uwsgi,
     wait_for_body,
     watcher_processes,
@@ -152,3 +156,42 @@ def test_the_watcher_stopped_for_10_s_loses_no_save(tmp_path: Path) -> None:
         assert failures == []
         assert "v2" not in bodies and "v3" not in bodies
         assert server.count(RELOADS) == reloads + 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
+def test_a_full_disk_pauses_reloading_until_there_is_room(tmp_path: Path, kind: str) -> None:
+    """The runtime directory on a 4 MB tmpfs that fills up under a running server: a save is not
+    lost and no request fails; one line says reloading is paused and why, and once there is room
+    again the save is served."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=1777", "tmpfs", str(tiny)], check=True)
+    try:
+        app = make_app(tmp_path)
+        port = free_port()
+        env = server_env()
+        env["TMPDIR"] = str(tiny)  # the runtime directory's base (no private XDG_RUNTIME_DIR here)
+        env.pop("XDG_RUNTIME_DIR", None)
+        server = gunicorn(app, port, ["-w", "2"], env=env) if kind == "gunicorn" else uwsgi(app, port, env=env)
+        with running(server, "v1"), Load(port, threads=4) as load:
+            filler = tiny / "filler"
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            write(app / "greeting.py", greeting("v2"))
+            server.wait_for_log(r"reloading is paused: .*No space left on device")
+            time.sleep(2)
+            assert get(port) == (200, "v1")
+            filler.unlink()
+            wait_for_body(port, "v2")
+            server.wait_for_log(r"reloading goes on")
+            _, failures, _ = load.snapshot()
+        assert failures == []
+        assert server.count(r"reloading is paused") == 1
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=False)

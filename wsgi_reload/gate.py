@@ -57,6 +57,7 @@ class ReloadGate:
         """When the last passing check began reading the code (``time.time_ns()``)."""
         self._reported: set[tuple[str | None, int | None, str]] = set()
         self._pending_reported = False
+        self._paused = False
 
     def __call__(self, batch: Sequence[Change]) -> bool:
         """Handle one batch; returns True when it acted."""
@@ -71,10 +72,14 @@ class ReloadGate:
             batch = sorted([c for c in self.unsettled if c.path not in known] + list(batch))
             self.unsettled = None
         batch, result = self._check_until_current(list(batch))
-        if result.stage == "stale":
-            # Not an error: fast saves (an editor, a deploy still copying). No verdict on the code.
+        if result.stage in ("stale", "paused"):
+            # No verdict on the code: fast saves (an editor, a deploy still copying), or no room to
+            # store the new code (a full disk). The batch is checked again on the next turn.
             self.unsettled = batch
-            self.log.info("wsgi_reload: files are still changing; checking again once they settle")
+            if result.stage == "stale":
+                self.log.info("wsgi_reload: files are still changing; checking again once they settle")
+            else:
+                self._pause(result.message)
             return False
         if not result.ok:
             self.refuse(result)
@@ -90,8 +95,15 @@ class ReloadGate:
                       stage, 1000 * (time.monotonic() - detected), self.server)
         return self._act(batch)
 
+    def _checked(self, batch: list[Change]) -> CheckResult:
+        try:
+            return self.check([c.path for c in batch if c.kind != "deleted"])
+        except OSError as exc:  # the new code cannot be read into the store: a full disk, say
+            return CheckResult(False, "paused", f"the new code cannot be stored or checked: {exc.strerror or exc}"
+                               + (f" ({exc.filename})" if exc.filename else ""))
+
     def _check_until_current(self, batch: list[Change]) -> tuple[list[Change], CheckResult]:
-        result = self.check([c.path for c in batch if c.kind != "deleted"])
+        result = self._checked(batch)
         for _ in range(MAX_RECHECKS):
             more = list(self.rescan()) if self.rescan is not None else []
             if not more:
@@ -99,13 +111,17 @@ class ReloadGate:
             self.log.info("wsgi_reload: %s while the check ran; checking again", describe(more))
             known = {c.path for c in more}
             batch = sorted([c for c in batch if c.path not in known] + more)
-            result = self.check([c.path for c in batch if c.kind != "deleted"])
+            result = self._checked(batch)
         return batch, CheckResult(False, "stale", "files kept changing while the code was checked; "
                                   "waiting for them to settle", started_ns=result.started_ns)
 
     def _act(self, batch: Sequence[Change]) -> bool:
         try:
             self.action(batch)
+        except OSError as exc:  # publishing the checked code failed: a full disk, say
+            self.pending = batch
+            self._pause(f"the checked code cannot be stored: {exc.strerror or exc}")
+            return False
         except ActionFailed as exc:
             self.pending = batch
             if not self._pending_reported:
@@ -115,9 +131,21 @@ class ReloadGate:
             return False
         if self._pending_reported:
             self.log.info("wsgi_reload: reloaded %s on a retry", self.server)
+        self._resume()
         self._pending_reported = False
         self.pending = None
         return True
+
+    def _pause(self, why: str) -> None:
+        if not self._paused:
+            self._paused = True
+            self.log.warning("wsgi_reload: reloading is paused: %s; it goes on by itself once that is fixed, and "
+                             "the old code keeps serving meanwhile", why)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.log.info("wsgi_reload: reloading goes on")
 
     def reload_now(self) -> bool:
         """Act without a batch (the code loads, but a worker failed to load it at start)."""
