@@ -1,7 +1,8 @@
-"""Faults injected into real servers under load: processes of ours killed or stopped at random
-moments, mid-check included. Each time the server serves on with no failed request, and the
-next save is served. (The watcher killed, the runtime directory removed and every worker
-killed have their cases in tests/test_generations.py and tests/test_django.py.)
+"""Faults injected into real servers under load: processes killed or stopped at random moments,
+mid-check and mid-swap included, and the disk under the runtime directory full. Each time the
+server serves on (only requests in flight in a killed worker may fail) and the saves are
+served. (The runtime directory removed and every worker killed while the disk is broken have
+their cases in tests/test_generations.py and tests/test_django.py.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from servers import (
     uwsgi,
     wait_for_body,
     watcher_processes,
+    worker_pids,
     write,
 )
 
@@ -195,3 +197,54 @@ def test_a_full_disk_pauses_reloading_until_there_is_room(tmp_path: Path, kind: 
         assert server.count(r"reloading is paused") == 1
     finally:
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
+def test_a_worker_killed_at_random_through_ten_reloads(tmp_path: Path, kind: str) -> None:
+    """Ten saves, each followed at a random moment (mid-check or mid-swap, often) by kill -9 of one
+    worker, old or new: every save is served, and only requests in flight in a killed worker
+    (4 client threads: at most 4 a kill) fail."""
+    random.seed(os.getpid())
+    app = make_app(tmp_path)
+    port = free_port()
+    kills = 0
+    with running(serve(kind, app, port), "v1") as server, Load(port, threads=4) as load:
+        for n in range(2, 12):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            time.sleep(random.uniform(0, 1.5))
+            deadline = time.monotonic() + 3  # a uWSGI prefork reload has no worker for a moment
+            while time.monotonic() < deadline:
+                workers = sorted(worker_pids(server))
+                if workers:
+                    try:
+                        os.kill(random.choice(workers), signal.SIGKILL)
+                        kills += 1
+                        break
+                    except OSError:
+                        pass
+                time.sleep(0.05)
+            wait_for_body(port, f"v{n}")
+        time.sleep(1)
+        _, failures, _ = load.snapshot()
+    assert kills >= 8
+    assert len(failures) <= 4 * kills, failures[:5]
+
+
+def test_the_watcher_killed_at_random_through_ten_reloads(tmp_path: Path) -> None:
+    """uWSGI's watcher process killed with -9 at a random moment after each of ten saves (mid-check,
+    mid-reload or idle): a worker starts a new one, every save is served, nothing fails, and one
+    watcher runs at the end."""
+    random.seed(os.getpid())
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(uwsgi(app, port), "v1"), Load(port, threads=4) as load:
+        for n in range(2, 12):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            time.sleep(random.uniform(0, 1.0))
+            for pid in watcher_processes(app):
+                os.kill(pid, signal.SIGKILL)
+            wait_for_body(port, f"v{n}")
+        time.sleep(3)
+        _, failures, _ = load.snapshot()
+        assert len(watcher_processes(app)) == 1
+    assert failures == []
