@@ -167,6 +167,21 @@ def test_twenty_checks_of_an_app_that_starts_a_daemon_leave_no_process_behind(tm
     assert (tmp_path / "checked").read_text() == "x" * 20  # wsgi_reload.checking() was true in each
 
 
+def test_a_check_that_times_out_leaves_no_daemon_behind(tmp_path: Path) -> None:
+    """The app starts a setsid() daemon and then hangs: at check_timeout the check interpreter's
+    descendants (the daemon came back to it as its subreaper) are killed with its group."""
+    (tmp_path / "daemon_app.py").write_text(DAEMON_APP.replace("os.waitpid(pid, 0)\n",
+                                                                "os.waitpid(pid, 0)\ntime.sleep(60)\n", 1))
+    settings = Settings(check="import", app="daemon_app:application", check_timeout=3)
+    result = check_code([], settings, cwd=str(tmp_path), sys_path=[str(tmp_path), *sys.path])
+    assert not result.ok
+    [daemon] = [int(p) for p in (tmp_path / "daemons").read_text().split()]
+    deadline = time.monotonic() + 10
+    while alive(daemon) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(daemon)
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:

@@ -108,8 +108,40 @@ def wait_exit(pid: int, timeout: float) -> tuple[bool, int | None]:
 
 
 def kill_group(pid: int) -> None:
-    """SIGKILL the process group ``pid`` leads, and reap the leader if it is still ours."""
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
+    """SIGKILL everything a check interpreter ``pid`` started (:func:`kill_tree`), and reap the
+    leader if it is still ours."""
+    kill_tree(pid)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s descendants, then the process group it leads. A daemon the app started
+    with ``setsid()`` left the group, but the check interpreter is its subreaper, so it is a
+    descendant (Linux); killed first, it cannot move on to another parent."""
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """The descendants of ``pid``, from /proc (none where it cannot be read)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending and len(found) < 10_000:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                    children = [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(children)
+            pending.extend(children)
+    return found

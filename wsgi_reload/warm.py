@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import select
-import signal
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,14 +97,12 @@ class WarmProbe:
         self.forked += 1
         finished = self._receive(timeout)
         if finished is None:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            spawn.kill_tree(pid)
             finished = self._receive(5.0)  # the warm process reaps it and says so
             if finished is None:
                 self.close()
             return False, None
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)  # whatever the app started at import
+        spawn.kill_tree(pid)  # whatever the app started at import
         return True, finished.get("status")
 
     def _receive(self, timeout: float) -> dict[str, Any] | None:
