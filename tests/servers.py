@@ -500,3 +500,18 @@ def good_then_broken_pairs(port: int, save_good: Callable[[str], str], save_brok
     assert set(answers) == {final}
     assert bodies == {final}
     assert served_after < 15, f"the final save was served {served_after:.1f} s after it was made"
+
+
+def refused_under_load(server: Server, save: Callable[[], object], refused: str, serving: str,
+                       fix: Callable[[], str], seconds: float = 1.0, path: str = "/") -> None:
+    """Under load: ``save()``, and the log shows ``refused``; for ``seconds`` after it only
+    ``serving`` is served and nothing fails; then ``fix()`` is saved and the body it returns is
+    served."""
+    with Load(server.port, threads=4, path=path) as load:
+        save()
+        server.wait_for_log(refused)
+        time.sleep(seconds)
+        _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert bodies == {serving}
+    wait_for_body(server.port, fix(), path=path)

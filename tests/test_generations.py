@@ -29,6 +29,7 @@ from servers import (
     kill_every_worker,
     kill_the_watcher_under_load,
     make_app,
+    refused_under_load,
     remove_the_runtime_directory_under_load,
     running,
     server_env,
@@ -193,29 +194,35 @@ def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, kind: str) -
         assert len(re.findall(r"greeting.py:1: NameError", log)) >= 1
 
 
+def healthz_app(tmp_path: Path, sick_when: str) -> Path:
+    """The test app, whose /healthz answers 500 when ``sick_when`` (an expression) is true."""
+    app = make_app(tmp_path)
+    write(app / "app.py", (app / "app.py").read_text().replace(
+        "        body = greeting.text().encode()",
+        f'        if environ["PATH_INFO"] == "/healthz" and {sick_when}:\n'
+        '            start_response("500 Internal Server Error", [("Content-Length", "0")])\n'
+        "            return [b\"\"]\n"
+        "        body = greeting.text().encode()"))
+    return app
+
+
+def save_greeting(app: Path, version: str) -> Callable[[], str]:
+    def save() -> str:
+        write(app / "greeting.py", greeting(version))
+        return version
+
+    return save
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ready_path_answering_500_refuses_the_swap(tmp_path: Path, kind: str) -> None:
     """With ready_path=/healthz, new code whose /healthz answers 500 never replaces the old code."""
-    app = make_app(tmp_path)
-    source = (app / "app.py").read_text().replace(
-        "        body = greeting.text().encode()",
-        '        if environ["PATH_INFO"] == "/healthz" and greeting.text() == "sick":\n'
-        '            start_response("500 Internal Server Error", [("Content-Length", "0")])\n'
-        "            return [b\"\"]\n"
-        "        body = greeting.text().encode()")
-    write(app / "app.py", source)
+    app = healthz_app(tmp_path, 'greeting.text() == "sick"')
     port = free_port()
-    env = server_env(ready_path="/healthz")
-    server = serve(kind, app, port, env=env)
-    with running(server, "v1"), Load(port, threads=4) as load:
-        write(app / "greeting.py", greeting("sick"))
-        server.wait_for_log(r"not reloading, the new code does not load: NotReady: GET /healthz answered 500")
-        time.sleep(1)
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"v1"}
-        write(app / "greeting.py", greeting("v3"))
-        wait_for_body(port, "v3")
+    with running(serve(kind, app, port, env=server_env(ready_path="/healthz")), "v1") as server:
+        refused_under_load(server, save_greeting(app, "sick"),
+                           r"not reloading, the new code does not load: NotReady: GET /healthz answered 500", "v1",
+                           save_greeting(app, "v3"))
 
 
 @pytest.mark.parametrize("kind", ["sync", "uwsgi-lazy"])
@@ -225,27 +232,12 @@ def test_each_new_worker_asks_ready_path_itself(tmp_path: Path, kind: str) -> No
     code never replaces the old, and the fix is served."""
     from wsgi_reload.check import PROBE_ENV
 
-    app = make_app(tmp_path)
-    source = (app / "app.py").read_text().replace(
-        "        body = greeting.text().encode()",
-        '        if environ["PATH_INFO"] == "/healthz" and greeting.text() == "sick" '
-        f'and not __import__("os").environ.get("{PROBE_ENV}"):\n'
-        '            start_response("500 Internal Server Error", [("Content-Length", "0")])\n'
-        "            return [b\"\"]\n"
-        "        body = greeting.text().encode()")
-    write(app / "app.py", source)
+    app = healthz_app(tmp_path, f'greeting.text() == "sick" and not __import__("os").environ.get("{PROBE_ENV}")')
     port = free_port()
-    with running(serve(kind, app, port, env=server_env(ready_path="/healthz")), "v1") as server, \
-            Load(port, threads=4) as load:
-        write(app / "greeting.py", greeting("sick"))
-        server.wait_for_log(r"check passed")
-        server.wait_for_log(r"cannot load the app from verified code \(.*NotReady: GET /healthz answered 500")
-        time.sleep(2)
-        _, failures, bodies = load.snapshot()
-        assert failures == []
-        assert bodies == {"v1"}
-        write(app / "greeting.py", greeting("v3"))
-        wait_for_body(port, "v3")
+    with running(serve(kind, app, port, env=server_env(ready_path="/healthz")), "v1") as server:
+        refused_under_load(server, save_greeting(app, "sick"),
+                           r"cannot load the app from verified code \(.*NotReady: GET /healthz answered 500", "v1",
+                           save_greeting(app, "v3"), seconds=2)
 
 
 @pytest.mark.parametrize("kind", ["uwsgi-prefork", "uwsgi-lazy"])
