@@ -308,6 +308,7 @@ def _become_subreaper() -> None:
 
 
 def _children() -> list[int]:
+    # spawn.descendants' twin for one level: this file is loaded by path and imports no wsgi_reload.
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{os.getpid()}/task")
@@ -359,20 +360,22 @@ def listening_inodes(port: int) -> set[str]:
     return found
 
 
-def _held_by(pid: int, port: int) -> bool:
+def listener_fds(pid: int, port: int) -> list[int]:
+    """The descriptors of process ``pid`` that are sockets listening on TCP ``port`` (Linux)."""
     inodes = listening_inodes(port)
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return False
+        return []
+    found = []
     for name in names:
         try:
             link = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
             continue
         if link.startswith("socket:[") and link[8:-1] in inodes:
-            return True
-    return False
+            found.append(int(name))
+    return found
 
 
 def _bind_aside_of(server_pid: int) -> None:
@@ -389,7 +392,7 @@ def _bind_aside_of(server_pid: int) -> None:
             bind(self, address)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or not isinstance(address, tuple) or len(address) < 2 \
-                    or not _held_by(server_pid, int(address[1])):
+                    or not listener_fds(server_pid, int(address[1])):
                 raise
             sys.stderr.write(f"wsgi_reload check: {address[0]}:{address[1]} is the running server's; bound a free "
                              "port instead\n")

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequenc
 from typing import Any
 
 from . import _genimport, runtime
-from ._probe import ask_ready, listening_inodes
+from ._probe import ask_ready, listener_fds
 from .check import Checked, CheckResult, check_code, checking
 from .files import ModuleFiles, PathFilter, describe_error
 from .generations import (
@@ -893,29 +893,18 @@ def _listener_of(pids: Sequence[int], port: int) -> int | None:
     """A duplicate of the socket listening on ``port`` that one of ``pids`` holds, or None."""
     import ctypes
 
-    inodes = listening_inodes(port)
     for pid in pids:
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for name in names:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if not (link.startswith("socket:[") and link[8:-1] in inodes):
-                continue
+        for fd in listener_fds(pid, port):
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:
-                continue
+                break
             try:
-                fd = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+                duplicate = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
             finally:
                 os.close(pidfd)
-            if fd >= 0:
-                return int(fd)
+            if duplicate >= 0:
+                return int(duplicate)
     return None
 
 
