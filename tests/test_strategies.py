@@ -37,6 +37,9 @@ class FakeServer:
         self.loaded: dict[int, bool | None] = {}
         self.app_failed: set[int] = set()
         self.failures: dict[int, str] = {}
+        self.generation = 1
+        """The generation a worker started now loads."""
+        self.generation_of: dict[int, int | None] = {pid: 1 for pid in self.workers}
 
     def spawn(self) -> int:
         self.next_pid += 1
@@ -60,6 +63,7 @@ class FakeServer:
 
     def start_worker(self) -> None:
         pid = self.spawn()
+        self.generation_of[pid] = self.generation
         record = self.new_worker(pid)
         if record is not None:
             self.records[pid] = record
@@ -82,8 +86,8 @@ class FakeServer:
 
 def test_the_table_names_each_strategy() -> None:
     server = FakeServer(2)
-    assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0), SignalledSwap)
-    assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0), WorkerChain)
+    assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0, lambda: None), SignalledSwap)
+    assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0, lambda: None), WorkerChain)
 
 
 def test_swap_adds_a_worker_per_worker_then_retires_the_old_ones() -> None:
@@ -112,6 +116,23 @@ def test_swap_ends_at_once_when_a_new_worker_says_it_cannot_serve() -> None:
     with pytest.raises(ActionFailed, match="cannot serve the code that passed the check .NotReady: GET /healthz"):
         swap()
     assert "SIGTTOU" not in [name for _, name in server.sent]  # the old workers serve on
+
+
+def test_swap_replaces_a_new_worker_that_loaded_an_older_generation_too() -> None:
+    """Generation 2 is published while the swap's first new worker had already loaded 1: that
+    worker retires as well, one more is added, and every worker left runs 2."""
+    server = FakeServer(2)
+    old = list(server.workers)
+
+    def new_worker(pid: int) -> bool:
+        server.generation = 2  # published once the first new worker had forked
+        return True
+
+    server.new_worker = new_worker
+    assert SignalledSwap(MASTER, server, server, load_timeout=1.0, wanted=lambda: 2)() == 2
+    assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN", "SIGTTIN"] + ["SIGTTOU"] * 3
+    assert not set(old) & set(server.workers) and len(server.workers) == 2
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
 
 
 def test_swap_of_a_server_with_no_worker_up_does_nothing() -> None:

@@ -82,7 +82,7 @@ class ReloadGate:
                 self._pause(result.message)
             return False
         if not result.ok:
-            self.refuse(result)
+            self.refuse(result, save=True)
             return False
         if self.broken is not None:
             self.log.info("wsgi_reload: the code loads again (%s was fixed)", self.broken.file or "the error")
@@ -161,7 +161,7 @@ class ReloadGate:
     def has_pending(self) -> bool:
         return self.pending is not None or self.unsettled is not None
 
-    def refuse(self, result: CheckResult, *, old_code_serves: bool = True) -> None:
+    def refuse(self, result: CheckResult, *, old_code_serves: bool = True, save: bool = False) -> None:
         """Record a failed check: watch its file, log it once, and wait for a fix.
 
         ``old_code_serves`` is False when the workers never loaded the app: then no old code
@@ -174,8 +174,9 @@ class ReloadGate:
         for path in result.watch_for:  # a missing module: creating it is the fix
             failed_imports.record(path, read_at_ns=result.started_ns)
         if result.key in self._reported:
-            # Once per save, in one short line: the save was not served (the error was logged).
-            self.log.info("wsgi_reload: not reloading, still the same error: %s", result)
+            # Once per ``save``, in one short line: it was not served (the error was logged before).
+            self.log.log(logging.INFO if save else logging.DEBUG, "wsgi_reload: not reloading, still the same "
+                         "error: %s", result)
             return
         self._reported.add(result.key)
         if old_code_serves:

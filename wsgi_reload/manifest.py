@@ -73,6 +73,8 @@ class ManifestReader:
         """The extra patterns the live manifests name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
+        self.generation_of: dict[int, int | None] = {}
+        """The generation each live pid runs (None: it imports from the disk)."""
         self.failures: dict[int, str] = {}
         """Why the app did not load, for each live pid that says so."""
         self.generations: set[int | None] = set()
@@ -86,6 +88,7 @@ class ManifestReader:
         patterns: set[str] = set()
         generations: set[int | None] = set()
         failures: dict[int, str] = {}
+        generation_of: dict[int, int | None] = {}
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -101,7 +104,9 @@ class ManifestReader:
                 continue
             live.add(int(stem))
             loaded[int(stem)] = manifest.get("app_loaded")
-            generations.add(manifest.get("generation"))
+            generation = manifest.get("generation")
+            generations.add(generation)
+            generation_of[int(stem)] = generation if isinstance(generation, int) else None
             loaded_at = manifest["loaded_at_ns"]
             paths = list(manifest["files"])
             patterns.update(manifest.get("patterns", ()))
@@ -120,6 +125,7 @@ class ManifestReader:
         self.live = live
         self.loaded = loaded
         self.failures = failures
+        self.generation_of = generation_of
         self.generations = generations
         self.patterns = patterns
         self.files = files

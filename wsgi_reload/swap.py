@@ -40,7 +40,8 @@ class Signals(Protocol):
 class Workers(Protocol):
     """What the workers say of themselves (:class:`wsgi_reload.manifest.ManifestReader`): call
     it to read again; then ``live`` are the workers that have a record, ``loaded`` what each
-    says of its app, ``app_failed`` and ``failures`` those that say it did not load, and why."""
+    says of its app, ``app_failed`` and ``failures`` those that say it did not load, and why,
+    ``generation_of`` the generation each runs."""
 
     @property
     def live(self) -> set[int]: ...
@@ -53,6 +54,9 @@ class Workers(Protocol):
 
     @property
     def failures(self) -> Mapping[int, str]: ...
+
+    @property
+    def generation_of(self) -> Mapping[int, int | None]: ...
 
     def __call__(self) -> object: ...
 
@@ -74,14 +78,23 @@ class ProcessSignals:
 
 
 class SignalledSwap:
-    """One swap of a gunicorn master's workers, carried out (and resumed) by signals."""
+    """One swap of a gunicorn master's workers, carried out (and resumed) by signals.
 
-    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+    ``wanted()`` names the generation the new workers must run (the newest published): a new
+    worker that loaded an older one (it was forked before that was published, in a swap still
+    under way) is swapped out as well, so that the swap ends with every worker on it.
+    """
+
+    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
+                 wanted: Callable[[], int | None] = lambda: None) -> None:
         self.master_pid = master_pid
         self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
+        self.wanted = wanted
         self.retiring: set[int] = set()
+        self.count = 0
+        """How many workers the server runs, which the swap keeps."""
         self.added = 0
 
     def __call__(self) -> int:
@@ -92,10 +105,45 @@ class SignalledSwap:
         if not self.retiring:
             if not loaded_now:
                 raise ActionFailed("no worker of this server is up")
-            self.retiring, self.added = set(loaded_now), 0
+            self.retiring, self.count, self.added = set(loaded_now), len(loaded_now), 0
         # Wait for the new workers' app import only when they were just added; a resumed swap
         # looks once, so the watcher goes on seeing saves meanwhile.
         wait = self.load_timeout if self.added < len(self.retiring) else 0.0
+        while True:
+            self._add_workers()
+            deadline = time.monotonic() + wait
+            while True:
+                self.manifests()
+                new = self.manifests.live - self.retiring
+                fresh = {pid for pid in new if pid not in self.manifests.app_failed}
+                wanted = self.wanted()
+                stale = {pid for pid in fresh
+                         if wanted is not None and self.manifests.generation_of.get(pid) not in (None, wanted)}
+                if stale or len(fresh) >= self.count:
+                    break
+                failed = new & self.manifests.app_failed
+                if failed:
+                    # It says why (ready_path answered 500 there, say): the old workers serve on, and
+                    # the swap resumes once new workers load, on a retry or after the next good save.
+                    raise ActionFailed(f"a new worker cannot serve the code that passed the check "
+                                       f"({self.manifests.failures.get(min(failed)) or 'see its log'}); the old "
+                                       "ones serve until new ones can")
+                if time.monotonic() >= deadline:
+                    raise ActionFailed(f"{len(fresh)} of {self.count} new workers have loaded the app; the old "
+                                       "ones serve until all have")
+                time.sleep(0.02)
+            if not stale:
+                break
+            self.retiring |= stale  # they retire too; as many more are added (oldest go first)
+            wait = self.load_timeout
+        for _ in range(self.added):
+            self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
+        count, self.retiring, self.added = self.count, set(), 0
+        return count
+
+    def _add_workers(self) -> None:
+        """TTIN until as many workers were added as retire, one at a time: two pending TTINs
+        would merge into one signal."""
         while self.added < len(self.retiring):
             before = self.signals.children(self.master_pid)
             self._send(signal.SIGTTIN)
@@ -104,28 +152,6 @@ class SignalledSwap:
             while before is not None and self.signals.children(self.master_pid) == before \
                     and time.monotonic() < deadline:
                 time.sleep(0.01)
-        deadline = time.monotonic() + wait
-        while True:
-            self.manifests()
-            new = self.manifests.live - self.retiring
-            fresh = {pid for pid in new if pid not in self.manifests.app_failed}
-            if len(fresh) >= self.added:
-                break
-            failed = new & self.manifests.app_failed
-            if failed:
-                # It says why (ready_path answered 500 there, say): the old workers serve on, and
-                # the swap resumes once new workers load, on a retry or after the next good save.
-                raise ActionFailed(f"a new worker cannot serve the code that passed the check "
-                                   f"({self.manifests.failures.get(min(failed)) or 'see its log'}); the old ones "
-                                   "serve until new ones can")
-            if time.monotonic() >= deadline:
-                raise ActionFailed(f"{len(fresh)} of {self.added} new workers have loaded the app; the old ones "
-                                   "serve until all have")
-            time.sleep(0.02)
-        for _ in range(self.added):
-            self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
-        count, self.retiring, self.added = self.added, set(), 0
-        return count
 
     def _send(self, signum: int) -> None:
         try:
@@ -248,9 +274,9 @@ Strategy = Callable[[], int]
 """Replace the server's workers; returns how many were replaced. :class:`ActionFailed` while it
 cannot finish (the old workers serve on); calling again resumes it."""
 
-STRATEGIES: dict[str, Callable[[int, Signals, Workers, float], Strategy]] = {
+STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int | None]], Strategy]] = {
     "swap": SignalledSwap,
-    "chain": lambda master_pid, signals, workers, timeout: WorkerChain(signals, workers, timeout),
+    "chain": lambda master_pid, signals, workers, timeout, wanted: WorkerChain(signals, workers, timeout),
 }
 """How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
 ``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU) and ``chain`` (uWSGI

@@ -175,7 +175,8 @@ class _ServerWatch:
         self.swap: Strategy | None = None
         if replace in STRATEGIES:
             self.swap = STRATEGIES[replace](target.pid, ProcessSignals(target), self.manifests,
-                                            self.settings.check_timeout)
+                                            self.settings.check_timeout,
+                                            lambda: None if self.current is None else self.current.id)
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
                                                                                                    config["signal"])
@@ -341,7 +342,10 @@ class _ServerWatch:
                 self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
             if self.manifests.live:
                 seen_workers_at = time.monotonic()
-            elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS:
+            elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS \
+                    and children(self.target.pid):
+                # The master has workers that publish elsewhere (a --lazy-apps reload's new runtime
+                # directory). With none at all it is loading the app again, from this store: stay.
                 log.info("wsgi_reload: no worker of this server publishes here any more; this watcher retires")
                 break
         self.watcher.stop(timeout=2)
