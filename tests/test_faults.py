@@ -200,10 +200,11 @@ def test_a_full_disk_pauses_reloading_until_there_is_room(tmp_path: Path, kind: 
 
 
 @pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
-def test_a_worker_killed_at_random_through_ten_reloads(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("which", ["one", "all"])
+def test_workers_killed_at_random_through_ten_reloads(tmp_path: Path, kind: str, which: str) -> None:
     """Ten saves, each followed at a random moment (mid-check or mid-swap, often) by kill -9 of one
-    worker, old or new: every save is served, and only requests in flight in a killed worker
-    (4 client threads: at most 4 a kill) fail."""
+    worker, old or new, or of every worker: every save is served, and only requests in flight in
+    a killed worker (4 client threads: at most 4 a kill) fail."""
     random.seed(os.getpid())
     app = make_app(tmp_path)
     port = free_port()
@@ -216,12 +217,13 @@ def test_a_worker_killed_at_random_through_ten_reloads(tmp_path: Path, kind: str
             while time.monotonic() < deadline:
                 workers = sorted(worker_pids(server))
                 if workers:
-                    try:
-                        os.kill(random.choice(workers), signal.SIGKILL)
-                        kills += 1
-                        break
-                    except OSError:
-                        pass
+                    for pid in (workers if which == "all" else [random.choice(workers)]):
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                    kills += 1
+                    break
                 time.sleep(0.05)
             wait_for_body(port, f"v{n}")
         time.sleep(1)
