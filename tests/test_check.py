@@ -304,7 +304,7 @@ PRELOADED = [json.__file__, email.message.__file__, decimal.__file__]
 
 
 def probe(tmp_path: Path, source: str, app: str = "probe_app:application", timeout: float = 30.0,
-          warm: bool = False) -> object:
+          warm: bool = False, warm_from: list[str] | None = None) -> object:
     (tmp_path / "probe_app.py").write_text(source)
     sys_path = [str(tmp_path), *sys.path[1:]]
     if warm:
@@ -312,7 +312,7 @@ def probe(tmp_path: Path, source: str, app: str = "probe_app:application", timeo
         import_app("warm_up:application", cwd=str(tmp_path), sys_path=sys_path, warm_from=PRELOADED)  # starts it
         assert wait_ready(), "the warm probe process never became ready"
     return import_app(app, cwd=str(tmp_path), sys_path=sys_path, timeout=timeout,
-                      warm_from=PRELOADED if warm else None)
+                      warm_from=PRELOADED if warm else warm_from)
 
 
 APP = "\ndef application(environ, start_response):\n    return []\n"
@@ -397,6 +397,34 @@ def test_a_warm_check_reads_the_project_afresh_and_survives_a_hang(tmp_path: Pat
     assert probe(tmp_path, "import slow\n" + APP, timeout=1, warm=True).stage == "timeout"
     assert probe(tmp_path, "VALUE = 2\n" + APP, warm=True).ok
     assert checks_forked() >= 2  # these ran in the warm process, not cold
+    close_all()
+
+
+def test_a_warm_process_killed_mid_check_leaves_the_checks_cold(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The warm process killed with -9 while it runs a check (the OOM killer): that check is run
+    again cold and answers, and it is not started again (it might be killed again): later checks
+    run cold, as one line says once."""
+    source = "import os, time\nopen('parent', 'w').write(str(os.getppid()))\ntime.sleep(0.5)\n" + APP
+    assert probe(tmp_path, APP, warm=True).ok
+    parent = tmp_path / "parent"
+
+    def kill_the_warm_process() -> None:
+        deadline = time.monotonic() + 30
+        while not parent.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        os.kill(int(parent.read_text()), 9)  # the forked check's parent: the warm process
+
+    killer = threading.Thread(target=kill_the_warm_process)
+    killer.start()
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"):
+        assert probe(tmp_path, source, warm=False, warm_from=PRELOADED).ok
+        killer.join()
+        for _ in range(2):
+            assert probe(tmp_path, source, warm_from=PRELOADED).ok
+            assert int(parent.read_text()) == os.getpid()  # cold: a child of this process
+    assert caplog.text.count("checks run cold, each in a fresh interpreter (it exited)") == 1
     close_all()
 
 

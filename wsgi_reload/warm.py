@@ -66,6 +66,7 @@ class WarmProbe:
             theirs.close()
         self.state = "starting"
         self.why = ""
+        self._gone = False
         self.forked = 0
         """How many checks it has run."""
 
@@ -88,22 +89,34 @@ class WarmProbe:
         try:
             socket.send_fds(self._control, [b"check"], [stdin.fileno(), records.fileno(), stderr.fileno()])
             started = self._receive(5.0)
-        except OSError:
+        except OSError:  # EPIPE: it died while idle
+            self._gone = True
             started = None
         if started is None or "pid" not in started:
-            self.close()
+            self._give_up()
             return None
         pid = started["pid"]
         self.forked += 1
         finished = self._receive(timeout)
-        if finished is None:
+        if finished is None:  # the check hung, or the warm process died under it
             spawn.kill_tree(pid)
-            finished = self._receive(5.0)  # the warm process reaps it and says so
+            if not self._gone:
+                finished = self._receive(5.0)  # the warm process reaps the check and says so
+            if self._gone:
+                self._give_up()
+                return None  # the caller checks again, cold: this says nothing of the code
             if finished is None:
                 self.close()
             return False, None
         spawn.kill_tree(pid)  # whatever the app started at import
         return True, finished.get("status")
+
+    def _give_up(self) -> None:
+        """Stop using this warm process. One that died (the OOM killer, a person) is not started
+        again: the checks run cold from now on, as one line says (see :func:`probe_for`)."""
+        if self._gone:
+            self.state, self.why = "failed", "it exited"
+        self.close()
 
     def _receive(self, timeout: float) -> dict[str, Any] | None:
         if not select.select([self._control], [], [], timeout)[0]:
@@ -111,8 +124,12 @@ class WarmProbe:
         try:
             data = self._control.recv(65536)
         except OSError:
+            data = b""
+        if not data:
+            self._gone = True
             return None
-        return json.loads(data) if data else None
+        answer: dict[str, Any] = json.loads(data)
+        return answer
 
     def close(self) -> None:
         """Stop the warm process (it exits on end of file; SIGKILL makes sure)."""
