@@ -23,36 +23,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from . import _genimport, runtime
 from ._probe import ask_ready, listener_fds
-from .check import Checked, CheckResult, check_code, checking
-from .files import ModuleFiles, PathFilter, describe_error
+from .check import checking
+from .files import ModuleFiles, describe_error
 from .generations import (
     RETRY_SECONDS,
     Generation,
     Store,
-    is_project_file,
+    adopt,
     project_roots,
-    recover,
     store_of,
     wait_for_newer,
 )
-from .hybrid import PatchApplier, PatchPublisher
+from .hybrid import PatchApplier
 from .logs import forward_to
 from .manifest import ManifestReader, ManifestWriter, manifest_path
-from .scanner import Change
 from .settings import Settings, SettingsError, missing_extra_files
-from .watcher import Watcher
+from .watch_process import alive, ensure_watcher, keep_watcher_running
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
 
@@ -73,11 +70,14 @@ __all__ = [*HOOK_NAMES, "install"]
 _overrides: dict[str, Any] = {}
 _prepare: list[Callable[[], object]] = []
 """Run in the master before watching starts (the Django app loads its URLconf there)."""
-_manifest_dir: str | None = None
-_master: _MasterWatch | None = None
+_runtime_dir: str | None = None
+"""This server's private runtime directory: the channel to its watcher process."""
+_settings: Settings | None = None
+_start_watcher: Callable[[], bool] | None = None
+"""Starts the server's watcher process unless one runs (the master at start, a worker to heal it)."""
 _worker: ManifestWriter | None = None
 _on_failed_start: Callable[[], object] | None = None
-"""Django under gunicorn with no config: starts the watcher of a server started broken."""
+"""Starts the watcher of a server started broken (Django under gunicorn with no config)."""
 _patches: PatchApplier | None = None
 
 
@@ -132,11 +132,12 @@ def _hook(func: Callable[..., None]) -> Callable[..., None]:
 
 @_hook
 def when_ready(server: Any) -> None:
-    """Master: start the one watcher of this server (and retire the old master after a re-exec)."""
-    global _master, _manifest_dir
+    """Master: start the server's watcher process (once; a re-executed master finds it running)."""
+    global _runtime_dir, _settings, _start_watcher
     if checking():
         return
     forward_to(_gunicorn_emitter(server.log))
+    os.environ.pop(OLD_WORKERS_ENV, None)  # the new image took their sockets over; the watcher retires them
     for prepare in _prepare:
         try:
             prepare()
@@ -165,8 +166,11 @@ def when_ready(server: Any) -> None:
                      "imports lazily are in every generation but not imported by the check%s",
                      cfg.worker_class_str, "; mode=patch needs pre_request, so changes reload instead"
                      if settings.mode == "patch" else "")
-        if settings.mode == "patch":
-            settings = settings.replace(mode="restart")
+        settings = settings.replace(mode="restart") if settings.mode == "patch" else settings
+    if settings.mode == "patch" and cfg.preload_app:
+        _log.warning("wsgi_reload: mode=patch does not apply with preload_app (workers fork from the master's old "
+                     "code); reloading instead")
+        settings = settings.replace(mode="restart")
     for name in ("post_fork", "post_worker_init"):
         if not getattr(getattr(cfg, name), "_wsgi_reload_hook", False):
             _log.error("wsgi_reload: reloading is off: the config defines its own %s after importing "
@@ -176,27 +180,46 @@ def when_ready(server: Any) -> None:
     for path in missing_extra_files(settings):
         _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
     try:
-        _manifest_dir = runtime.for_server(os.getpid())
+        directory = runtime.for_server(os.getpid())
     except (OSError, runtime.RuntimeDirError) as exc:
         _log.error("wsgi_reload: reloading is off: no private runtime directory (%s)", exc)
         return
-    runtime.hold_against_cleaners(_manifest_dir)
-    _master = _MasterWatch(server, settings, _manifest_dir)
-    _master.start()
+    _runtime_dir, _settings = directory, settings
+    # The one watcher of this server is a process of its own, as under uWSGI: the arbiter is
+    # single-threaded, and the watcher talks to it only by signals (docs/design.md).
+    _start_watcher = functools.partial(
+        ensure_watcher, directory, master_pid=os.getpid(), signal_name="HUP", server="gunicorn", settings=settings,
+        loaded_at_ns=_LOADED_NS, replace="reexec" if cfg.preload_app else "swap", config_files=_config_files(cfg),
+        patch=settings.mode == "patch", workers=server.num_workers,
+        log_file=cfg.errorlog if cfg.errorlog not in (None, "-") else None)
+    if cfg.preload_app:
+        server.reexec = lambda: reexec_in_place(server)  # USR2 from now on: see reexec_in_place
+    _start_watcher()
+
+
+def _config_files(cfg: Any) -> list[str]:
+    """The gunicorn config file and ``reload_extra_files``: a change to one is answered by HUP,
+    the only signal that makes gunicorn read its config again."""
+    files = list(cfg.reload_extra_files or ())
+    location = cfg.config
+    if location and not location.startswith("python:"):
+        files.append(location[len("file:"):] if location.startswith("file:") else location)
+    return [os.path.abspath(f) for f in files]
 
 
 @_hook
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker: load the app from the master's verified generation (inherited with the fork)."""
-    global _worker, _patches
-    if _manifest_dir is None or _master is None:
+    """Worker: load the app from the server's newest verified generation."""
+    global _worker, _patches, _on_failed_start
+    if _runtime_dir is None or _settings is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
-    _worker = ManifestWriter(_manifest_dir, loaded_at)
-    if _master.patcher is not None:
-        _patches = PatchApplier(_manifest_dir)
+    _worker = ManifestWriter(_runtime_dir, loaded_at)
+    _on_failed_start = _start_watcher
+    if _settings.mode == "patch":
+        _patches = PatchApplier(_runtime_dir)
     if not server.cfg.preload_app:
-        worker.load_wsgi = _load_verified(worker.load_wsgi, worker, _master.store)
+        worker.load_wsgi = _load_verified(worker.load_wsgi, worker, _runtime_dir)
     if _skips_request_hooks(type(worker)):
         _drain_uvicorn_before_shutdown()
 
@@ -204,16 +227,17 @@ def post_fork(server: Any, worker: Any) -> None:
 @_hook
 def post_worker_init(worker: Any) -> None:
     """Worker: with ``ready_path``, GET it from the app; then publish the files this worker
-    imported, which tells the master it has loaded."""
-    if _master is not None and _master.settings.ready_path:
+    imported, which tells the watcher it has loaded."""
+    if _settings is not None and _settings.ready_path:
         try:
-            ask_ready(worker.wsgi, _master.settings.ready_path)
+            ask_ready(worker.wsgi, _settings.ready_path)
         except Exception as exc:
             _say_it_failed(exc)
             retry_later(worker, exc)
             sys.exit(1)  # exit code 1: gunicorn starts another worker; the swap retires the new ones
     if _worker is not None:
         _worker.publish()
+    _keep_watcher_running()
 
 
 @_hook
@@ -233,45 +257,47 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 @_hook
 def child_exit(server: Any, worker: Any) -> None:
     """Master: forget the manifest of a worker that exited."""
-    if _manifest_dir is not None:
+    if _runtime_dir is not None:
         with contextlib.suppress(OSError):
-            os.unlink(manifest_path(_manifest_dir, worker.pid))
+            os.unlink(manifest_path(_runtime_dir, worker.pid))
 
 
 @_hook
 def on_exit(server: Any) -> None:
-    """Master: stop watching and remove the manifests."""
-    if _master is not None:
-        _master.close()
+    """Master: remove the runtime directory (the watcher process stops with the master)."""
+    if _runtime_dir is not None:
+        runtime.remove(_runtime_dir)
 
 
 # --- worker side ------------------------------------------------------------------------
 
 
-def _load_verified(load: Callable[[], None], worker: Any, store: Store) -> Callable[[], None]:
-    """Load the app from a verified generation, and never let a failure halt the server.
-
-    The worker imports from the generation the master had when it forked this worker. With
-    none yet (the app did not load at start), it waits, telling the master it is alive, until
-    the first one passes the check. An import that fails anyway exits with code 1, which
-    gunicorn answers by starting another worker, where a boot error would halt it.
-    """
+def _load_verified(load: Callable[[], None], worker: Any, directory: str) -> Callable[[], None]:
+    """Load the app from the server's newest verified generation, and never let a failure halt
+    the server: an import that fails exits with code 1, which gunicorn answers by starting
+    another worker, where a boot error would halt it (see :func:`wait_for_loadable_code`)."""
 
     def load_wsgi() -> None:
-        finder = _genimport.install(store.directory)
-        if finder.generation is None:
-            first = wait_for_newer(store, None, None, heartbeat=worker.notify)
-            assert first is not None
-            finder.set(first.id, first.files)
+        _keep_watcher_running()
+        # At the very first start there is no generation yet: the first worker reads one, and
+        # its own import of the app is that generation's check (the watcher says if it fails).
+        adopt(directory, cover="import it in the gunicorn config, or use --preload, to load them checked")
         try:
             load()
             return
         except Exception as exc:
-            _say_it_failed(exc)
-            retry_later(worker, exc)
+            if not wait_for_loadable_code(worker, exc):
+                raise
         sys.exit(1)
 
     return load_wsgi
+
+
+def _keep_watcher_running() -> None:
+    """In a worker: start the server's watcher again if it stops (see
+    :func:`wsgi_reload.watch_process.keep_watcher_running`)."""
+    if _runtime_dir is not None and _start_watcher is not None:
+        keep_watcher_running(_runtime_dir, _start_watcher, republish_if_missing)
 
 
 UVICORN_GRACE_SECONDS = 0.1
@@ -323,15 +349,15 @@ def retry_later(worker: Any, exc: BaseException, *, quiet: bool = False) -> None
              "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "
              "workers serve on, and another worker tries again in %g s or once newer code passes the check",
              os.getpid(), generation, describe_error(exc), RETRY_SECONDS)
-    if _manifest_dir is not None:
-        wait_for_newer(store_of(_manifest_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
+    if _runtime_dir is not None:
+        wait_for_newer(store_of(_runtime_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
     """``worker_exit`` for a worker whose master runs none of our code (Django with no gunicorn
     config): remove its manifest, and turn gunicorn's "Worker failed to boot", which halts the
     server, into a held worker that exits with 1 and is tried again, once this server has served."""
-    if _worker is None or _manifest_dir is None:
+    if _worker is None or _runtime_dir is None:
         return
     if worker.booted:
         with contextlib.suppress(OSError):
@@ -354,10 +380,8 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     has it check the app, and the worker makes sure the watcher runs: then the fix is checked and
     served, where gunicorn's "Worker failed to boot" would have stopped the server.
     """
-    from .watch_process import alive
-
-    assert _worker is not None and _manifest_dir is not None
-    workers = ManifestReader(_manifest_dir, accept=alive)
+    assert _worker is not None and _runtime_dir is not None
+    workers = ManifestReader(_runtime_dir, accept=alive)
     workers()
     serving = any(loaded is not False for loaded in workers.loaded.values())
     start_watcher = _on_failed_start
@@ -390,8 +414,8 @@ def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *,
     :param on_failed_start: starts the server's watcher when the app does not load while no
         worker of the server serves (it was started broken).
     """
-    global _manifest_dir, _worker, _on_failed_start
-    _manifest_dir = directory
+    global _runtime_dir, _worker, _on_failed_start
+    _runtime_dir = directory
     _on_failed_start = on_failed_start
     _worker = ManifestWriter(directory, loaded_at_ns)
     cfg = worker.cfg
@@ -412,7 +436,7 @@ def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *,
 
 def watching() -> bool:
     """True in a gunicorn master whose config hooks watch the server (and in its workers)."""
-    return _master is not None
+    return _settings is not None
 
 
 def republish_if_missing() -> None:
@@ -449,326 +473,6 @@ def _add_hooks(cfg: Any, hooks: Mapping[str, Callable[..., Any]]) -> None:
 # --- master side ------------------------------------------------------------------------
 
 
-class _MasterWatch:
-    def __init__(self, server: Any, settings: Settings, manifest_dir: str) -> None:
-        self.server = server
-        self.settings = settings
-        self.pid = os.getpid()
-        self.manifest_dir = manifest_dir
-        self.preload = bool(server.cfg.preload_app)
-        self.old_workers = [int(p) for p in os.environ.pop(OLD_WORKERS_ENV, "").split(",") if p.isdigit()]
-        self.handing_over = False
-        self.served_once = False
-        self.batch_started = time.monotonic()
-        self.worker_files = ManifestReader(manifest_dir, accept=lambda pid: pid in server.WORKERS)
-        self.patcher = PatchPublisher(manifest_dir, os.getcwd()) if settings.mode == "patch" else None
-        worker_files: Any = self.worker_files
-        if self.patcher is not None:
-            if self.preload:
-                _log.warning("wsgi_reload: mode=patch does not apply with preload_app (workers fork from the "
-                             "master's old code); reloading instead")
-                self.patcher = None
-            else:
-                worker_files = lambda: self.patcher.remember(self.worker_files())  # noqa: E731
-        self.store = store_of(manifest_dir)
-        self.roots = project_roots()
-        self.accept = PathFilter(settings.include, settings.exclude)
-        self.previous: Generation | None = None
-        self.current: Generation | None = None
-        """The newest verified generation: what the master's finder hands every forked worker."""
-        self.candidate: Generation | None = None
-        """The generation the last check imported."""
-        how = ("gunicorn (the master re-executes in place: preload_app)" if self.preload
-               else "gunicorn (new workers by TTIN; the old retire by TTOU once those load)")
-        self.watcher = Watcher(settings, self.trigger, server=how,
-                               sources=[worker_files, self.config_files, self.generation_files],
-                               wake_dirs=[manifest_dir], name="wsgi_reload-gunicorn", on_batch=self.on_batch,
-                               check=self.check, on_tick=self.tick)
-        self.unchecked: list[Change] = []
-        """Files that changed while the runtime directory was gone, to check on the next turn."""
-
-    def start(self) -> None:
-        self.first_generation()
-        self.watcher.start()
-        if self.preload:
-            self.server.reexec = lambda: reexec_in_place(self.server)  # USR2 from now on: see reexec_in_place
-        if self.old_workers:
-            threading.Thread(target=self.retire_old_workers, args=(self.old_workers,), name="wsgi_reload-handover",
-                             daemon=True).start()
-        else:
-            threading.Thread(target=self.report_new_workers, args=(set(), time.monotonic(), "up"),
-                             name="wsgi_reload-report", daemon=True).start()
-
-    def close(self) -> None:
-        self.watcher.stop(timeout=2)
-        runtime.remove(self.manifest_dir)
-
-    # What to watch: the union of the live workers' manifests (see __init__), plus the config files.
-
-    def config_files(self) -> list[str]:
-        cfg = self.server.cfg
-        files = list(cfg.reload_extra_files or ())
-        location = cfg.config
-        if location and not location.startswith("python:"):
-            files.append(location[len("file:"):] if location.startswith("file:") else location)
-        return [os.path.abspath(f) for f in files]
-
-    def generation_files(self) -> dict[str, int | None]:
-        """Every file of the running generation is watched, imported by a worker yet or not: a
-        module a view imports lazily must be in the next generation as soon as it is saved."""
-        current = self.current
-        return {} if current is None else dict.fromkeys(current.files, current.built_ns)
-
-    # Generations: what the check imports is what the workers run.
-
-    def first_generation(self) -> None:
-        """The code the workers start with. After an in-place re-exec it is the generation the new
-        image imported; with preload_app, what the master just imported; otherwise it is checked
-        first, and the workers wait (gunicorn stays up) until code that loads is saved."""
-        reexecuted = _genimport.installed()
-        if reexecuted is not None and reexecuted.generation is not None and reexecuted.store == self.store.directory:
-            self.current = self.store.load(reexecuted.generation)
-        if self.current is None:
-            generation = self.store.build(self.roots, accept=self.accept, extra=self.worker_python_files())
-            if self.preload:
-                result = CheckResult(True, "preload")  # the master itself just imported it
-            else:
-                result = self.check_generation(generation, [])
-            if not result.ok:
-                self.watcher.gate.refuse(result, old_code_serves=False)
-                _log.error("wsgi_reload: the workers wait, without serving, until code that loads is saved; "
-                           "gunicorn stays up")
-                self.store.save(generation)
-                self.candidate = generation
-                self.current = None
-                self.store.install()
-                return
-            self.current = generation
-        self.store.publish(self.current)
-        self.store.install(self.current)
-        if not self.current.complete:
-            _log.warning("wsgi_reload: the files beyond that bound are read from the disk by the workers, unchecked")
-
-    def worker_python_files(self) -> list[str]:
-        """The project's modules the workers (or, before they publish, this master) imported: in
-        the generation even where they lie outside the directories on ``sys.path`` at start."""
-        files = self.worker_files.files or ModuleFiles()()
-        return [p for p in files if is_project_file(p)]
-
-    def check(self, paths: Sequence[str]) -> CheckResult:
-        """Read what changed into a candidate generation and check that, not the disk."""
-        self.heal()
-        base = self.current if self.current is not None else self.candidate
-        candidate = self.store.build(self.roots, base=base, accept=self.accept,
-                                     extra=[*paths, *self.worker_python_files()], patterns=self.worker_files.patterns)
-        self.candidate = candidate
-        return self.check_generation(candidate, [*paths, *candidate.changed])
-
-    def check_generation(self, generation: Generation, changed: Sequence[str]) -> CheckResult:
-        return check_code(sorted(set(changed)), self.settings, loaded_modules=self.worker_files.files,
-                          generation=Checked(self.store.directory, generation.id, generation.files))
-
-    def publish(self) -> bool:
-        """Make the checked candidate what every worker forked from now on imports; False when
-        no worker had code to serve before (they were waiting, and now load it themselves)."""
-        candidate = self.candidate
-        assert candidate is not None
-        had_code = self.current is not None
-        keep = {g for g in self.worker_files.generations if g is not None}
-        self.store.publish(candidate, keep=keep)
-        self.store.install(candidate)
-        self.previous, self.current = self.current, candidate
-        return had_code
-
-    def roll_back(self) -> None:
-        """The new workers could not serve the published generation: the old workers' is what
-        every worker forked from now on imports again (a respawn of an old one, say)."""
-        if self.previous is None:
-            return
-        keep = {g for g in self.worker_files.generations if g is not None}
-        self.store.publish(self.previous, keep=keep)
-        self.store.install(self.previous)
-        self.current, self.previous = self.previous, None
-
-    def heal(self) -> None:
-        """Make a removed runtime directory again and restore the running generation into it; the
-        files that changed since are checked as a batch of their own."""
-        lost = recover(self.manifest_dir, self.store, self.current)
-        if lost:
-            self.unchecked.extend(Change(path, "modified") for path in lost)
-
-    def tick(self) -> None:
-        """Housekeeping in the watcher thread: a removed runtime directory, a pending reload."""
-        self.heal()
-        if self.unchecked:
-            batch, self.unchecked = self.unchecked, []
-            self.on_batch(batch)
-        self.watcher.gate.retry_pending()
-
-    # Deciding and reloading.
-
-    def on_batch(self, batch: Sequence[Change]) -> None:
-        if self.handing_over:
-            _log.info("wsgi_reload: the master is re-executing; its new image picks up these changes")
-            return
-        self.batch_started = time.monotonic()
-        self.watcher.gate(batch)
-
-    def trigger(self, batch: Sequence[Change]) -> None:
-        if not self.publish():
-            _log.info("wsgi_reload: the waiting workers load the code that passed the check now")
-            threading.Thread(target=self.report_new_workers, args=(set(), self.batch_started),
-                             name="wsgi_reload-report", daemon=True).start()
-            return
-        if self.patcher is not None:
-            reason = self.patcher.publish(batch)
-            if reason is None:
-                _log.info("wsgi_reload: patched in place, no restart: each worker takes the new code "
-                          "before its next request")
-                self.patcher.watch_for_failures(self.fall_back)
-                return
-            _log.info("wsgi_reload: not patchable (%s); reloading", reason)
-            self.patcher.reset(batch)
-        config = set(self.config_files())
-        self.reload(config_changed=any(change.path in config for change in batch))
-
-    def fall_back(self, reason: str) -> None:
-        _log.warning("wsgi_reload: a worker could not take the patch (%s); reloading", reason)
-        if self.patcher is not None:
-            self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
-        self.reload()
-
-    def reload(self, config_changed: bool = False) -> None:
-        if self.preload:
-            self.handing_over = True
-            _log.info("wsgi_reload: preload_app is on: re-executing the master in place (same pid) so the new "
-                      "code loads; the old workers serve until the new ones are up")
-            os.kill(self.pid, signal.SIGUSR2)  # handled on the main thread, by reexec_in_place()
-            return
-        if config_changed:
-            # Only a HUP re-reads the gunicorn config; it swaps the workers without waiting for them.
-            old_workers = set(self.server.WORKERS)
-            os.kill(self.pid, signal.SIGHUP)
-            threading.Thread(target=self.report_new_workers, args=(old_workers, self.batch_started),
-                             name="wsgi_reload-report", daemon=True).start()
-            return
-        self.swap_workers()
-
-    def swap_workers(self) -> None:
-        """Verify before swap: the old workers retire only once the new ones have loaded the app.
-
-        TTIN adds one worker at a time; a new worker proves it loaded by publishing its
-        manifest (post_worker_init runs after the app import). Then TTOU retires one worker per
-        signal, and gunicorn's manage_workers() retires the oldest: the old generation. If the
-        new workers cannot load within check_timeout, the old generation is made the youngest,
-        so the same TTOUs retire the new workers instead, and the old ones keep serving.
-        """
-        server = self.server
-        old = set(server.WORKERS)
-        count = server.num_workers
-        for _ in range(count):
-            # One at a time: two pending TTINs would merge into one signal.
-            self._signal_master_and_wait(signal.SIGTTIN, lambda before: server.num_workers > before)
-        deadline = time.monotonic() + self.settings.check_timeout
-        fresh: set[int] = set()
-        failure = None
-        while time.monotonic() < deadline:
-            new = [(pid, self.worker_files.read(pid)) for pid in list(server.WORKERS) if pid not in old]
-            fresh = {pid for pid, manifest in new if manifest is not None and manifest.get("app_loaded") is not False}
-            # A new worker that says it cannot load the checked code (ready_path answered 500 there, or
-            # the environment differs from the check's) ends the swap now, not after check_timeout.
-            failure = next((m.get("failure") for _, m in new if m is not None and m.get("app_loaded") is False), None)
-            if len(fresh) >= count or failure is not None:
-                break
-            time.sleep(0.02)
-        loaded = len(fresh) >= count
-        real_ages = {pid: worker.age for pid, worker in list(server.WORKERS.items()) if pid in old}
-        if not loaded:
-            youngest = max((w.age for w in list(server.WORKERS.values())), default=0)
-            for offset, pid in enumerate(sorted(real_ages)):
-                worker = server.WORKERS.get(pid)
-                if worker is not None:
-                    # manage_workers() retires the oldest first; far ahead of any respawn in between
-                    worker.age = youngest + 1_000_000 + offset
-        for _ in range(count):
-            self._signal_master_and_wait(signal.SIGTTOU, lambda before: server.num_workers < before)
-        if not loaded:
-            # Restore the ages only once the new workers are gone (while they are still counted,
-            # manage_workers() would retire the oldest), so the next swap retires these first again.
-            deadline = time.monotonic() + self.server.cfg.graceful_timeout + 5
-            while len(server.WORKERS) > count and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for pid, age in real_ages.items():
-                worker = server.WORKERS.get(pid)
-                if worker is not None:
-                    worker.age = age
-        if loaded:
-            self.served_once = True
-            _log.info("wsgi_reload: reload done: %s serving, %.0f ms after the change was seen; "
-                      "the old workers retire", _workers(count, "new "), 1000 * (time.monotonic() - self.batch_started))
-        else:
-            self.roll_back()
-            if failure is not None:
-                _log.error("wsgi_reload: a new worker cannot serve the code that passed the check (%s); the new "
-                           "workers retire and the old ones keep serving. Saving a fix reloads.", failure)
-            else:
-                _log.error("wsgi_reload: the new workers did not load the app within %g s; they retire and the old "
-                           "workers keep serving. Saving a fix reloads.", self.settings.check_timeout)
-
-    def _signal_master_and_wait(self, signum: int, done: Callable[[int], bool], timeout: float = 10.0) -> None:
-        before = self.server.num_workers
-        os.kill(self.pid, signum)
-        deadline = time.monotonic() + timeout
-        while not done(before) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def report_new_workers(self, old_workers: set[int], started: float, what: str = "reload done",
-                           timeout: float = 120.0) -> None:
-        """Log once every worker of the new generation has loaded its code."""
-        while time.monotonic() - started < timeout:
-            live = set(self.server.WORKERS)
-            fresh = {pid for pid in live - old_workers if self._has_loaded(pid)}
-            # Read each time: a HUP that re-reads an edited config can change the worker count.
-            if fresh and len(fresh) >= self.server.num_workers:
-                self.served_once = True
-                if what == "up":
-                    _log.info("wsgi_reload: workers up: %s serving; watching %d files",
-                              _workers(len(fresh)), len(self.watcher.scanner.watched_files()))
-                else:
-                    _log.info("wsgi_reload: reload done: %s serving, %.0f ms after the change was seen",
-                              _workers(len(fresh), "new "), 1000 * (time.monotonic() - started))
-                return
-            time.sleep(0.05)
-        _log.warning("wsgi_reload: the new workers are not all up %.0f s after the reload", timeout)
-
-    def _has_loaded(self, pid: int) -> bool:
-        """The worker's manifest says it loaded the app (it is there, and not a failure)."""
-        manifest = self.worker_files.read(pid)
-        return manifest is not None and manifest.get("app_loaded") is not False
-
-    def retire_old_workers(self, old_workers: list[int], timeout: float = 120.0) -> None:
-        """After an in-place re-exec: once our own workers are up, stop the old image's workers
-        (still our children, serving on the inherited sockets) gracefully."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            live = set(self.server.WORKERS)
-            if len(live) >= self.server.num_workers and all(self._has_loaded(pid) for pid in live):
-                break
-            time.sleep(0.05)
-        else:
-            _log.error("wsgi_reload: the new workers did not come up in %.0f s; the old workers keep serving",
-                       timeout)
-            return
-        for pid in old_workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(OSError):
-                os.unlink(manifest_path(self.manifest_dir, pid))
-        self.served_once = True
-        _log.info("wsgi_reload: reload done: %s serving, same master pid %d; the old workers retire",
-                  _workers(len(live), "new "), self.pid)
-
-
 def reexec_in_place(server: Any) -> None:
     """Replace gunicorn's USR2 re-exec (fork, then exec: a new master pid) by an exec of this very
     process, so the master keeps its pid: as PID 1 in a container, or under a supervisor that
@@ -784,12 +488,14 @@ def reexec_in_place(server: Any) -> None:
     else:
         environ["GUNICORN_FD"] = ",".join(str(listener.fileno()) for listener in server.LISTENERS)
     environ[OLD_WORKERS_ENV] = ",".join(str(pid) for pid in server.WORKERS)
-    if _manifest_dir is not None:
-        environ[runtime.RUNTIME_ENV] = _manifest_dir
-    if _master is not None and _master.current is not None:
-        environ[GENERATION_ENV] = str(_master.current.id)
-        if _master.previous is not None:
-            environ[PREVIOUS_GENERATION_ENV] = str(_master.previous.id)
+    if _runtime_dir is not None:
+        environ[runtime.RUNTIME_ENV] = _runtime_dir
+        current = store_of(_runtime_dir).current_id()  # the watcher published it before the USR2
+        running = _genimport.installed()
+        if current is not None:
+            environ[GENERATION_ENV] = str(current)
+        if running is not None and running.generation is not None and running.generation != current:
+            environ[PREVIOUS_GENERATION_ENV] = str(running.generation)
     os.chdir(server.START_CTX["cwd"])
     os.execvpe(server.START_CTX[0], server.START_CTX["args"], environ)
 

@@ -30,10 +30,12 @@ class TargetGone(TargetError):
 class Target:
     """One live process of this user, to signal and to wait for."""
 
-    def __init__(self, pid: int, description: str | None = None) -> None:
+    def __init__(self, pid: int, description: str | None = None, *, may_be_init: bool = False) -> None:
+        """:param may_be_init: pid 1 is the server (its master in a container, as the watcher
+            process learns from the master itself); a pid read from a file never is."""
         self.pid = pid
         self.description = description or f"pid {pid}"
-        if pid <= 1 and pid != os.getpid():
+        if pid <= 1 and pid != os.getpid() and not (may_be_init and pid == 1):
             raise TargetError(f"refusing to signal {self.description}: not a server process")
         self._pidfd: int | None = None
         if hasattr(os, "pidfd_open"):

@@ -14,6 +14,7 @@ once the new workers have loaded, on a retry or after the next good save.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -74,7 +75,23 @@ class ProcessSignals:
         time.sleep(SIGNAL_GAP)
 
     def children(self, pid: int) -> frozenset[int] | None:
-        return children(pid)
+        kids = children(pid)
+        if kids is None:
+            return None
+        # Its workers share its process group. A master that is PID 1 (in a container) also
+        # adopts orphans, this watcher among them, which lead groups of their own.
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            return kids
+        return frozenset(kid for kid in kids if _group_of(kid) == group)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 class SignalledSwap:
@@ -270,15 +287,85 @@ class WorkerChain:
         return {pid for pid, loaded in self.manifests.loaded.items() if loaded}
 
 
+class InPlaceReexec:
+    """gunicorn with ``preload_app``: the master itself imported the app, so new code needs a new
+    master image. ``wsgi_reload.gunicorn`` turns the master's USR2 into an exec of the master in
+    place (same pid: PID 1 in a container), which keeps its children, the old workers, serving
+    on the inherited sockets. The new image forks new workers, which prove they loaded by
+    publishing a record; then each old worker gets TERM, gunicorn's graceful stop.
+
+    A new image that cannot load the checked generation executes itself again with the one the
+    old workers run (``wsgi_reload.gunicorn``), so its workers still come up; the old ones then
+    retire the same way.
+    """
+
+    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+        self.master_pid = master_pid
+        self.signals = signals
+        self.manifests = manifests
+        self.load_timeout = load_timeout
+        self.old: set[int] = set()
+        self.retired: set[int] = set()
+        """Old workers sent TERM, finishing their requests: their records may outlive them a moment."""
+        self.count = 0
+
+    def __call__(self) -> int:
+        """Re-execute the master and retire its old workers; returns how many new ones serve.
+        :class:`ActionFailed` while they have not loaded (the old ones serve on); calling again
+        resumes."""
+        wait = 0.0
+        if not self.old:
+            self.manifests()
+            self.retired = {pid for pid in self.retired if not exited(pid)}
+            loaded = self.manifests.live - self.manifests.app_failed - self.retired
+            if not loaded:
+                raise ActionFailed("no worker of this server is up")
+            self.old = set(self.signals.children(self.master_pid) or ()) | self.manifests.live
+            self.count = len(loaded)
+            try:
+                self.signals.send(self.master_pid, signal.SIGUSR2)
+            except TargetError as exc:
+                self.old = set()
+                raise ActionFailed(str(exc)) from None
+            wait = self.load_timeout
+        deadline = time.monotonic() + wait
+        while True:
+            self.manifests()
+            new = self.manifests.live - self.old
+            fresh = new - self.manifests.app_failed
+            if len(fresh) >= self.count:
+                break
+            if new & self.manifests.app_failed:
+                failed = min(new & self.manifests.app_failed)
+                raise ActionFailed(f"a new worker cannot serve the code that passed the check "
+                                   f"({self.manifests.failures.get(failed) or 'see its log'}); the old ones serve "
+                                   "until new ones can")
+            if time.monotonic() >= deadline:
+                raise ActionFailed(f"{len(fresh)} of {self.count} workers of the re-executed master have loaded the "
+                                   "app; the old ones serve until all have")
+            time.sleep(0.02)
+        for pid in sorted(self.old):
+            try:
+                self.signals.send(pid, signal.SIGTERM)
+            except TargetError:
+                pass  # gone already
+        self.retired |= self.old
+        count, self.old = self.count, set()
+        return count
+
+
 Strategy = Callable[[], int]
 """Replace the server's workers; returns how many were replaced. :class:`ActionFailed` while it
 cannot finish (the old workers serve on); calling again resumes it."""
 
 STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int | None]], Strategy]] = {
     "swap": SignalledSwap,
+    "reexec": lambda pid, signals, workers, timeout, wanted: InPlaceReexec(pid, signals, workers, timeout),
     "chain": lambda master_pid, signals, workers, timeout, wanted: WorkerChain(signals, workers, timeout),
 }
 """How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
-``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU) and ``chain`` (uWSGI
-``--lazy-apps``: one worker at a time). ``signal`` (uWSGI's own graceful reload, re-evaluated
-on each turn) is the watcher's :meth:`~wsgi_reload.watch_process._ServerWatch.reconcile`."""
+``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU), ``reexec`` (gunicorn with
+``preload_app``: USR2, an exec of the master in place, then TERM to the old workers once the new
+ones have loaded) and ``chain`` (uWSGI ``--lazy-apps``: one worker at a time). ``signal``
+(uWSGI's own graceful reload, re-evaluated on each turn) is the watcher's
+:meth:`~wsgi_reload.watch_process._ServerWatch.reconcile`."""

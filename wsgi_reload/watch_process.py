@@ -30,10 +30,12 @@ from typing import Any
 from . import runtime, spawn
 from .check import Checked, CheckResult, check_code
 from .files import PathFilter
+from .gate import ActionFailed
 from .generations import Generation, project_roots, recover, store_of
+from .hybrid import PatchPublisher
 from .manifest import ManifestReader
 from .process import Target, TargetError
-from .scanner import Change
+from .scanner import Change, Source
 from .settings import Settings
 from .swap import STRATEGIES, ProcessSignals, Strategy, children, exited, nudge_as_workers_exit
 from .watcher import Watcher
@@ -77,13 +79,20 @@ def watcher_running(runtime_dir: str) -> bool:
 
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
                    loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal",
-                   nudge_signal: str | None = None) -> bool:
+                   nudge_signal: str | None = None, config_files: Sequence[str] = (), patch: bool = False,
+                   workers: int | None = None, log_file: str | None = None) -> bool:
     """Start this server's watcher process unless one runs; True when this call started it.
 
-    How a reload replaces the workers: ``"signal"`` sends the master ``signal_name``, and then
-    ``nudge_signal`` (when given) as each old worker exits (:func:`wsgi_reload.swap.nudge_as_workers_exit`);
-    ``"swap"`` swaps a gunicorn master's workers, verified (:class:`wsgi_reload.swap.SignalledSwap`);
-    ``"chain"`` replaces uWSGI ``--lazy-apps`` workers one by one (:class:`wsgi_reload.swap.WorkerChain`).
+    :param replace: how a reload replaces the workers: ``"signal"`` sends the master
+        ``signal_name``, and then ``nudge_signal`` (when given) as each old worker exits
+        (:func:`wsgi_reload.swap.nudge_as_workers_exit`); any other is a strategy of
+        :data:`wsgi_reload.swap.STRATEGIES` (``swap``, ``reexec``, ``chain``).
+    :param config_files: the server's own config: a change to one is answered by ``signal_name``
+        alone (gunicorn re-reads its config only on HUP).
+    :param patch: try to patch a change into the running workers first
+        (:mod:`wsgi_reload.hybrid`; the workers apply it before their next request).
+    :param workers: how many workers the server runs, for the one "workers up" line.
+    :param log_file: the server's log file; standard error (inherited) when None.
 
     The caller takes the server's watcher lock before it spawns, and the watcher inherits the
     locked descriptor, so of several workers racing here exactly one starts a watcher. The
@@ -108,6 +117,10 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
             "cwd": os.getcwd(),
             "sys_path": [p or os.getcwd() for p in sys.path],
             "log_format": log_format,
+            "config_files": [os.path.abspath(p) for p in config_files],
+            "patch": patch,
+            "workers": workers,
+            "log_file": log_file,
         }
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         bootstrap = (f"import sys; sys.path.insert(0, {package_parent!r}); "
@@ -178,6 +191,7 @@ class _ServerWatch:
                                             self.settings.check_timeout,
                                             lambda: None if self.current is None else self.current.id)
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
+               "reexec": "the master re-executes in place (preload_app), the old workers retire once the new load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
                                                                                                    config["signal"])
         server = f"{config['server']} ({how}; master pid {target.pid})"
@@ -194,8 +208,18 @@ class _ServerWatch:
         self.signalled: set[int] | None = None
         """The live workers when the master was last signalled, while that reload is under way."""
         self.signalled_at = 0.0
+        self.config_files: list[str] = config.get("config_files") or []
+        self.expected: int | None = config.get("workers")
+        self.announced = False
+        self.patcher = PatchPublisher(self.runtime_dir, config["cwd"]) if config.get("patch") else None
+        self.patch_failed: str | None = None
+        """Why a worker could not take the last patch (its report, read by another thread)."""
+        manifests: Source = self.manifests
+        if self.patcher is not None:
+            patcher = self.patcher
+            manifests = lambda: patcher.remember(self.manifests())  # noqa: E731
         self.watcher = Watcher(self.settings, self.reload, server=server,
-                               sources=[self.manifests, self.generation_files],
+                               sources=[manifests, self.generation_files, lambda: self.config_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
                                on_tick=self.tick)
@@ -234,13 +258,71 @@ class _ServerWatch:
             log.info("wsgi_reload: generation %s passed the check; the waiting workers load it",
                      None if self.current is None else self.current.id)
             return
+        if any(change.path in self.config_files for change in batch):
+            self.reread_config()
+            return
+        if self.patcher is not None:
+            reason = self.patcher.publish(batch)
+            if reason is None:
+                log.info("wsgi_reload: patched in place, no restart: each worker takes the new code before its "
+                         "next request")
+                self.patcher.watch_for_failures(self.patch_failed_in_a_worker)
+                return
+            log.info("wsgi_reload: not patchable (%s); reloading", reason)
+            self.patcher.reset(batch)
+        self.replace_workers()
+
+    def replace_workers(self) -> None:
+        """Carry out the reload strategy; :class:`ActionFailed` leaves it pending for the gate."""
         if self.swap is not None:
             started = time.monotonic()
             count = self.swap()
-            log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the check passed; the old "
-                     "workers retire", count, "" if count == 1 else "s", 1000 * (time.monotonic() - started))
+            log.info("wsgi_reload: reload done: %d new worker%s serving%s, %.0f ms after the check passed; the old "
+                     "workers retire", count, "" if count == 1 else "s",
+                     f", same master pid {self.target.pid}" if self.replace == "reexec" else "",
+                     1000 * (time.monotonic() - started))
             return
         self.reconcile()
+
+    def reread_config(self) -> None:
+        """The server's config changed: only its own signal re-reads it (gunicorn's HUP, which
+        replaces every worker at once: there is nothing to verify before)."""
+        old = set(self.manifests.live)
+        try:
+            self.target.send(self.signum)
+        except TargetError as exc:
+            raise ActionFailed(str(exc)) from None
+        log.info("wsgi_reload: the server's config changed; %s re-reads it and replaces its workers",
+                 self.config["server"])
+        threading.Thread(target=self.report_new_workers, args=(old, time.monotonic()), name="wsgi_reload-report",
+                         daemon=True).start()
+
+    def report_new_workers(self, old: set[int], started: float, timeout: float = 120.0) -> None:
+        """Log once the old workers are gone and every child of the master has loaded (the new
+        config may name another number of workers)."""
+        while time.monotonic() - started < timeout:
+            self.manifests()
+            fresh = self.manifests.live - old - self.manifests.app_failed
+            workers = children(self.target.pid)
+            if fresh and all(exited(pid) for pid in old) and workers is not None and workers <= fresh:
+                log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the signal", len(fresh),
+                         "" if len(fresh) == 1 else "s", 1000 * (time.monotonic() - started))
+                return
+            time.sleep(0.05)
+
+    def patch_failed_in_a_worker(self, reason: str) -> None:
+        """From the patch publisher's thread: the next turn of the watcher reloads instead."""
+        self.patch_failed = reason
+        self.watcher.monitor.wake()
+
+    def announce_workers(self) -> None:
+        """Say once that the server's workers are up (all of them, when their number is known)."""
+        loaded = self.manifests.live - self.manifests.app_failed
+        if self.announced or not loaded or (self.expected is not None and len(loaded) < self.expected):
+            return
+        self.announced = True
+        log.info("wsgi_reload: workers up: %d worker%s serving; watching %d files", len(loaded),
+                 "" if len(loaded) == 1 else "s", len(self.watcher.scanner.watched_files()))
 
     def reload_wanted(self) -> bool:
         current = self.current
@@ -305,6 +387,10 @@ class _ServerWatch:
         """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
         at start, a pending reload."""
         self.heal()
+        if self.current is None:
+            # Started before any worker loaded: the first one publishes what it imported.
+            current = self.store.current_id()
+            self.current = None if current is None else self.store.load(current)
         if self.unchecked:
             batch, self.unchecked = self.unchecked, []
             self.watcher.gate(batch)
@@ -312,8 +398,14 @@ class _ServerWatch:
         if failed:
             self.checked_start |= failed
             self.recover_start(sorted(failed))
+        if self.patch_failed is not None and self.patcher is not None:
+            reason, self.patch_failed = self.patch_failed, None
+            log.warning("wsgi_reload: a worker could not take the patch (%s); reloading", reason)
+            self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
+            self.watcher.gate.reload_now()
         self.watcher.gate.retry_pending()
         self.reconcile()
+        self.announce_workers()
 
     def waiting_for_code(self) -> set[int]:
         """Workers whose app did not load while none serves (the server started broken), not yet
@@ -353,26 +445,34 @@ class _ServerWatch:
 
 
 def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a process of another user counts)."""
+    """True while ``pid`` runs (a process of another user counts; a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not exited(pid)
 
 
 def main() -> None:
     """Entry point of the watcher process."""
     config: dict[str, Any] = json.loads(sys.stdin.read())
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    unopened = None
+    if config.get("log_file"):
+        try:
+            handler = logging.FileHandler(config["log_file"])
+        except OSError as exc:
+            unopened = exc
     handler.setFormatter(logging.Formatter(config.get("log_format", GUNICORN_LOG_FORMAT), "%Y-%m-%d %H:%M:%S %z"))
     root = logging.getLogger("wsgi_reload")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops with its master, not with a terminal's ^C
+    if unopened is not None:
+        log.warning("wsgi_reload: cannot open the server's log file (%s); logging to standard error", unopened)
 
     # The worker that spawned us holds the server's watcher lock on file descriptor 3 for us.
     try:
@@ -383,7 +483,8 @@ def main() -> None:
         os._exit(0)  # the spawning worker reaps this first process at once; the watcher is nobody's zombie
     runtime.hold_against_cleaners(config["runtime_dir"])
     try:
-        target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})")
+        target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})",
+                        may_be_init=True)
     except TargetError as exc:
         log.error("wsgi_reload: not watching: %s", exc)
         return
