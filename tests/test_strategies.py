@@ -9,13 +9,15 @@ these strategies in tests/test_django.py and tests/test_uwsgi.py.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
 
+from wsgi_reload import swap
 from wsgi_reload.gate import ActionFailed
 from wsgi_reload.process import TargetGone
-from wsgi_reload.swap import STRATEGIES, SignalledSwap, WorkerChain
+from wsgi_reload.swap import STRATEGIES, InPlaceReexec, SignalledSwap, WorkerChain
 
 MASTER = 100
 
@@ -54,6 +56,12 @@ class FakeServer:
             self.start_worker()
         elif pid == MASTER and signum == signal.SIGTTOU:
             self.records.pop(self.workers.pop(0), None)
+        elif pid == MASTER and signum == signal.SIGUSR2:  # an exec in place: the old workers stay its children
+            for _ in range(len(self.workers)):
+                self.start_worker()
+        elif signum == signal.SIGTERM:
+            self.workers.remove(pid)
+            self.records.pop(pid, None)
         elif signum == signal.SIGHUP:
             if pid not in self.workers:
                 raise TargetGone(f"worker {pid} has exited")
@@ -86,8 +94,36 @@ class FakeServer:
 
 def test_the_table_names_each_strategy() -> None:
     server = FakeServer(2)
-    assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0, lambda: None), SignalledSwap)
-    assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0, lambda: None), WorkerChain)
+    assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0, lambda: None, None), SignalledSwap)
+    assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0, lambda: None, None), WorkerChain)
+    assert isinstance(STRATEGIES["reexec"](MASTER, server, server, 1.0, lambda: None, None), InPlaceReexec)
+
+
+def test_reexec_signals_the_master_once_and_retires_the_old_workers_once_the_new_load() -> None:
+    server = FakeServer(2)
+    old = list(server.workers)
+    assert InPlaceReexec(MASTER, server, server, load_timeout=1.0)() == 2
+    assert server.sent == [(MASTER, "SIGUSR2"), (old[0], "SIGTERM"), (old[1], "SIGTERM")]
+    assert not set(old) & set(server.workers) and len(server.workers) == 2
+
+
+def test_reexec_retires_nothing_while_the_new_workers_load_and_resumes_without_a_second_exec() -> None:
+    server = FakeServer(2, new_worker=lambda pid: None)
+    reexec = InPlaceReexec(MASTER, server, server, load_timeout=0.1)
+    with pytest.raises(ActionFailed, match="0 of 2 workers of the re-executed master have loaded"):
+        reexec()
+    assert server.sent == [(MASTER, "SIGUSR2")]  # the old workers serve on
+    for pid in server.workers[2:]:
+        server.say(pid, True)
+    assert reexec() == 2
+    assert [name for _, name in server.sent] == ["SIGUSR2", "SIGTERM", "SIGTERM"]
+
+
+def test_reexec_ends_at_once_when_a_new_worker_says_it_cannot_serve() -> None:
+    server = FakeServer(2, new_worker=lambda pid: "NotReady: GET /healthz answered 500")
+    with pytest.raises(ActionFailed, match="cannot serve the code that passed the check .NotReady"):
+        InPlaceReexec(MASTER, server, server, load_timeout=60.0)()
+    assert server.sent == [(MASTER, "SIGUSR2")]
 
 
 def test_swap_adds_a_worker_per_worker_then_retires_the_old_ones() -> None:
@@ -161,3 +197,114 @@ def test_chain_stops_at_a_worker_whose_replacement_has_not_loaded() -> None:
     server.new_worker = lambda pid: True
     assert chain() == 2
     assert server.sent == [(first, "SIGHUP"), (second, "SIGHUP")]
+
+
+class DictMemory:
+    """:class:`wsgi_reload.swap.Memory` in a dict: what a killed watcher leaves for the next."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, object] | None = None
+
+    def load(self) -> dict[str, object] | None:
+        return None if self.state is None else dict(self.state)
+
+    def save(self, state: dict[str, object] | None) -> None:
+        self.state = None if state is None else dict(state)
+
+
+@pytest.mark.parametrize("name", ["swap", "reexec", "chain"])
+def test_a_new_watcher_resumes_a_replacement_the_killed_one_left_under_way(name: str) -> None:
+    """The watcher is killed while the new workers load: the next watcher's strategy carries the
+    same replacement on (no second round of TTIN, USR2 or HUP, so no doubled workers), and it
+    ends with as many workers as before, none of them old."""
+    server = FakeServer(2, new_worker=lambda pid: None)
+    old = set(server.workers)
+    memory = DictMemory()
+    first = STRATEGIES[name](MASTER, server, server, 0.05, lambda: None, memory)
+    with pytest.raises(ActionFailed):
+        first()
+    sent = list(server.sent)
+    assert memory.state is not None
+    del first  # killed
+    for pid in server.workers:
+        if pid not in old:
+            server.say(pid, True)
+    server.new_worker = lambda pid: True
+    second = STRATEGIES[name](MASTER, server, server, 1.0, lambda: None, memory)
+    assert second.under_way()
+    assert second() == 2
+    assert server.sent[:len(sent)] == sent
+    assert not [s for s in server.sent[len(sent):] if s[1] in ("SIGTTIN", "SIGUSR2")]
+    assert not old & set(server.workers) and len(server.workers) == 2
+    assert not second.under_way()
+
+
+def test_a_resumed_swap_tells_whether_a_ttin_it_had_announced_arrived() -> None:
+    """The watcher was killed between a TTIN reaching the master and its record of it: the record
+    names the master's children before that TTIN, so the next watcher sees the worker it forked
+    and sends no second one; the swap ends with as many workers as before, none of them old."""
+    server = FakeServer(2)
+    old = set(server.workers)
+    memory = DictMemory()
+    server.send(MASTER, signal.SIGTTIN)
+    before = sorted(server.workers)
+    server.send(MASTER, signal.SIGTTIN)  # delivered; the record still says it is about to be sent
+    memory.save({"retiring": sorted(old), "count": 2, "added": 1, "retired": 0, "adding": before, "leaving": [],
+                 "recount": 0})
+    second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
+    assert second() == 2
+    assert [name for _, name in server.sent].count("SIGTTIN") == 2
+    assert not old & set(server.workers) and len(server.workers) == 2
+
+
+def test_a_swap_right_after_a_swap_does_not_count_the_workers_still_leaving() -> None:
+    """A save lands while the workers the last swap retired still finish their requests: the next
+    swap waits for as many new workers as serve, not for those too."""
+    server = FakeServer(2)
+    memory = DictMemory()
+    swap_ = SignalledSwap(MASTER, server, server, 0.5, memory=memory)
+    assert swap_() == 2
+    leaving = {1001, 1002}
+    for pid in leaving:  # TTOU'd, still finishing a request: their records are there
+        server.records[pid] = True
+    assert swap_() == 2
+    assert [name for _, name in server.sent].count("SIGTTIN") == 4
+
+
+def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed watcher's last TTOU reached the master before its record: the next watcher sends
+    it again, which retires one new worker too many. Once the workers are steady it adds one."""
+    monkeypatch.setattr(swap, "STEADY_SECONDS", 0.05)
+    server = FakeServer(2)
+    old = set(server.workers)
+    memory = DictMemory()
+    server.send(MASTER, signal.SIGTTIN)
+    server.send(MASTER, signal.SIGTTIN)
+    server.send(MASTER, signal.SIGTTOU)  # delivered; the record says none was sent
+    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+                 "recount": 0})
+    second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
+    assert second() == 2
+    assert len(server.workers) == 1 and second.wants_tick()
+    for _ in range(3):
+        second.tick()
+        time.sleep(0.06)
+    assert len(server.workers) == 2 and not old & set(server.workers) and not second.wants_tick()
+
+
+def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:
+    """The record counts a TTIN the master never got (a watcher killed before it was sent): the
+    swap sees one new worker too few for a second, sends one more, and still retires exactly the
+    old workers."""
+    server = FakeServer(2)
+    old = set(server.workers)
+    memory = DictMemory()
+    server.send(MASTER, signal.SIGTTIN)  # the only TTIN that arrived; the record says two
+    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+                 "recount": 0})
+    second = SignalledSwap(MASTER, server, server, 3.0, memory=memory)
+    with pytest.raises(ActionFailed):  # a resumed swap looks once
+        second()
+    time.sleep(1.05)
+    assert second() == 2
+    assert not old & set(server.workers) and len(server.workers) == 2

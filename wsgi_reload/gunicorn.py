@@ -1,4 +1,4 @@
-"""gunicorn adapter: one watcher in the master over what the workers import.
+"""gunicorn adapter: the hooks that bind a gunicorn server to its watcher process.
 
 Use it as the config (``gunicorn -c python:wsgi_reload.gunicorn app:app``), star-import it
 into a config, or chain it into a config that has hooks of its own::
@@ -6,14 +6,15 @@ into a config, or chain it into a config that has hooks of its own::
     import wsgi_reload.gunicorn
     wsgi_reload.gunicorn.install(globals(), interval=0.5)
 
-How it works: every worker writes the list of its module files to a manifest after
-``post_worker_init`` (and again after a request that imported more). The master's
-watcher thread scans the union of the manifests, the config file and extra files. A
-change that passes the pre-reload check swaps the workers, verified: new ones by TTIN,
-the old ones retired by TTOU only once the new ones have loaded (a config edit sends
-HUP, which re-reads it). With ``preload_app`` the master re-executes itself in place,
-keeping its pid, and retires the old workers once its new ones are up. A change that
-fails the check does nothing but log.
+How it works: ``when_ready`` starts the server's one watcher process
+(:mod:`wsgi_reload.watch_process`), which the master then only receives signals from. Each
+worker loads the app from the newest verified generation, publishes the list of its module
+files once it loaded (and again after a request that imported more), and restarts the
+watcher if it stops. The watcher checks a change and swaps the workers, verified: new ones
+by TTIN, the old ones retired by TTOU only once the new ones have loaded (a config edit
+sends HUP, which re-reads it). With ``preload_app`` the master re-executes itself in place
+on USR2 (:func:`reexec_in_place`), keeping its pid, and the watcher retires the old
+workers once the new ones are up. A change that fails the check does nothing but log.
 
 Module-level names here are read by gunicorn as settings when this module is the
 config, so only the hooks below may share a name with a gunicorn setting.

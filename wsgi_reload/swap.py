@@ -1,27 +1,30 @@
-"""Verify before swap, for a gunicorn master that runs none of our code and can only be signalled.
+"""The table of reload strategies: how the watcher process replaces a server's workers.
 
-Django under gunicorn with no gunicorn config has no hook in the master, so the watcher
-process drives gunicorn's own signals (``Arbiter.handle_ttin``/``handle_ttou``):
+Each strategy talks to the server only through :class:`Signals` (signal a process, list a
+master's children), as gunicorn's ``arbiter.py`` talks to its workers, and learns what the
+workers run only from their records (:class:`Workers`). Each is a resumable step: it
+raises :class:`wsgi_reload.gate.ActionFailed` while it cannot finish (the old workers serve
+on), and calling it again resumes it, so the watcher can go on seeing saves meanwhile.
+``tests/test_strategies.py`` runs each on a fake master.
 
-1. TTIN once per serving worker: gunicorn forks one more worker each time;
-2. wait until as many new workers have published a manifest saying their app loaded;
-3. TTOU as many times: ``Arbiter.manage_workers`` retires the oldest workers, the old ones.
-
-A new worker that cannot load never serves: its boot guard (``wsgi_reload.gunicorn``)
-holds it, then lets gunicorn try it again. The swap then stays pending and completes
-once the new workers have loaded, on a retry or after the next good save.
+A new worker that cannot load never serves: its boot guard (``wsgi_reload.gunicorn``,
+``wsgi_reload.uwsgi_adapter``) holds it, then lets the server try it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .gate import ActionFailed
 from .process import Target, TargetError
+
+STEADY_SECONDS = 2.0
+"""The master's children unchanged this long: no worker is being started or retired."""
 
 SIGNAL_GAP = 0.05
 """Two equal signals that reach a Python process before its handler ran count once; space them."""
@@ -62,6 +65,61 @@ class Workers(Protocol):
     def __call__(self) -> object: ...
 
 
+class Memory(Protocol):
+    """Where a strategy keeps the state of a replacement under way, so that a new watcher (the
+    last one was killed mid-swap) resumes it instead of starting over with twice the workers."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any] | None) -> None: ...
+
+
+class Strategy:
+    """Replaces the server's workers when called; returns how many were replaced. It raises
+    :class:`ActionFailed` while it cannot finish (the old workers serve on), and calling it
+    again resumes it. The fields named in ``_STATE`` outlive its watcher (:class:`Memory`)."""
+
+    _STATE: tuple[str, ...] = ()
+    memory: Memory | None = None
+
+    def __call__(self) -> int:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Called on every turn of the watcher, between reloads: housekeeping a strategy may need."""
+
+    def wants_tick(self) -> bool:
+        """True while :meth:`tick` has something to look at (the watcher then turns every 2 s)."""
+        return False
+
+    def _recall(self) -> bool:
+        """Restore a replacement under way; True when there was one."""
+        state = None if self.memory is None else self.memory.load()
+        if not isinstance(state, dict) or set(state) != set(self._STATE):
+            return False
+        for name in self._STATE:
+            value, default = state[name], getattr(self, name)
+            if isinstance(default, int) and isinstance(value, int):
+                setattr(self, name, value)
+            elif isinstance(value, list) and all(isinstance(pid, int) for pid in value):
+                setattr(self, name, type(default)(value))
+            else:
+                return False
+        return True
+
+    def _remember(self, done: bool = False) -> None:
+        if self.memory is None:
+            return
+        state = {name: (sorted(value) if isinstance(value, set) else value)
+                 for name in self._STATE for value in [getattr(self, name)]}
+        with contextlib.suppress(OSError):  # a full disk: the swap goes on, only not resumable
+            self.memory.save(None if done else state)
+
+    def under_way(self) -> bool:
+        """A replacement was started and not finished (by this watcher or a killed one)."""
+        return bool(getattr(self, self._STATE[0]))
+
+
 class ProcessSignals:
     """:class:`Signals` for real processes, through pidfds (:class:`wsgi_reload.process.Target`)."""
 
@@ -70,9 +128,11 @@ class ProcessSignals:
 
     def send(self, pid: int, signum: int) -> None:
         target = self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
+        # The gap comes before, not after: the caller records a signal as sent the moment it is
+        # delivered, so a watcher killed in between leaves the least doubt for the next one.
+        time.sleep(SIGNAL_GAP)
         target.send(signum)
         wait_until_delivered(pid, signum)
-        time.sleep(SIGNAL_GAP)
 
     def children(self, pid: int) -> frozenset[int] | None:
         kids = children(pid)
@@ -94,16 +154,23 @@ def _group_of(pid: int) -> int | None:
         return None
 
 
-class SignalledSwap:
-    """One swap of a gunicorn master's workers, carried out (and resumed) by signals.
+class SignalledSwap(Strategy):
+    """One swap of a gunicorn master's workers, carried out (and resumed) by signals
+    (``Arbiter.handle_ttin``/``handle_ttou``):
+
+    1. TTIN once per serving worker: gunicorn forks one more worker each time;
+    2. wait until as many new workers have published a record saying their app loaded;
+    3. TTOU as many times: ``Arbiter.manage_workers`` retires the oldest workers, the old ones.
 
     ``wanted()`` names the generation the new workers must run (the newest published): a new
     worker that loaded an older one (it was forked before that was published, in a swap still
     under way) is swapped out as well, so that the swap ends with every worker on it.
     """
 
+    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount")
+
     def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
-                 wanted: Callable[[], int | None] = lambda: None) -> None:
+                 wanted: Callable[[], int | None] = lambda: None, memory: Memory | None = None) -> None:
         self.master_pid = master_pid
         self.signals = signals
         self.manifests = manifests
@@ -113,16 +180,44 @@ class SignalledSwap:
         self.count = 0
         """How many workers the server runs, which the swap keeps."""
         self.added = 0
+        self.retired = 0
+        """TTOUs sent so far (a swap resumed mid-retirement must not send them again)."""
+        self.adding: set[int] = set()
+        """The master's children just before a TTIN that is not yet counted in ``added``."""
+        self.leaving: set[int] = set()
+        """Workers retired by a swap that may still be finishing their requests: not counted
+        among the workers of the next swap (that would wait for more new workers than serve)."""
+        self.memory = memory
+        self.recount = 0
+        """Once a swap a killed watcher left under way was finished: how many workers the server
+        had before it, to count them against once steady (0: nothing to count). Kept in the
+        record too, for the watcher after the next one, and not changed by later swaps."""
+        self._seen: frozenset[int] | None = None
+        self._short_since: float | None = None
+        self._seen_at = 0.0
+        self.resumed = self._recall() and bool(self.retiring)
+        if self.resumed and self.adding:
+            # Killed around a TTIN: it was delivered if the master forked a worker after it.
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                kids = self.signals.children(self.master_pid)
+                if kids is not None and kids - self.adding - self.retiring:
+                    self.added += 1
+                    break
+                time.sleep(0.02)
+            self.adding = set()
 
     def __call__(self) -> int:
         """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
         have not loaded (the old ones serve on); calling again resumes the same swap."""
         self.manifests()
-        loaded_now = {pid for pid in self.manifests.live if pid not in self.manifests.app_failed}
+        self.leaving &= self.manifests.live
+        loaded_now = {pid for pid in self.manifests.live - self.leaving if pid not in self.manifests.app_failed}
         if not self.retiring:
             if not loaded_now:
                 raise ActionFailed("no worker of this server is up")
-            self.retiring, self.count, self.added = set(loaded_now), len(loaded_now), 0
+            self.retiring, self.count, self.added, self.retired = set(loaded_now), len(loaded_now), 0, 0
+            self._remember()
         # Wait for the new workers' app import only when they were just added; a resumed swap
         # looks once, so the watcher goes on seeing saves meanwhile.
         wait = self.load_timeout if self.added < len(self.retiring) else 0.0
@@ -130,6 +225,7 @@ class SignalledSwap:
             self._add_workers()
             deadline = time.monotonic() + wait
             while True:
+                self._make_up_for_a_lost_ttin()
                 self.manifests()
                 new = self.manifests.live - self.retiring
                 fresh = {pid for pid in new if pid not in self.manifests.app_failed}
@@ -152,19 +248,69 @@ class SignalledSwap:
             if not stale:
                 break
             self.retiring |= stale  # they retire too; as many more are added (oldest go first)
+            self._remember()
             wait = self.load_timeout
-        for _ in range(self.added):
+        while self.retired < self.added:
             self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
-        count, self.retiring, self.added = self.count, set(), 0
+            self.retired += 1
+            self._remember()
+        self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.manifests.live}
+        if self.resumed and not self.recount:
+            self.recount = self.count
+        self.resumed = False
+        count, self.retiring, self.added, self.retired = self.count, set(), 0, 0
+        self._remember()  # only what is leaving: nothing is under way
         return count
+
+    def wants_tick(self) -> bool:
+        return bool(self.recount)
+
+    def tick(self) -> None:
+        """After a resumed swap: a TTOU the killed watcher sent in the instant before it could
+        record it was sent again, which cost one worker. Once the old workers are gone and the
+        master's children have been steady for :data:`STEADY_SECONDS`, add back any missing
+        (TTIN only: at worst one worker more, never an old one kept)."""
+        if not self.recount or self.retiring:
+            return
+        kids = self.signals.children(self.master_pid)
+        if kids is None or kids & (self.leaving | self.retiring):
+            return
+        now = time.monotonic()
+        if kids != self._seen:
+            self._seen, self._seen_at = kids, now
+            return
+        if now - self._seen_at < STEADY_SECONDS:
+            return
+        missing, self.recount = self.recount - len(kids), 0
+        self._remember()
+        for _ in range(missing):
+            self._send(signal.SIGTTIN)
+
+    def _make_up_for_a_lost_ttin(self) -> None:
+        """Fewer new workers than the swap needs exist (booting ones included) for a second: a
+        TTIN counted in ``added`` never reached the master (a killed watcher's, say). Send one
+        more, not counted, so the TTOUs still match the TTINs that arrived."""
+        kids = self.signals.children(self.master_pid)
+        if kids is None or len(kids - self.retiring - self.leaving) >= self.count:
+            self._short_since = None
+            return
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        elif now - self._short_since >= 1.0:  # gunicorn replaces a worker that died at once
+            self._short_since = None
+            self._send(signal.SIGTTIN)
 
     def _add_workers(self) -> None:
         """TTIN until as many workers were added as retire, one at a time: two pending TTINs
         would merge into one signal."""
         while self.added < len(self.retiring):
             before = self.signals.children(self.master_pid)
+            self.adding = set(before or ())
+            self._remember()  # a watcher killed right after the TTIN leaves the next one able to tell
             self._send(signal.SIGTTIN)
-            self.added += 1
+            self.added, self.adding = self.added + 1, set()
+            self._remember()
             deadline = time.monotonic() + 5.0
             while before is not None and self.signals.children(self.master_pid) == before \
                     and time.monotonic() < deadline:
@@ -174,7 +320,8 @@ class SignalledSwap:
         try:
             self.signals.send(self.master_pid, signum)
         except TargetError as exc:
-            self.retiring, self.added = set(), 0
+            self.retiring, self.added, self.retired = set(), 0, 0
+            self._remember()
             raise ActionFailed(str(exc)) from None
 
 
@@ -233,7 +380,7 @@ def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
         time.sleep(0.005)
 
 
-class WorkerChain:
+class WorkerChain(Strategy):
     """uWSGI ``--lazy-apps``: replace the workers one at a time, each only once the one before has
     loaded the app, as ``uwsgi.chain_reload()`` does from inside the master (core/master_checks.c,
     uwsgi_master_check_chain); a watcher outside the master does it worker by worker.
@@ -245,13 +392,18 @@ class WorkerChain:
     workers serving, and resumes on a retry or after the next good save.
     """
 
-    def __init__(self, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+    _STATE = ("retiring", "known", "signalled")
+
+    def __init__(self, signals: Signals, manifests: Workers, load_timeout: float,
+                 memory: Memory | None = None) -> None:
         self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
         self.retiring: list[int] = []
         self.known: set[int] = set()
         self.signalled: set[int] = set()
+        self.memory = memory
+        self._recall()
 
     def __call__(self) -> int:
         """Replace every worker; returns how many. :class:`ActionFailed` while one has not loaded."""
@@ -272,6 +424,7 @@ class WorkerChain:
                     self.signals.send(old, signal.SIGHUP)
                 except TargetError:
                     pass  # already gone: its replacement may be loading
+                self._remember()
             deadline = time.monotonic() + wait
             while not (fresh := self._loaded() - self.known):
                 if time.monotonic() >= deadline:
@@ -280,6 +433,7 @@ class WorkerChain:
                 time.sleep(0.02)
             self.known |= fresh
             self.retiring.pop(0)
+            self._remember(done=not self.retiring)
         return count
 
     def _loaded(self) -> set[int]:
@@ -287,7 +441,7 @@ class WorkerChain:
         return {pid for pid, loaded in self.manifests.loaded.items() if loaded}
 
 
-class InPlaceReexec:
+class InPlaceReexec(Strategy):
     """gunicorn with ``preload_app``: the master itself imported the app, so new code needs a new
     master image. ``wsgi_reload.gunicorn`` turns the master's USR2 into an exec of the master in
     place (same pid: PID 1 in a container), which keeps its children, the old workers, serving
@@ -299,7 +453,10 @@ class InPlaceReexec:
     retire the same way.
     """
 
-    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float) -> None:
+    _STATE = ("old", "count")
+
+    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
+                 memory: Memory | None = None) -> None:
         self.master_pid = master_pid
         self.signals = signals
         self.manifests = manifests
@@ -308,6 +465,8 @@ class InPlaceReexec:
         self.retired: set[int] = set()
         """Old workers sent TERM, finishing their requests: their records may outlive them a moment."""
         self.count = 0
+        self.memory = memory
+        self._recall()
 
     def __call__(self) -> int:
         """Re-execute the master and retire its old workers; returns how many new ones serve.
@@ -327,6 +486,7 @@ class InPlaceReexec:
             except TargetError as exc:
                 self.old = set()
                 raise ActionFailed(str(exc)) from None
+            self._remember()
             wait = self.load_timeout
         deadline = time.monotonic() + wait
         while True:
@@ -351,17 +511,16 @@ class InPlaceReexec:
                 pass  # gone already
         self.retired |= self.old
         count, self.old = self.count, set()
+        self._remember(done=True)
         return count
 
 
-Strategy = Callable[[], int]
-"""Replace the server's workers; returns how many were replaced. :class:`ActionFailed` while it
-cannot finish (the old workers serve on); calling again resumes it."""
-
-STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int | None]], Strategy]] = {
+STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int | None], Memory | None],
+                               Strategy]] = {
     "swap": SignalledSwap,
-    "reexec": lambda pid, signals, workers, timeout, wanted: InPlaceReexec(pid, signals, workers, timeout),
-    "chain": lambda master_pid, signals, workers, timeout, wanted: WorkerChain(signals, workers, timeout),
+    "reexec": lambda pid, signals, workers, timeout, wanted, memory: InPlaceReexec(pid, signals, workers, timeout,
+                                                                                   memory),
+    "chain": lambda pid, signals, workers, timeout, wanted, memory: WorkerChain(signals, workers, timeout, memory),
 }
 """How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
 ``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU), ``reexec`` (gunicorn with

@@ -1,11 +1,12 @@
-"""The watcher process: one per server, for servers whose master runs none of our code.
+"""The watcher process: the one watcher of a server, whatever the server.
 
-Under uWSGI, and for Django under gunicorn with no gunicorn config, the scan and the check
-must not run in a worker: a worker's signal handler or request thread would stop serving
-while it waits, and a scan thread in a busy worker queues for the GIL after every
-``os.stat``. So the workers only publish manifests of their modules into the server's
-private runtime directory and make sure a watcher process runs; this process does the
-rest and signals the server's master, held by a pidfd.
+The scan and the check must not run in a worker (a worker's request thread would stop
+serving while it waits, and a scan thread in a busy worker queues for the GIL after every
+``os.stat``), and not in the master either: uWSGI's runs none of our code, Django under
+gunicorn with no config has no hook there, and gunicorn's arbiter is single-threaded. So
+the workers only publish manifests of their modules into the server's private runtime
+directory and make sure a watcher process runs; this process does the rest and signals
+the server's master, held by a pidfd (docs/design.md says why in full).
 
 Its settings arrive as JSON on standard input (never on the command line, where ``ps``
 shows them). An exclusive lock in the runtime directory makes it the only one of its
@@ -171,6 +172,26 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
     _keeper.start()
 
 
+class _RecordMemory:
+    """A strategy's state under way, as one record in the runtime directory
+    (:class:`wsgi_reload.swap.Memory`)."""
+
+    NAME = "replacing.json"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def load(self) -> dict[str, Any] | None:
+        return runtime.read_record(self.directory, self.NAME)
+
+    def save(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, self.NAME))
+        else:
+            runtime.write_record(self.directory, self.NAME, state)
+
+
 class _ServerWatch:
     """The watcher of one server, fed by its workers' manifests."""
 
@@ -186,10 +207,14 @@ class _ServerWatch:
         replace = config.get("replace", "signal")
         self.replace = replace
         self.swap: Strategy | None = None
+        self.resume = False
         if replace in STRATEGIES:
             self.swap = STRATEGIES[replace](target.pid, ProcessSignals(target), self.manifests,
                                             self.settings.check_timeout,
-                                            lambda: None if self.current is None else self.current.id)
+                                            lambda: None if self.current is None else self.current.id,
+                                            _RecordMemory(self.runtime_dir))
+            self.resume = self.swap.under_way()
+            """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
                "reexec": "the master re-executes in place (preload_app), the old workers retire once the new load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
@@ -261,7 +286,7 @@ class _ServerWatch:
         if any(change.path in self.config_files for change in batch):
             self.reread_config()
             return
-        if self.patcher is not None:
+        if self.patcher is not None and batch:
             reason = self.patcher.publish(batch)
             if reason is None:
                 log.info("wsgi_reload: patched in place, no restart: each worker takes the new code before its "
@@ -391,6 +416,10 @@ class _ServerWatch:
             # Started before any worker loaded: the first one publishes what it imported.
             current = self.store.current_id()
             self.current = None if current is None else self.store.load(current)
+        if self.resume:
+            self.resume = False
+            log.warning("wsgi_reload: the last watcher stopped while it replaced the workers; carrying that on")
+            self.watcher.gate.reload_now()
         if self.unchecked:
             batch, self.unchecked = self.unchecked, []
             self.watcher.gate(batch)
@@ -404,6 +433,11 @@ class _ServerWatch:
             self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
             self.watcher.gate.reload_now()
         self.watcher.gate.retry_pending()
+        if self.swap is not None and not self.watcher.gate.has_pending():
+            try:
+                self.swap.tick()
+            except ActionFailed as exc:
+                log.warning("wsgi_reload: %s", exc)
         self.reconcile()
         self.announce_workers()
 
@@ -430,7 +464,7 @@ class _ServerWatch:
         self.watcher.start()
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
-            if self.waiting_for_code() or self.reload_wanted():
+            if self.waiting_for_code() or self.reload_wanted() or (self.swap is not None and self.swap.wants_tick()):
                 self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
             if self.manifests.live:
                 seen_workers_at = time.monotonic()

@@ -7,9 +7,8 @@ Every adapter builds the same :class:`Watcher` and configures three things:
 - what the check imports (the settings' ``app``, in a fresh interpreter);
 - what a reload does (signal a verified process, say).
 
-It runs as a thread where a process can spare one that serves no requests (the gunicorn
-master, the ``wsgi-reload watch`` command) and otherwise in a watcher process of its own,
-one per server (:mod:`wsgi_reload.watch_process`). ``manage.py runserver``'s reloader and
+For a server it runs in the server's one watcher process (:mod:`wsgi_reload.watch_process`);
+the ``wsgi-reload watch`` command runs it in its own process. ``manage.py runserver``'s reloader and
 the in-process :class:`wsgi_reload.hot.HotReloader` use it too: this is the one place a
 scanner, a monitor and a gate are put together.
 """
