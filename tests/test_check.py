@@ -440,8 +440,9 @@ def test_a_changed_installed_package_retires_the_warm_process(tmp_path: Path,
 
 
 def test_a_check_beside_a_forking_thread_does_not_hang(tmp_path: Path) -> None:
-    """The gunicorn master forks workers while its watcher thread checks: a worker forked then
-    must not inherit anything the check waits on (Popen's error pipe and output pipes did)."""
+    """A process forks while another of its threads checks (the app's own process under
+    ``wsgi_reload.hot``, say): a child forked then must not inherit anything the check waits on
+    (Popen's error pipe and output pipes did)."""
     import threading
 
     (tmp_path / "probe_app.py").write_text(APP)
