@@ -186,6 +186,25 @@ def test_chain_replaces_one_worker_at_a_time() -> None:
     assert not set(old) & set(server.workers)
 
 
+def test_chain_replaces_once_more_a_worker_that_loaded_an_older_generation() -> None:
+    """Generation 2 is published once the chain's first new worker has loaded 1: that worker is
+    replaced once more at the end, and every worker left runs 2."""
+    server = FakeServer(2)
+    old = list(server.workers)
+    first: list[int] = []
+
+    def new_worker(pid: int) -> bool:
+        if not first:
+            first.append(pid)  # it loaded 1; 2 is published right after
+            server.generation = 2
+        return True
+
+    server.new_worker = new_worker
+    assert WorkerChain(server, server, load_timeout=1.0, wanted=lambda: server.generation)() == 3
+    assert server.sent == [(old[0], "SIGHUP"), (old[1], "SIGHUP"), (first[0], "SIGHUP")]
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
 def test_chain_stops_at_a_worker_whose_replacement_has_not_loaded() -> None:
     server = FakeServer(2, new_worker=lambda pid: None)
     first, second = server.workers

@@ -3,8 +3,9 @@
 ``subprocess.Popen`` waits on an error pipe until every copy of its write end is closed.
 When a process forks (a server forking a worker, the watcher's warm process forking a check)
 while another of its threads is inside ``Popen``, the child keeps a copy and ``Popen`` hangs
-for the child's whole life (the same holds for output pipes read to EOF). ``os.posix_spawn`` reports exec errors without a pipe, and the
-helpers here hand data in and out through unlinked temporary files, which nobody waits on.
+for the child's whole life (the same holds for output pipes read to EOF). ``os.posix_spawn``
+reports exec errors without a pipe, and the helpers here hand data in and out through
+unlinked temporary files, which nobody waits on.
 """
 
 from __future__ import annotations

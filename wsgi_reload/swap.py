@@ -395,10 +395,13 @@ class WorkerChain(Strategy):
     _STATE = ("retiring", "known", "signalled")
 
     def __init__(self, signals: Signals, manifests: Workers, load_timeout: float,
-                 memory: Memory | None = None) -> None:
+                 memory: Memory | None = None, wanted: Callable[[], int | None] = lambda: None) -> None:
         self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
+        self.wanted = wanted
+        """The generation every worker must run at the end (the newest published): a worker the
+        chain started before a newer one was published is replaced once more."""
         self.retiring: list[int] = []
         self.known: set[int] = set()
         self.signalled: set[int] = set()
@@ -433,8 +436,19 @@ class WorkerChain(Strategy):
                 time.sleep(0.02)
             self.known |= fresh
             self.retiring.pop(0)
+            if not self.retiring:
+                self.retiring = self._stale()
+                count += len(self.retiring)
             self._remember(done=not self.retiring)
         return count
+
+    def _stale(self) -> list[int]:
+        """Live workers that loaded an older generation than the one wanted now."""
+        wanted = self.wanted()
+        if wanted is None:
+            return []
+        return sorted(pid for pid, loaded in self.manifests.loaded.items()
+                      if loaded and self.manifests.generation_of.get(pid) not in (None, wanted))
 
     def _loaded(self) -> set[int]:
         self.manifests()
@@ -520,7 +534,8 @@ STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int |
     "swap": SignalledSwap,
     "reexec": lambda pid, signals, workers, timeout, wanted, memory: InPlaceReexec(pid, signals, workers, timeout,
                                                                                    memory),
-    "chain": lambda pid, signals, workers, timeout, wanted, memory: WorkerChain(signals, workers, timeout, memory),
+    "chain": lambda pid, signals, workers, timeout, wanted, memory: WorkerChain(signals, workers, timeout, memory,
+                                                                                 wanted),
 }
 """How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
 ``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU), ``reexec`` (gunicorn with
