@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -35,6 +36,8 @@ from servers import (
     uwsgi,
     wait_for_body,
     wait_for_prefix,
+    watcher_processes,
+    worker_pids,
     write,
 )
 
@@ -654,6 +657,32 @@ def test_an_unknown_host_starts_nothing(site: Path) -> None:
                           env={**server_env(), "DJANGO_SETTINGS_MODULE": "mysite.settings"})
     assert done.stdout.strip() == "[]", done.stderr
     assert os.path.exists(site / "db.sqlite3")
+
+
+def test_the_watcher_killed_at_random_through_saves(site: Path) -> None:
+    """Django under gunicorn with no config: the watcher process killed with -9 at a random moment
+    after each of six saves (mid-check, mid-swap or idle). A worker starts a new one, which carries
+    on a swap the killed one left under way; every save is served, nothing fails, and the server
+    ends with one watcher and its two workers, all serving the last save."""
+    random.seed(os.getpid())
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server, Load(port, threads=4) as load:
+        wait_generation(server, "gunicorn-sync", 1)
+        for n in range(2, 8):
+            greeting_view(site, f"v{n}")
+            time.sleep(random.uniform(0, 1.0))
+            for pid in watcher_processes(site):
+                os.kill(pid, signal.SIGKILL)
+            wait_for_body(port, page(f"v{n}"), timeout=20)  # liveness: typically 2 to 4 s
+        deadline, steady = time.monotonic() + 40, 0
+        while steady < 10 and time.monotonic() < deadline:  # two workers for 2 s
+            steady = steady + 1 if len(worker_pids(server)) == 2 else 0
+            time.sleep(0.2)
+        _, failures, _ = load.snapshot()
+        assert len(watcher_processes(site)) == 1
+        assert {get(port)[1] for _ in range(10)} == {page("v7")}
+        assert len(worker_pids(server)) == 2
+    assert failures == []
 
 
 def test_the_watcher_killed_under_load_comes_back(site: Path) -> None:

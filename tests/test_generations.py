@@ -240,7 +240,7 @@ def test_each_new_worker_asks_ready_path_itself(tmp_path: Path, kind: str) -> No
                            save_greeting(app, "v3"), seconds=2)
 
 
-@pytest.mark.parametrize("kind", ["uwsgi-prefork", "uwsgi-lazy"])
+@pytest.mark.parametrize("kind", ["sync", "preload", "uwsgi-prefork", "uwsgi-lazy"])
 def test_the_watcher_killed_under_load_comes_back(tmp_path: Path, kind: str) -> None:
     app = make_app(tmp_path)
     port = free_port()
