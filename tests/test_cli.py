@@ -288,3 +288,39 @@ def test_a_module_planted_in_the_app_directory_cannot_shadow_the_standard_librar
     done = subprocess.run([*CLI, "check", "--pythonpath", str(app), "cli_app:application"], cwd=app,
                           capture_output=True, text=True)
     assert marker.exists()
+
+
+@pytest.mark.skipif(not (BIN / "uwsgi").exists(), reason="uWSGI is not installed")
+def test_watch_touch_reloads_a_server_that_watches_a_file_only_for_code_that_loads(tmp_path: Path) -> None:
+    """``--touch`` for servers that reload when a file is touched, here uWSGI's ``--touch-reload``
+    (mod_wsgi's daemon mode does the same with the WSGI script): a good save is served, a broken
+    one leaves the file untouched and the old code serving, and the fix is served; no request
+    fails."""
+    from servers import Load, free_port, greeting, make_app, running, uwsgi, wait_for_body, write
+
+    app = make_app(tmp_path)
+    touch = tmp_path / "reload.touch"
+    touch.write_text("")
+    port = free_port()
+    server = uwsgi(app, port, ["--touch-reload", str(touch)], lazy=True, enable="none")
+    with running(server, "v1"), Load(port, threads=4) as load:
+        watcher, log = start_watch(app, "--touch", str(touch), "--app", "app:application", str(app))
+        try:
+            write(app / "greeting.py", greeting("v2"))
+            wait_for_body(port, "v2")
+            # The server reads the disk as it reloads: the broken save waits until both workers
+            # have (docs/limits.md: the CLI has no generations).
+            server.wait_for_log(r"WSGI app 0 \(mountpoint=''\) ready", count=4)
+            touched = touch.stat().st_mtime_ns
+            write(app / "greeting.py", greeting("broken").replace('"broken"', '"broken'))
+            wait_for_log(watcher, log, "not reloading")
+            time.sleep(2)  # uWSGI looks at the file every second
+            assert touch.stat().st_mtime_ns == touched
+            wait_for_body(port, "v2")
+            write(app / "greeting.py", greeting("v3"))
+            wait_for_body(port, "v3")
+        finally:
+            watcher.terminate()
+            watcher.communicate(timeout=10)
+        _, failures, _ = load.snapshot()
+    assert failures == []

@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   wsgi-reload check myapp:app
   wsgi-reload watch --pidfile /run/myapp.pid --app myapp:app src/ templates/
   wsgi-reload watch --pid 4242 --signal USR2 '**/*.py'
+  wsgi-reload watch --touch /srv/myapp/app.wsgi --app myapp:app src/   # mod_wsgi, uWSGI --touch-reload
 
 exit codes: 0 success (check: the app loads), 1 the app does not load or the target exited, 2 bad usage
 """
@@ -69,10 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="*", default=[], help="also compile these files first")
 
     watch = commands.add_parser("watch", parents=[common],
-                                help="signal a process when files change and the code still loads")
+                                help="signal a process (or touch a file) when files change and the code still loads")
     target = watch.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the process to signal")
     target.add_argument("--pidfile", help="a file holding the pid to signal, read again before each signal")
+    target.add_argument("--touch", metavar="FILE",
+                        help="a file to touch instead of signalling, for servers that reload when one is touched "
+                             "(mod_wsgi's WSGI script in daemon mode, uWSGI's --touch-reload)")
     watch.add_argument("--signal", default="HUP", help="signal name or number (default HUP)")
     watch.add_argument("--app", help="MODULE:CALLABLE to import before each signal (default: compile only)")
     watch.add_argument("--check", choices=CHECK_MODES,
@@ -109,6 +113,8 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if missing:
             raise TargetError(f"no such file or directory: {', '.join(missing)}")
         held = Target(args.pid) if args.pid is not None else None
+        if args.touch is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.touch))):
+            raise TargetError(f"--touch {args.touch}: its directory does not exist")
         if args.pidfile is not None:
             from_pidfile(args.pidfile).close()  # refuse a bad pidfile now; it is read again before each signal
         check = args.check or ("import" if args.app else "compile")
@@ -121,6 +127,13 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     name = signal.Signals(signum).name
 
     def send(batch: Sequence[Change]) -> None:
+        if args.touch is not None:
+            try:
+                _touch(args.touch)
+            except OSError as exc:
+                raise ActionFailed(f"cannot touch {args.touch}: {exc.strerror or exc}") from None
+            log.info("wsgi_reload: touched %s", args.touch)
+            return
         try:
             target = held if held is not None else from_pidfile(args.pidfile)
             try:
@@ -132,8 +145,11 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ActionFailed(str(exc)) from None
         log.info("wsgi_reload: sent %s to %s", name, target.description)
 
-    what = f"pid {args.pid}" if args.pid is not None else f"the pid in {args.pidfile}"
-    watcher = Watcher(settings, send, server=f"{what} ({name})", modules_loaded_at_ns=started,
+    if args.touch is not None:
+        what = f"by touching {args.touch}"
+    else:
+        what = f"{f'pid {args.pid}' if args.pid is not None else f'the pid in {args.pidfile}'} ({name})"
+    watcher = Watcher(settings, send, server=what, modules_loaded_at_ns=started,
                       check=lambda paths: check_code(paths, settings, cwd=cwd, sys_path=sys_path))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -147,6 +163,14 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             break
     watcher.stop()
     return code
+
+
+def _touch(path: str) -> None:
+    """Set the file's times to now, making it if it is not there (as ``touch`` does)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
 
 
 def _import_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:

@@ -49,6 +49,10 @@ LOCK_FD = 3
 NUDGE_SECONDS = 65.0
 """How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
 
+UNANSWERED_SIGNALS = 2
+"""Reload signals in a row after which the workers still run the generations they ran before:
+the next time its workers are stopped instead (see :meth:`_ServerWatch.stop_workers`)."""
+
 RELOAD_PATIENCE_SECONDS = 60.0
 """A reload whose old workers have begun to exit is followed this long (uWSGI's default mercy)."""
 
@@ -233,6 +237,9 @@ class _ServerWatch:
         self.signalled: set[int] | None = None
         """The live workers when the master was last signalled, while that reload is under way."""
         self.signalled_at = 0.0
+        self.unanswered = 0
+        """Reload signals sent in a row after which the workers ran no other generation."""
+        self.signalled_generations: frozenset[int | None] = frozenset()
         self.config_files: list[str] = config.get("config_files") or []
         self.expected: int | None = config.get("workers")
         self.announced = False
@@ -384,6 +391,10 @@ class _ServerWatch:
                              g for g in self.manifests.generations if g is not None))), 1000 * waited)
             self.signalled = None
         if self.manifests.generations == {current.id}:
+            self.unanswered = 0
+            return
+        if self.unanswered >= UNANSWERED_SIGNALS:
+            self.stop_workers(live)
             return
         workers = children(self.target.pid)
         try:
@@ -391,12 +402,33 @@ class _ServerWatch:
         except TargetError as exc:
             log.error("wsgi_reload: cannot reload %s: %s", self.watcher.server, exc)
             return
+        # Unanswered: the workers run the very generations they ran at the last signal.
+        generations = frozenset(self.manifests.generations)
+        self.unanswered = self.unanswered + 1 if generations == self.signalled_generations else 1
+        self.signalled_generations = generations
         # The workers by their records (read just now), not the master's children: those can
         # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
         self.signalled, self.signalled_at = set(live), time.monotonic()
         if self.nudge is not None and workers:
             threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
                              args=(self.target, workers, self.nudge, NUDGE_SECONDS)).start()
+
+    def stop_workers(self, live: set[int]) -> None:
+        """The master answered none of the last reload signals with workers of the current
+        generation. uWSGI ignores a reload signal while it is reloading, and a reload never ends
+        when workers that died during it (a kill -9 as it began) were started again: they were
+        never told to stop, and the master waits for them. Stop them gracefully (a uWSGI
+        worker's SIGHUP), which ends that reload; without one under way, the master just starts
+        them again, and the next signal reloads it."""
+        log.warning("wsgi_reload: %s did not reload after %d signals; stopping its workers %s gracefully",
+                    self.watcher.server, self.unanswered, ", ".join(map(str, sorted(live))))
+        for pid in sorted(live):
+            try:
+                Target(pid, f"worker {pid}").send(signal.SIGHUP)
+            except TargetError:
+                pass
+        self.unanswered = 0
+        self.signalled, self.signalled_at = set(live), time.monotonic()
 
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
