@@ -220,7 +220,7 @@ class _ServerWatch:
             self.resume = self.swap.under_way()
             """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
-               "reexec": "the master re-executes in place (preload_app), the old workers retire once the new load",
+               "reexec": "preload_app: the master re-executes in place, the old workers retire once the new ones load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
                                                                                                    config["signal"])
         server = f"{config['server']} ({how}; master pid {target.pid})"
