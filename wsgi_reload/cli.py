@@ -166,11 +166,17 @@ def _watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _touch(path: str) -> None:
-    """Set the file's times to now, making it if it is not there (as ``touch`` does)."""
+    """Set the file's times to now, making it if it is not there (as ``touch`` does), and always
+    to a later whole second than before: uWSGI's ``--touch-reload`` compares whole seconds and
+    reloads only for a later one (``uwsgi_check_touches`` in core/utils.c of uWSGI 2.0.31), so
+    two good saves within one second would otherwise reload once, before the second."""
     try:
-        os.utime(path)
+        previous = os.stat(path).st_mtime_ns
     except FileNotFoundError:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return
+    later = max(time.time_ns(), (previous // 1_000_000_000 + 1) * 1_000_000_000)
+    os.utime(path, ns=(later, later))
 
 
 def _import_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
