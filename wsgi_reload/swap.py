@@ -140,11 +140,8 @@ class ProcessSignals:
             return None
         # Its workers share its process group. A master that is PID 1 (in a container) also
         # adopts orphans, this watcher among them, which lead groups of their own.
-        try:
-            group = os.getpgid(pid)
-        except OSError:
-            return kids
-        return frozenset(kid for kid in kids if _group_of(kid) == group)
+        group = _group_of(pid)
+        return kids if group is None else frozenset(kid for kid in kids if _group_of(kid) == group)
 
 
 def _group_of(pid: int) -> int | None:
@@ -476,7 +473,7 @@ class InPlaceReexec(Strategy):
         self.manifests = manifests
         self.load_timeout = load_timeout
         self.old: set[int] = set()
-        self.retired: set[int] = set()
+        self.leaving: set[int] = set()
         """Old workers sent TERM, finishing their requests: their records may outlive them a moment."""
         self.count = 0
         self.memory = memory
@@ -489,8 +486,8 @@ class InPlaceReexec(Strategy):
         wait = 0.0
         if not self.old:
             self.manifests()
-            self.retired = {pid for pid in self.retired if not exited(pid)}
-            loaded = self.manifests.live - self.manifests.app_failed - self.retired
+            self.leaving = {pid for pid in self.leaving if not exited(pid)}
+            loaded = self.manifests.live - self.manifests.app_failed - self.leaving
             if not loaded:
                 raise ActionFailed("no worker of this server is up")
             self.old = set(self.signals.children(self.master_pid) or ()) | self.manifests.live
@@ -523,7 +520,7 @@ class InPlaceReexec(Strategy):
                 self.signals.send(pid, signal.SIGTERM)
             except TargetError:
                 pass  # gone already
-        self.retired |= self.old
+        self.leaving |= self.old
         count, self.old = self.count, set()
         self._remember(done=True)
         return count
