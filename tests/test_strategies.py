@@ -327,3 +327,35 @@ def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:
     time.sleep(1.05)
     assert second() == 2
     assert not old & set(server.workers) and len(server.workers) == 2
+
+
+def test_reexec_waits_for_as_many_new_workers_as_configured_not_as_live() -> None:
+    """A killed watcher sent USR2 and never retired the old workers, so the master has four; the
+    next re-exec waits for the two workers the config names, then retires all four."""
+    server = FakeServer(4)
+    old = set(server.workers)
+    reexec = InPlaceReexec(MASTER, server, server, load_timeout=1.0)
+    reexec.workers = 2
+    server.new_worker = lambda pid: True if len(server.workers) <= 6 else None  # the new image forks two
+    assert reexec() == 2
+    assert not old & set(server.workers)
+
+
+def test_reexec_once_more_when_the_new_image_loaded_an_older_generation() -> None:
+    """The USR2 was for generation 1, and 2 passed its check meanwhile (the watcher that sent it
+    was killed): the new image's workers run 1, so the master is re-executed once more, and
+    every worker left runs 2."""
+    server = FakeServer(2)
+    bumped: list[int] = []
+
+    def new_worker(pid: int) -> bool:
+        if not bumped:
+            bumped.append(pid)
+            server.generation = 2  # published once the first image had started
+        return True
+
+    server.new_worker = new_worker
+    reexec = InPlaceReexec(MASTER, server, server, load_timeout=1.0, wanted=lambda: server.generation)
+    assert reexec() == 2
+    assert [name for _, name in server.sent].count("SIGUSR2") == 2
+    assert {server.generation_of[pid] for pid in server.workers} == {2}

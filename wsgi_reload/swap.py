@@ -81,6 +81,9 @@ class Strategy:
 
     _STATE: tuple[str, ...] = ()
     memory: Memory | None = None
+    workers: int | None = None
+    """How many workers the server is configured to run, when the watcher knows (gunicorn's
+    config hooks tell it); a strategy that must count new workers uses it."""
 
     def __call__(self) -> int:
         raise NotImplementedError
@@ -467,11 +470,15 @@ class InPlaceReexec(Strategy):
     _STATE = ("old", "count")
 
     def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
-                 memory: Memory | None = None) -> None:
+                 memory: Memory | None = None, wanted: Callable[[], int | None] = lambda: None) -> None:
         self.master_pid = master_pid
         self.signals = signals
         self.manifests = manifests
         self.load_timeout = load_timeout
+        self.wanted = wanted
+        """The generation the new image must run (the newest published): one that loaded an
+        older one (a USR2 sent before a newer save passed, by a watcher since killed) is
+        re-executed once more."""
         self.old: set[int] = set()
         self.leaving: set[int] = set()
         """Old workers sent TERM, finishing their requests: their records may outlive them a moment."""
@@ -491,7 +498,9 @@ class InPlaceReexec(Strategy):
             if not loaded:
                 raise ActionFailed("no worker of this server is up")
             self.old = set(self.signals.children(self.master_pid) or ()) | self.manifests.live
-            self.count = len(loaded)
+            # The new image forks as many workers as the config says; the live ones can be more
+            # (old workers a killed watcher sent USR2 for and never retired).
+            self.count = self.workers or len(loaded)
             try:
                 self.signals.send(self.master_pid, signal.SIGUSR2)
             except TargetError as exc:
@@ -523,6 +532,9 @@ class InPlaceReexec(Strategy):
         self.leaving |= self.old
         count, self.old = self.count, set()
         self._remember(done=True)
+        wanted = self.wanted()
+        if wanted is not None and any(self.manifests.generation_of.get(pid) not in (None, wanted) for pid in fresh):
+            return self()  # the new image runs an older generation: once more, for the newest
         return count
 
 
@@ -530,7 +542,7 @@ STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int |
                                Strategy]] = {
     "swap": SignalledSwap,
     "reexec": lambda pid, signals, workers, timeout, wanted, memory: InPlaceReexec(pid, signals, workers, timeout,
-                                                                                   memory),
+                                                                                   memory, wanted),
     "chain": lambda pid, signals, workers, timeout, wanted, memory: WorkerChain(signals, workers, timeout, memory,
                                                                                  wanted),
 }

@@ -217,6 +217,7 @@ class _ServerWatch:
                                             self.settings.check_timeout,
                                             lambda: None if self.current is None else self.current.id,
                                             _RecordMemory(self.runtime_dir))
+            self.swap.workers = config.get("workers")
             self.resume = self.swap.under_way()
             """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
