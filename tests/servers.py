@@ -493,7 +493,12 @@ def good_then_broken_pairs(port: int, save_good: Callable[[str], str], save_brok
         _, failures, bodies = load.snapshot()
         assert failures == []
         assert bodies <= goods | {final}, f"served versions that were never saved good: {bodies - goods - {final}}"
-        time.sleep(1)  # the old workers finish their last requests
+        # The swap goes on until every new worker has loaded (two versions serve meanwhile, by
+        # design); once every answer is the final one, no older one may come back.
+        deadline, in_a_row = time.monotonic() + 15, 0
+        while in_a_row < 20 and time.monotonic() < deadline:
+            in_a_row = in_a_row + 1 if get(port, path)[1] == final else 0
+        time.sleep(0.5)  # the old workers finish their last requests
         load.reset_bodies()
         answers = [get(port, path)[1] for _ in range(40)]
         time.sleep(1)

@@ -286,6 +286,10 @@ class _ServerWatch:
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
         if self.replace == "swap" and not self.manifests.live - self.manifests.app_failed:
+            if not self.manifests.live and children(self.target.pid):
+                # Workers run, but none has said what (its record is on the way, or the runtime
+                # directory was just made again and they write theirs again): ask again.
+                raise ActionFailed("no worker of this server has published what it runs yet")
             # gunicorn started broken: no worker serves, and those that wait for loadable code load
             # this. (uWSGI workers without an app do not wait: the chain replaces them.)
             log.info("wsgi_reload: generation %s passed the check; the waiting workers load it",
