@@ -234,13 +234,8 @@ class SignalledSwap(Strategy):
                          if wanted is not None and self.manifests.generation_of.get(pid) not in (None, wanted)}
                 if stale or len(fresh) >= self.count:
                     break
-                failed = new & self.manifests.app_failed
-                if failed:
-                    # It says why (ready_path answered 500 there, say): the old workers serve on, and
-                    # the swap resumes once new workers load, on a retry or after the next good save.
-                    raise ActionFailed(f"a new worker cannot serve the code that passed the check "
-                                       f"({self.manifests.failures.get(min(failed)) or 'see its log'}); the old "
-                                       "ones serve until new ones can")
+                # The swap resumes once new workers load, on a retry or after the next good save.
+                _fail_if_a_new_worker_cannot_serve(self.manifests, new)
                 if time.monotonic() >= deadline:
                     raise ActionFailed(f"{len(fresh)} of {self.count} new workers have loaded the app; the old "
                                        "ones serve until all have")
@@ -323,6 +318,16 @@ class SignalledSwap(Strategy):
             self.retiring, self.added, self.retired = set(), 0, 0
             self._remember()
             raise ActionFailed(str(exc)) from None
+
+
+def _fail_if_a_new_worker_cannot_serve(manifests: Workers, new: set[int]) -> None:
+    """A new worker says it cannot load the checked code, and why (``ready_path`` answered 500
+    there, say): the replacement ends now, not at its timeout, and the old workers serve on."""
+    failed = new & manifests.app_failed
+    if failed:
+        raise ActionFailed(f"a new worker cannot serve the code that passed the check "
+                           f"({manifests.failures.get(min(failed)) or 'see its log'}); the old ones serve until new "
+                           "ones can")
 
 
 def children(pid: int) -> frozenset[int] | None:
@@ -515,11 +520,7 @@ class InPlaceReexec(Strategy):
             fresh = new - self.manifests.app_failed
             if len(fresh) >= self.count:
                 break
-            if new & self.manifests.app_failed:
-                failed = min(new & self.manifests.app_failed)
-                raise ActionFailed(f"a new worker cannot serve the code that passed the check "
-                                   f"({self.manifests.failures.get(failed) or 'see its log'}); the old ones serve "
-                                   "until new ones can")
+            _fail_if_a_new_worker_cannot_serve(self.manifests, new)
             if time.monotonic() >= deadline:
                 raise ActionFailed(f"{len(fresh)} of {self.count} workers of the re-executed master have loaded the "
                                    "app; the old ones serve until all have")
