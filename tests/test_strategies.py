@@ -36,7 +36,7 @@ class FakeServer:
         for _ in range(workers):
             self.records[self.spawn()] = True
         self.live: set[int] = set()
-        self.loaded: dict[int, bool | None] = {}
+        self.serving: set[int] = set()
         self.app_failed: set[int] = set()
         self.failures: dict[int, str] = {}
         self.generation = 1
@@ -83,7 +83,7 @@ class FakeServer:
 
     def __call__(self) -> object:
         self.live = set(self.records)
-        self.loaded = {pid: (False if isinstance(r, str) else True) for pid, r in self.records.items()}
+        self.serving = {pid for pid, r in self.records.items() if r is True}
         self.app_failed = {pid for pid, r in self.records.items() if isinstance(r, str)}
         self.failures = {pid: r for pid, r in self.records.items() if isinstance(r, str)}
         return self.records

@@ -35,22 +35,14 @@ from typing import Any
 
 from . import _genimport, runtime
 from ._probe import ask_ready, listener_fds
+from .agent import WorkerAgent
 from .check import checking
 from .files import ModuleFiles, describe_error
-from .generations import (
-    RETRY_SECONDS,
-    Generation,
-    Store,
-    adopt,
-    project_roots,
-    store_of,
-    wait_for_newer,
-)
-from .hybrid import PatchApplier
+from .generations import Generation, Store, adopt, project_roots, store_of
 from .logs import forward_to
-from .manifest import ManifestReader, ManifestWriter, manifest_path
+from .manifest import manifest_path
 from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import alive, ensure_watcher, keep_watcher_running
+from .watch_process import ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
 
@@ -76,10 +68,8 @@ _runtime_dir: str | None = None
 _settings: Settings | None = None
 _start_watcher: Callable[[], bool] | None = None
 """Starts the server's watcher process unless one runs (the master at start, a worker to heal it)."""
-_worker: ManifestWriter | None = None
-_on_failed_start: Callable[[], object] | None = None
-"""Starts the watcher of a server started broken (Django under gunicorn with no config)."""
-_patches: PatchApplier | None = None
+_agent: WorkerAgent | None = None
+"""This worker's side of the channel to the watcher."""
 
 
 def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
@@ -211,14 +201,12 @@ def _config_files(cfg: Any) -> list[str]:
 @_hook
 def post_fork(server: Any, worker: Any) -> None:
     """Worker: load the app from the server's newest verified generation."""
-    global _worker, _patches, _on_failed_start
+    global _agent
     if _runtime_dir is None or _settings is None:
         return
     loaded_at = _LOADED_NS if server.cfg.preload_app else time.time_ns()
-    _worker = ManifestWriter(_runtime_dir, loaded_at)
-    _on_failed_start = _start_watcher
-    if _settings.mode == "patch":
-        _patches = PatchApplier(_runtime_dir)
+    _agent = WorkerAgent(_runtime_dir, loaded_at, start_watcher=_start_watcher, app_loaded=lambda: True,
+                         patch=_settings.mode == "patch")
     if not server.cfg.preload_app:
         worker.load_wsgi = _load_verified(worker.load_wsgi, worker, _runtime_dir)
     if _skips_request_hooks(type(worker)):
@@ -229,30 +217,31 @@ def post_fork(server: Any, worker: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     """Worker: with ``ready_path``, GET it from the app; then publish the files this worker
     imported, which tells the watcher it has loaded."""
+    if _agent is None:
+        return
     if _settings is not None and _settings.ready_path:
         try:
             ask_ready(worker.wsgi, _settings.ready_path)
         except Exception as exc:
-            _say_it_failed(exc)
-            retry_later(worker, exc)
+            _agent.cannot_serve(exc)
+            _agent.wait_for_newer_code(exc, heartbeat=worker.notify)
             sys.exit(1)  # exit code 1: gunicorn starts another worker; the swap retires the new ones
-    if _worker is not None:
-        _worker.publish()
-    _keep_watcher_running()
+    _agent.publish()
+    _agent.keep_watcher_running()
 
 
 @_hook
 def pre_request(worker: Any, req: Any) -> None:
     """Worker: in patch mode, apply a newer patch before serving."""
-    if _patches is not None:
-        _patches.maybe_apply()
+    if _agent is not None:
+        _agent.before_request()
 
 
 @_hook
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """Worker: publish again when a request imported more modules (views load lazily)."""
-    if _worker is not None:
-        _worker.publish_if_grown()
+    if _agent is not None:
+        _agent.after_request()
 
 
 @_hook
@@ -279,7 +268,8 @@ def _load_verified(load: Callable[[], None], worker: Any, directory: str) -> Cal
     another worker, where a boot error would halt it (see :func:`wait_for_loadable_code`)."""
 
     def load_wsgi() -> None:
-        _keep_watcher_running()
+        if _agent is not None:
+            _agent.keep_watcher_running()
         # At the very first start there is no generation yet: the first worker reads one, and
         # its own import of the app is that generation's check (the watcher says if it fails).
         adopt(directory, cover="import it in the gunicorn config, or use --preload, to load them checked")
@@ -292,13 +282,6 @@ def _load_verified(load: Callable[[], None], worker: Any, directory: str) -> Cal
         sys.exit(1)
 
     return load_wsgi
-
-
-def _keep_watcher_running() -> None:
-    """In a worker: start the server's watcher again if it stops (see
-    :func:`wsgi_reload.watch_process.keep_watcher_running`)."""
-    if _runtime_dir is not None and _start_watcher is not None:
-        keep_watcher_running(_runtime_dir, _start_watcher, republish_if_missing)
 
 
 UVICORN_GRACE_SECONDS = 0.1
@@ -328,41 +311,14 @@ def _drain_uvicorn_before_shutdown() -> None:
     Server.shutdown = drained_shutdown  # type: ignore[method-assign]
 
 
-def _say_it_failed(exc: BaseException) -> None:
-    """A worker of the config hooks tells the master's swap that it cannot load the checked code."""
-    if _worker is not None:
-        _worker.app_loaded = lambda: False
-        _worker.failure = describe_error(exc)
-        with contextlib.suppress(OSError):
-            _worker.publish()
-
-
-def retry_later(worker: Any, exc: BaseException, *, quiet: bool = False) -> None:
-    """A worker could not load verified code (the environment's fault: a database down at import):
-    say so, and wait :data:`RETRY_SECONDS`, or until newer code passes the check, telling the master
-    it is alive. The caller then exits with 1, which gunicorn answers with a new worker.
-
-    :param quiet: log at debug level (the watcher already says what is broken).
-    """
-    finder = _genimport.installed()
-    generation = None if finder is None else finder.generation
-    _log.log(logging.DEBUG if quiet else logging.ERROR,
-             "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "
-             "workers serve on, and another worker tries again in %g s or once newer code passes the check",
-             os.getpid(), generation, describe_error(exc), RETRY_SECONDS)
-    if _runtime_dir is not None:
-        wait_for_newer(store_of(_runtime_dir), generation, RETRY_SECONDS, heartbeat=worker.notify)
-
-
 def _worker_exit(server: Any, worker: Any) -> None:
     """``worker_exit`` for a worker whose master runs none of our code (Django with no gunicorn
     config): remove its manifest, and turn gunicorn's "Worker failed to boot", which halts the
     server, into a held worker that exits with 1 and is tried again, once this server has served."""
-    if _worker is None or _runtime_dir is None:
+    if _agent is None:
         return
     if worker.booted:
-        with contextlib.suppress(OSError):
-            os.unlink(_worker.path)
+        _agent.remove_record()
         return
     exc = sys.exc_info()[1]
     if not isinstance(exc, SystemExit) or exc.code not in (server.WORKER_BOOT_ERROR, server.APP_LOAD_ERROR):
@@ -372,78 +328,74 @@ def _worker_exit(server: Any, worker: Any) -> None:
 
 
 def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
-    """A worker of a server whose master runs none of our code could not load the app: wait (see
-    :func:`retry_later`) so that the caller exits with 1 and gunicorn starts another worker. False
-    when nothing can watch this server, so gunicorn should stop as it would without us.
+    """A worker could not load the app: wait (see :meth:`WorkerAgent.wait_for_newer_code`) so that
+    the caller exits with 1 and gunicorn starts another worker. False when nothing can watch this
+    server, so gunicorn should stop as it would without us.
 
     The worker says so in its manifest: a swap waiting for it ends at once. If no worker of the
     server serves (it was started broken), that manifest also keeps the watcher from retiring and
     has it check the app, and the worker makes sure the watcher runs: then the fix is checked and
     served, where gunicorn's "Worker failed to boot" would have stopped the server.
     """
-    assert _worker is not None and _runtime_dir is not None
-    workers = ManifestReader(_runtime_dir, accept=alive)
-    workers()
-    serving = any(loaded is not False for loaded in workers.loaded.values())
-    start_watcher = _on_failed_start
+    assert _agent is not None
+    serving = _agent.others_serve()
+    start_watcher = _agent.start_watcher
     if not serving and start_watcher is None:
         return False
-    _say_it_failed(exc)  # a swap under way ends at once; with none serving, the watcher checks the app
+    _agent.cannot_serve(exc)  # a swap under way ends at once; with none serving, the watcher checks the app
     if start_watcher is not None and not serving:
         try:
             start_watcher()
         except Exception as error:  # the settings do not load: nothing can watch
             _log.error("wsgi_reload: cannot watch this server: %s: %s", type(error).__name__, error)
             return False
-    retry_later(worker, exc, quiet=not serving)  # with none serving, the watcher's check says once what is broken
+    # With none serving, the watcher's check says once what is broken.
+    _agent.wait_for_newer_code(exc, quiet=not serving, heartbeat=worker.notify)
     return True
 
 
-def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *,
-                 before_publish: Callable[[], Sequence[str] | None] | None = None,
-                 after_publish: Callable[[], object] | None = None,
-                 on_failed_start: Callable[[], object] | None = None) -> None:
+def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, start_watcher: Callable[[], bool],
+                 before_publish: Callable[[], Sequence[str] | None] | None = None, loaded: str = "") -> None:
     """Give a booting worker this adapter's worker-side hooks, from inside its app import.
 
     For Django under gunicorn with no gunicorn config: the master runs none of our code, so
-    the hooks go into this worker's copy of the config.
+    the hooks go into this worker's copy of the config, and the workers start the watcher.
 
+    :param start_watcher: starts the server's watcher unless one runs; True if it did. Called
+        once the worker loaded, when the app does not load while no worker of the server serves
+        (it was started broken), and whenever the watcher has stopped.
     :param before_publish: runs after the app loaded and before the worker serves (an error
         there fails the boot); returns extra patterns to watch (Django's template and locale
-        globs). The manifest published after it is the worker's proof that it loaded.
-    :param after_publish: runs once the manifest is published.
-    :param on_failed_start: starts the server's watcher when the app does not load while no
-        worker of the server serves (it was started broken).
+        globs). The record published after it is the worker's proof that it loaded.
+    :param loaded: what else has loaded, for the log line that says the worker published.
     """
-    global _runtime_dir, _worker, _on_failed_start
-    _runtime_dir = directory
-    _on_failed_start = on_failed_start
-    _worker = ManifestWriter(directory, loaded_at_ns)
+    global _agent
+    _agent = WorkerAgent(directory, loaded_at_ns, start_watcher=start_watcher, app_loaded=lambda: True)
     cfg = worker.cfg
 
-    def loaded(worker: Any) -> None:
+    def published(worker: Any) -> None:
         if before_publish is not None:
             patterns = before_publish()
-            if patterns is not None and _worker is not None:
-                _worker.patterns = list(patterns)
+            if patterns is not None and _agent is not None:
+                _agent.patterns = list(patterns)
+        try:
+            if start_watcher():
+                _log.info("wsgi_reload: worker %d started this server's watcher process", os.getpid())
+        except Exception as exc:  # the settings do not load: nothing watches (the app says why)
+            _log.debug("wsgi_reload: no watcher: %s", exc)
+            if _agent is not None:
+                _agent.start_watcher = None
         post_worker_init(worker)
-        if after_publish is not None:
-            after_publish()
+        _log.info("wsgi_reload: worker %d publishes its modules to the watcher%s", os.getpid(), loaded)
 
-    loaded.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
-    _add_hooks(cfg, {"post_worker_init": loaded, "pre_request": pre_request, "post_request": post_request,
+    published.__signature__ = inspect.signature(post_worker_init)  # type: ignore[attr-defined]
+    _add_hooks(cfg, {"post_worker_init": published, "pre_request": pre_request, "post_request": post_request,
                      "worker_exit": _worker_exit})
 
 
 def watching() -> bool:
     """True in a gunicorn master whose config hooks watch the server (and in its workers)."""
     return _settings is not None
-
-
-def republish_if_missing() -> None:
-    """In a worker: publish its manifest again if the runtime directory lost it."""
-    if _worker is not None:
-        _worker.publish_if_missing()
 
 
 def add_to_running_arbiter(arbiter: Any, prepare: Callable[[], Mapping[str, Any]]) -> None:

@@ -60,7 +60,8 @@ class ManifestReader:
     ``accept(pid)`` says which manifests still count (live workers); a file in several
     manifests keeps the earliest load time, and so do the files a manifest's extra patterns
     match. After each call, ``files`` holds that union, ``live`` the accepted pids, ``loaded``
-    what each says of its app, and ``app_failed`` every pid whose app did not load.
+    what each says of its app, ``serving`` the pids whose app loaded, and ``app_failed`` every pid
+    whose app did not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
@@ -73,6 +74,8 @@ class ManifestReader:
         """The extra patterns the live manifests name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
+        self.serving: set[int] = set()
+        """The live pids whose app loaded: the one meaning of "this worker has loaded"."""
         self.generation_of: dict[int, int | None] = {}
         """The generation each live pid runs (None: it imports from the disk)."""
         self.failures: dict[int, str] = {}
@@ -124,6 +127,7 @@ class ManifestReader:
             del self._cache[gone]
         self.live = live
         self.loaded = loaded
+        self.serving = {pid for pid, state in loaded.items() if state is True}
         self.failures = failures
         self.generation_of = generation_of
         self.generations = generations

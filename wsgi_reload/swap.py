@@ -43,15 +43,15 @@ class Signals(Protocol):
 
 class Workers(Protocol):
     """What the workers say of themselves (:class:`wsgi_reload.manifest.ManifestReader`): call
-    it to read again; then ``live`` are the workers that have a record, ``loaded`` what each
-    says of its app, ``app_failed`` and ``failures`` those that say it did not load, and why,
+    it to read again; then ``live`` are the workers that have a record, ``serving`` those whose
+    app loaded, ``app_failed`` and ``failures`` those that say it did not load, and why,
     ``generation_of`` the generation each runs."""
 
     @property
     def live(self) -> set[int]: ...
 
     @property
-    def loaded(self) -> Mapping[int, bool | None]: ...
+    def serving(self) -> set[int]: ...
 
     @property
     def app_failed(self) -> set[int]: ...
@@ -212,7 +212,7 @@ class SignalledSwap(Strategy):
         have not loaded (the old ones serve on); calling again resumes the same swap."""
         self.manifests()
         self.leaving &= self.manifests.live
-        loaded_now = {pid for pid in self.manifests.live - self.leaving if pid not in self.manifests.app_failed}
+        loaded_now = self.manifests.serving - self.leaving
         if not self.retiring:
             if not loaded_now:
                 raise ActionFailed("no worker of this server is up")
@@ -228,7 +228,7 @@ class SignalledSwap(Strategy):
                 self._make_up_for_a_lost_ttin()
                 self.manifests()
                 new = self.manifests.live - self.retiring
-                fresh = {pid for pid in new if pid not in self.manifests.app_failed}
+                fresh = new & self.manifests.serving
                 wanted = self.wanted()
                 stale = {pid for pid in fresh
                          if wanted is not None and self.manifests.generation_of.get(pid) not in (None, wanted)}
@@ -452,12 +452,12 @@ class WorkerChain(Strategy):
         wanted = self.wanted()
         if wanted is None:
             return []
-        return sorted(pid for pid, loaded in self.manifests.loaded.items()
-                      if loaded and self.manifests.generation_of.get(pid) not in (None, wanted))
+        return sorted(pid for pid in self.manifests.serving
+                      if self.manifests.generation_of.get(pid) not in (None, wanted))
 
     def _loaded(self) -> set[int]:
         self.manifests()
-        return {pid for pid, loaded in self.manifests.loaded.items() if loaded}
+        return set(self.manifests.serving)
 
 
 class InPlaceReexec(Strategy):
@@ -499,7 +499,7 @@ class InPlaceReexec(Strategy):
         if not self.old:
             self.manifests()
             self.leaving = {pid for pid in self.leaving if not exited(pid)}
-            loaded = self.manifests.live - self.manifests.app_failed - self.leaving
+            loaded = self.manifests.serving - self.leaving
             if not loaded:
                 raise ActionFailed("no worker of this server is up")
             self.old = set(self.signals.children(self.master_pid) or ()) | self.manifests.live
@@ -517,7 +517,7 @@ class InPlaceReexec(Strategy):
         while True:
             self.manifests()
             new = self.manifests.live - self.old
-            fresh = new - self.manifests.app_failed
+            fresh = new & self.manifests.serving
             if len(fresh) >= self.count:
                 break
             _fail_if_a_new_worker_cannot_serve(self.manifests, new)

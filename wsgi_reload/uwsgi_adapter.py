@@ -9,7 +9,6 @@ runs in a worker's signal handler, and a worker never waits for a scan or a chec
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -20,15 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _genimport, runtime
+from . import runtime
 from ._probe import ask_ready
+from .agent import WorkerAgent
 from .check import checking
-from .files import describe_error
-from .generations import RETRY_SECONDS, Store, adopt, wait_for_newer
+from .generations import adopt
 from .logs import forward_to
-from .manifest import ManifestReader, ManifestWriter
 from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import UWSGI_LOG_FORMAT, alive, ensure_watcher, keep_watcher_running
+from .watch_process import UWSGI_LOG_FORMAT, ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.uwsgi")
 
@@ -41,13 +39,15 @@ HOW_TO_RUN = ("run the app with uwsgi --master and --import wsgi_reload.uwsgi, o
 
 
 class Publisher:
-    """A worker's part: keep the watcher told which files this worker runs, and whether its app
-    loaded (with ``--lazy-apps`` that is the worker's proof for the chain reload)."""
+    """The uWSGI binding of a worker's agent (:class:`wsgi_reload.agent.WorkerAgent`): tells it
+    whether this worker's app loaded, which uWSGI runs no hook for (with ``--lazy-apps`` that is
+    the worker's proof for the chain reload), and when to publish."""
 
     def __init__(self, directory: str, app_module: str | None,
-                 prepare: Callable[[], Iterable[str] | None] | None = None, store: Store | None = None,
-                 ready: Callable[[Any], None] | None = None) -> None:
-        self.store = store
+                 prepare: Callable[[], Iterable[str] | None] | None = None,
+                 ready: Callable[[Any], None] | None = None,
+                 start_watcher: Callable[[], bool] | None = None) -> None:
+        self.agent = WorkerAgent(directory, _LOADED_NS, start_watcher=start_watcher, app_loaded=self.app_loaded)
         self.app_module = app_module
         self.ready = ready
         """--lazy-apps with ``ready_path``: GET it from this worker's app before it says it loaded."""
@@ -56,18 +56,14 @@ class Publisher:
             sys.meta_path.insert(0, _ReadyOnImport(app_module, self._ready))
         self.prepare = prepare
         self.prepared = prepare is None
-        self.writer: ManifestWriter | None = None
-        self.directory = directory
+        self.published_in: int | None = None
         self.load_finished = False
         """False while a --lazy-apps worker may still be importing its app."""
-        self.failed = False
 
     def app_loaded(self) -> bool | None:
         """True once the app module finished importing; False if it failed; None while unknown."""
         if self.app_module is None:
             return None
-        if self.failed:
-            return False
         if self._module_loaded():
             return True if self.ready is None or self.answered_ready else None
         return False if self.load_finished else None
@@ -90,7 +86,7 @@ class Publisher:
 
         def run() -> None:
             deadline = time.monotonic() + timeout
-            while not self.failed and time.monotonic() < deadline:
+            while not self.agent.failed and time.monotonic() < deadline:
                 if self._module_loaded():
                     try:
                         # Asked here only where uWSGI loaded the app without an import (--wsgi-file).
@@ -117,7 +113,7 @@ class Publisher:
 
         def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
             previous(kind, value, tb)
-            if self.app_loaded() or self.failed:
+            if self.app_loaded() or self.agent.failed:
                 return
             sys.excepthook = previous
             self.fail(value)
@@ -126,54 +122,35 @@ class Publisher:
 
     def fail(self, exc: BaseException) -> None:
         """This --lazy-apps worker's app did not load, or did not answer ``ready_path``."""
-        self.failed = True
-        if not self.others_serve():
+        if not self.agent.others_serve():
             # Nothing better to serve: uWSGI goes on without an app, as it always does, and
             # the watcher, told so, reloads as soon as the code loads.
-            self.publish_safely()
+            self.agent.cannot_serve(exc)
             return
-        if self.writer is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.writer.path)
+        self.agent.failed = True
+        self.agent.remove_record()
         # It loaded verified code, so the failure is the environment's (a database down at
         # import): try again after a while, or at once when newer code passes the check.
-        _log.error("wsgi_reload: worker %d cannot load the app from verified code (%s); the other workers serve "
-                   "on, and the master starts another in %g s or once newer code passes the check",
-                   os.getpid(), describe_error(exc), RETRY_SECONDS)
-        if self.store is not None:
-            finder = _genimport.installed()
-            wait_for_newer(self.store, None if finder is None else finder.generation, RETRY_SECONDS)
+        self.agent.wait_for_newer_code(exc)
         os._exit(1)  # the master starts this worker again
-
-    def others_serve(self) -> bool:
-        reader = ManifestReader(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
-        reader()
-        return any(reader.loaded.values())
 
     def publish(self) -> None:
         """Publish this worker's files (first in each worker: say so, and let Django load its views)."""
-        if self.writer is None or self.writer.path != os.path.join(self.directory, f"{os.getpid()}.json"):
-            self.writer = ManifestWriter(self.directory, _LOADED_NS, app_loaded=self.app_loaded)
+        if self.published_in != os.getpid():
+            self.published_in = os.getpid()
             _log.info("wsgi_reload: worker %d publishes its modules to the watcher", os.getpid())
         if not self.prepared and self.app_loaded() is not False and self.prepare is not None:
             patterns = self.prepare()
             if patterns is not None:
                 self.prepared = True
-                self.writer.patterns = list(patterns)
-        self.writer.publish()
-
-    def republish_if_missing(self) -> None:
-        if self.writer is not None:
-            self.writer.publish_if_missing()
+                self.agent.patterns = list(patterns)
+        self.agent.publish()
 
     def after_request(self) -> None:
-        if self.writer is None or not self.prepared:
+        if self.published_in != os.getpid() or not self.prepared:
             self.publish_safely()
             return
-        try:
-            self.writer.publish_if_grown()
-        except Exception:
-            _log.exception("wsgi_reload: publishing this worker's modules failed")
+        self.agent.after_request()
 
     def publish_safely(self) -> None:
         try:
@@ -349,7 +326,7 @@ def start(settings: Settings | None = None,
     try:
         directory = runtime.for_server(master)
         # Before the app loads (--import): the app imports the newest verified generation.
-        store, _ = adopt(directory, cover="start uWSGI with --import wsgi_reload.uwsgi to load them checked")
+        adopt(directory, cover="start uWSGI with --import wsgi_reload.uwsgi to load them checked")
         # --lazy-apps workers import the app themselves (worker_id is set while this is imported);
         # a chain needs to know the app's module to tell when a new worker has loaded it.
         lazy = uwsgi.worker_id() > 0 and _app_module_name(uwsgi.opt) is not None
@@ -377,10 +354,10 @@ def start(settings: Settings | None = None,
     ready = None
     if settings.ready_path and uwsgi.worker_id() > 0 and app_module is not None:
         ready = functools.partial(_ask_ready, _app_callable(uwsgi.opt), settings.ready_path)
-    publisher = _started = Publisher(directory, app_module, prepare, store, ready)
+    publisher = _started = Publisher(directory, app_module, prepare, ready, start_watcher)
     # Each worker starts the watcher process again if it stops (never the master: no thread of
     # ours runs in uWSGI's master loop).
-    keep = functools.partial(keep_watcher_running, directory, start_watcher, publisher.republish_if_missing)
+    keep = publisher.agent.keep_watcher_running
     if uwsgi.worker_id() == 0:
         publisher.load_finished = True  # prefork: the app loads in the master, before the fork
         _chain_hook(uwsgi, "post_fork_hook", publisher.publish)

@@ -285,7 +285,7 @@ class _ServerWatch:
 
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
-        if self.replace == "swap" and not self.manifests.live - self.manifests.app_failed:
+        if self.replace == "swap" and not self.manifests.serving:
             if not self.manifests.live and children(self.target.pid):
                 # Workers run, but none has said what (its record is on the way, or the runtime
                 # directory was just made again and they write theirs again): ask again.
@@ -339,7 +339,7 @@ class _ServerWatch:
         config may name another number of workers)."""
         while time.monotonic() - started < timeout:
             self.manifests()
-            fresh = self.manifests.live - old - self.manifests.app_failed
+            fresh = self.manifests.serving - old
             workers = children(self.target.pid)
             if fresh and all(exited(pid) for pid in old) and workers is not None and workers <= fresh:
                 log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the signal", len(fresh),
@@ -354,7 +354,7 @@ class _ServerWatch:
 
     def announce_workers(self) -> None:
         """Say once that the server's workers are up (all of them, when their number is known)."""
-        loaded = self.manifests.live - self.manifests.app_failed
+        loaded = self.manifests.serving
         if self.announced or not loaded or (self.expected is not None and len(loaded) < self.expected):
             return
         self.announced = True
@@ -481,10 +481,9 @@ class _ServerWatch:
     def waiting_for_code(self) -> set[int]:
         """Workers whose app did not load while none serves (the server started broken), not yet
         looked at. A worker that fails while others serve only waits for newer code."""
-        live = self.manifests.live
-        if live - self.manifests.app_failed:
+        if self.manifests.serving:
             return set()
-        return (self.manifests.app_failed & live) - self.checked_start
+        return (self.manifests.app_failed & self.manifests.live) - self.checked_start
 
     def recover_start(self, pids: list[int]) -> None:
         """Workers say the app did not load: a broken app, or a save that raced their start."""

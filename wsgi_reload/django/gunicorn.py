@@ -28,7 +28,7 @@ from ..check import checking
 from ..generations import adopt
 from ..logs import forward_to
 from ..settings import Settings, SettingsError
-from ..watch_process import ensure_watcher, keep_watcher_running
+from ..watch_process import ensure_watcher
 from .files import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
@@ -106,26 +106,15 @@ def adopt_booting_worker() -> None:
             raise
         return django_watch_patterns()
 
-    def ensure() -> bool:
+    def start_watcher() -> bool:
         """Make sure the server's watcher runs; True if this worker started it."""
         if "settings" not in state:
             state["settings"] = reload_settings(server_app)  # a worker whose app failed before the URLconf
         return ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
                               replace="swap", settings=state["settings"], loaded_at_ns=_STARTED_NS)
 
-    def start_watcher() -> None:
-        if ensure():
-            log.info("wsgi_reload: worker %d started this server's watcher process", os.getpid())
-
-    def after_publish() -> None:
-        if "settings" not in state:
-            return
-        start_watcher()
-        keep_watcher_running(directory, ensure, adapter.republish_if_missing)
-        log.info("wsgi_reload: worker %d publishes its modules to the watcher; it has the views loaded", os.getpid())
-
-    adapter.adopt_worker(worker, directory, _STARTED_NS, before_publish=before_publish, after_publish=after_publish,
-                         on_failed_start=start_watcher)
+    adapter.adopt_worker(worker, directory, _STARTED_NS, start_watcher=start_watcher, before_publish=before_publish,
+                         loaded="; it has the views loaded")
     _adopted = True
     earlier = _project_apps_before_us()
     if earlier and runtime.first_report(directory, "apps-before-us"):

@@ -1,0 +1,138 @@
+"""The one worker-side agent: everything a process that serves the app does for its watcher.
+
+Each server binding (gunicorn's hooks, the uWSGI module, Django's app) creates one
+:class:`WorkerAgent` in each worker and calls it from its own hooks; only the agent writes
+the worker's record in the runtime directory, keeps the server's watcher process running,
+applies patches (gunicorn ``mode=patch``) and waits when verified code cannot load here.
+
+The record (:class:`wsgi_reload.manifest.ManifestWriter`) says which files the worker runs,
+from which generation, and whether its app loaded: "loaded" means the app imported (and, with
+``ready_path``, answered) in this process, and nothing else does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+
+from . import _genimport
+from .files import describe_error
+from .generations import RETRY_SECONDS, store_of, wait_for_newer
+from .hybrid import PatchApplier
+from .manifest import ManifestReader, ManifestWriter
+from .watch_process import alive, keep_watcher_running
+
+log = logging.getLogger("wsgi_reload.agent")
+
+
+class WorkerAgent:
+    """A worker's side of the channel to its server's watcher.
+
+    :param directory: the server's private runtime directory.
+    :param loaded_at_ns: when this process began loading the app (a module file newer than
+        this changed after the worker loaded it).
+    :param start_watcher: starts the server's watcher process unless one runs; True if it did.
+    :param app_loaded: whether the app loaded here (True, False, or None while unknown); the
+        agent's own verdict (:meth:`cannot_serve`) wins over it.
+    :param patch: apply published patches before each request (gunicorn ``mode=patch``).
+    """
+
+    def __init__(self, directory: str, loaded_at_ns: int, *, start_watcher: Callable[[], bool] | None = None,
+                 app_loaded: Callable[[], bool | None] = lambda: None, patch: bool = False) -> None:
+        self.directory = directory
+        self.loaded_at_ns = loaded_at_ns
+        self.start_watcher = start_watcher
+        self._app_loaded = app_loaded
+        self.failed = False
+        """This worker said it cannot serve the code it loaded."""
+        self.patterns: list[str] = []
+        """Extra globs this worker's app watches (Django's templates and catalogs)."""
+        self.patches = PatchApplier(directory) if patch else None
+        self._record: ManifestWriter | None = None
+
+    # --- the record ----------------------------------------------------------------------
+
+    @property
+    def record(self) -> ManifestWriter:
+        """This process's record (a process forked from the one that made the agent gets its own)."""
+        if self._record is None or self._record.path != os.path.join(self.directory, f"{os.getpid()}.json"):
+            self._record = ManifestWriter(self.directory, self.loaded_at_ns, app_loaded=self.app_loaded)
+        self._record.patterns = self.patterns
+        return self._record
+
+    def app_loaded(self) -> bool | None:
+        return False if self.failed else self._app_loaded()
+
+    def publish(self) -> None:
+        """Write this worker's record now (the first one after its app loaded is its proof)."""
+        self.record.publish()
+
+    def publish_safely(self) -> None:
+        """:meth:`publish` from a hook that must never fail a request."""
+        try:
+            self.publish()
+        except Exception:
+            log.exception("wsgi_reload: publishing this worker's modules failed")
+
+    def after_request(self) -> None:
+        """Publish again if the request imported more modules (views load lazily)."""
+        try:
+            self.record.publish_if_grown()
+        except Exception:
+            log.exception("wsgi_reload: publishing this worker's modules failed")
+
+    def republish_if_missing(self) -> None:
+        """Publish again if the runtime directory lost the record (it was removed and made again)."""
+        if self._record is not None:
+            self._record.publish_if_missing()
+
+    def remove_record(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.record.path)
+
+    # --- the watcher ---------------------------------------------------------------------
+
+    def keep_watcher_running(self) -> None:
+        """Start the server's watcher again whenever it stops (a thread, once per process)."""
+        if self.start_watcher is not None:
+            keep_watcher_running(self.directory, self.start_watcher, self.republish_if_missing)
+
+    def before_request(self) -> None:
+        """In patch mode: apply a newer published patch before serving."""
+        if self.patches is not None:
+            self.patches.maybe_apply()
+
+    # --- code that cannot serve here -----------------------------------------------------
+
+    def cannot_serve(self, exc: BaseException) -> None:
+        """Say in this worker's record that it cannot serve the code it loaded, and why: a
+        replacement waiting for it ends at once, and with none serving the watcher checks."""
+        self.failed = True
+        self.record.failure = describe_error(exc)
+        with contextlib.suppress(OSError):
+            self.publish()
+
+    def others_serve(self) -> bool:
+        """Whether another live worker of the server has its app loaded."""
+        workers = ManifestReader(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
+        workers()
+        return bool(workers.serving)
+
+    def wait_for_newer_code(self, exc: BaseException, *, quiet: bool = False,
+                            heartbeat: Callable[[], object] | None = None) -> None:
+        """Verified code did not load here (the environment's fault: a database down at import):
+        say so, and wait :data:`RETRY_SECONDS`, or until newer code passes the check. The caller
+        then exits with 1, and the server starts another worker.
+
+        :param quiet: log at debug level (the watcher already says what is broken).
+        :param heartbeat: called meanwhile (a gunicorn worker tells its master it is alive).
+        """
+        finder = _genimport.installed()
+        generation = None if finder is None else finder.generation
+        log.log(logging.DEBUG if quiet else logging.ERROR,
+                "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "
+                "workers serve on, and another worker tries again in %g s or once newer code passes the check",
+                os.getpid(), generation, describe_error(exc), RETRY_SECONDS)
+        wait_for_newer(store_of(self.directory), generation, RETRY_SECONDS, heartbeat=heartbeat)
