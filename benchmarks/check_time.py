@@ -20,8 +20,8 @@ from pathlib import Path
 from _harness import big_app, django_site, print_table
 from servers import server_env
 
-from wsgi_reload.check import import_app
-from wsgi_reload.warm import checks_forked, close_all, wait_ready
+from wsgi_reload._check.check import import_app
+from wsgi_reload._check.warm import checks_forked, close_all, wait_ready
 
 WORKER_FILES = """
 import json, sys
@@ -32,7 +32,7 @@ print(json.dumps([m.__file__ for m in list(sys.modules.values()) if isinstance(g
 
 
 def worker_files(directory: Path, setup: str, env: dict[str, str]) -> list[str]:
-    """The module files a worker of this app would have loaded (what the manifests say)."""
+    """The module files a worker of this app would have loaded (what the records say)."""
     import json
 
     code = WORKER_FILES.format(directory=str(directory), setup=setup)

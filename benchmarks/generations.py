@@ -27,7 +27,7 @@ from pathlib import Path
 from scan import best  # one timing helper for the benchmarks that time a function
 
 from wsgi_reload import Scanner, Settings
-from wsgi_reload.generations import Store
+from wsgi_reload._server.generations import Store
 
 MODULE = '''"""Module {n}."""
 
@@ -92,7 +92,7 @@ def boot_seconds(root: Path, count: int, store: str | None, rounds: int) -> floa
     __pycache__ or the store's code cache)."""
     install = ""
     if store is not None:
-        install = (f"from wsgi_reload.generations import Store; s = Store({store!r}); "
+        install = (f"from wsgi_reload._server.generations import Store; s = Store({store!r}); "
                    "s.install(s.load(s.current_id()))\n")
     code = (f"import sys, time, importlib\nsys.path.insert(0, {str(root)!r})\n{install}"
             "t = time.perf_counter()\n"

@@ -323,7 +323,7 @@ def watcher_processes(cwd: Path) -> list[int]:
     """The live watcher processes started for a server whose directory is ``cwd``."""
     found = []
     for pid, (state, _, command) in processes().items():
-        if state == "Z" or "wsgi_reload.watch_process import main" not in command:
+        if state == "Z" or "wsgi_reload._server.watcher_process import main" not in command:
             continue
         try:
             if os.readlink(f"/proc/{pid}/cwd") == str(cwd):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from wsgi_reload import Change, Monitor, ReloadGate, Scanner, Settings, SettingsError
-from wsgi_reload.check import check_code, compile_files, import_app
-from wsgi_reload.files import failed_imports
-from wsgi_reload.warm import checks_forked, close_all, wait_ready
+from wsgi_reload._check.check import check_code, compile_files, import_app
+from wsgi_reload._check.warm import checks_forked, close_all, wait_ready
+from wsgi_reload._core.files import failed_imports
 
 
 @pytest.fixture(autouse=True)
@@ -491,7 +491,7 @@ def test_the_gate_checks_again_when_files_changed_during_the_check(tmp_path: Pat
 def test_files_that_keep_changing_through_every_check_are_no_error_and_are_checked_again(
         caplog: pytest.LogCaptureFixture) -> None:
     from wsgi_reload import CheckResult
-    from wsgi_reload.gate import MAX_RECHECKS
+    from wsgi_reload._core.gate import MAX_RECHECKS
 
     rescans = [[Change("/a.py", "modified")] for _ in range(MAX_RECHECKS)] + [[], []]
     acted: list[object] = []
@@ -556,8 +556,8 @@ def test_the_settle_window_turns_a_burst_into_one_batch(tmp_path: Path) -> None:
 def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each event test runs on both sources of events, with the safety rescan off, so that
     only an event can report a change."""
-    import wsgi_reload.inotify as inotify_module
-    import wsgi_reload.monitor as monitor_module
+    import wsgi_reload._core.inotify as inotify_module
+    import wsgi_reload._core.monitor as monitor_module
 
     if request.param == "watchfiles":
         pytest.importorskip("watchfiles")
@@ -573,7 +573,7 @@ def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 def test_the_first_backend_of_the_table_that_opens_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The table of event backends, with a fake one: one that cannot open is skipped, the next
     gets the watched directories and its wake-ups make the monitor scan (the rescan is off)."""
-    import wsgi_reload.monitor as monitor_module
+    import wsgi_reload._core.monitor as monitor_module
 
     opened: list[FakeEvents] = []
 
@@ -637,7 +637,7 @@ def test_with_events_a_burst_is_one_batch_too(tmp_path: Path, event_source: str)
 def test_settling_on_events_waits_even_when_the_first_event_is_not_read_yet(tmp_path: Path) -> None:
     """The scan can see a write before the watcher thread reads its event; quiet is then
     measured from when the batch was found, so a second file written just after still joins."""
-    from wsgi_reload.monitor import settle
+    from wsgi_reload._core.monitor import settle
 
     first, second = tmp_path / "first.py", tmp_path / "second.py"
     first.write_text("0")
@@ -794,7 +794,7 @@ def watches_free() -> int:
     import shutil
     import tempfile
 
-    from wsgi_reload.inotify import DirectoryWatcher, WatchLimitReached
+    from wsgi_reload._core.inotify import DirectoryWatcher, WatchLimitReached
 
     probe = DirectoryWatcher(lambda: None)
     scratch = tempfile.mkdtemp(prefix="wsgi-reload-probe-")
@@ -814,7 +814,7 @@ def watches_free() -> int:
 @contextlib.contextmanager
 def inotify_watch_limit(headroom: int) -> Iterator[None]:
     """fs.inotify.max_user_watches lowered to what root uses now plus ``headroom``, then put back."""
-    import wsgi_reload.inotify as inotify_module
+    import wsgi_reload._core.inotify as inotify_module
 
     if os.geteuid() != 0:
         pytest.skip("lowering fs.inotify.max_user_watches needs root")

@@ -354,7 +354,7 @@ def test_each_new_worker_asks_ready_path_itself(site: Path) -> None:
     """Django under gunicorn with no config: the check's call to ready_path passes, the new
     workers' own call answers 500 (what differs is the environment, as with a database only
     workers reach). The swap ends at once, the old views serve on, and the fix is served."""
-    from wsgi_reload.check import PROBE_ENV
+    from wsgi_reload._check.check import PROBE_ENV
 
     add_view(site, "healthz", 'import os\n\n'
              f'return HttpResponse(status=500 if GREETING == "sick" and not os.environ.get("{PROBE_ENV}") else 200)')

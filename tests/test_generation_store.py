@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from wsgi_reload.generations import Store, project_roots, walk
+from wsgi_reload._server.generations import Store, project_roots, walk
 
 
 def run(code: str, cwd: Path) -> dict[str, object]:
@@ -48,7 +48,7 @@ def test_a_generation_serves_its_own_bytes_whatever_the_disk_says(tmp_path: Path
     result = run(f"""
         import inspect, json, sys, traceback
         sys.path.insert(0, {str(root)!r})
-        from wsgi_reload.generations import Store
+        from wsgi_reload._server.generations import Store
         store = Store({str(tmp_path / 'store')!r})
         store.install(store.load(store.current_id()))
         import pkg.mod, top, os
@@ -79,7 +79,7 @@ def test_a_file_deleted_after_the_check_still_imports_and_a_new_one_comes_from_t
     result = run(f"""
         import json, sys
         sys.path.insert(0, {str(root)!r})
-        from wsgi_reload.generations import Store
+        from wsgi_reload._server.generations import Store
         store = Store({str(tmp_path / 'store')!r})
         store.install(store.load(store.current_id()))
         import pkg.mod, newer
@@ -129,7 +129,7 @@ def test_compiled_code_is_cached_in_the_store_and_used(tmp_path: Path) -> None:
     code = f"""
         import json, sys, builtins
         sys.path.insert(0, {str(root)!r})
-        from wsgi_reload.generations import Store
+        from wsgi_reload._server.generations import Store
         compiled = []
         real = builtins.compile
         builtins.compile = lambda *a, **k: compiled.append(a[1]) or real(*a, **k)
@@ -231,8 +231,8 @@ def test_django_reads_templates_and_catalogs_of_the_generation(tmp_path: Path) -
                            TEMPLATES=[{{"BACKEND": "django.template.backends.django.DjangoTemplates",
                                         "DIRS": [{str(root / 'templates')!r}]}}])
         django.setup()
-        from wsgi_reload.generations import Store
-        from wsgi_reload.django.generation import serve_from_generation
+        from wsgi_reload._server.generations import Store
+        from wsgi_reload.django._generation import serve_from_generation
         store = Store({str(tmp_path / 'store')!r})
         store.install(store.load(store.current_id()))
         serve_from_generation()

@@ -230,7 +230,7 @@ def test_each_new_worker_asks_ready_path_itself(tmp_path: Path, kind: str) -> No
     """The check's call to ready_path passes, but the new workers' own call answers 500 (what
     differs between the two is the environment, as with a database only workers reach): the new
     code never replaces the old, and the fix is served."""
-    from wsgi_reload.check import PROBE_ENV
+    from wsgi_reload._check.check import PROBE_ENV
 
     app = healthz_app(tmp_path, f'greeting.text() == "sick" and not __import__("os").environ.get("{PROBE_ENV}")')
     port = free_port()

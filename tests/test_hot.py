@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from wsgi_reload import Change, Settings
+from wsgi_reload._hot.judge import Verdict
 from wsgi_reload.hot import (
     HotReloader,
     apply_file,
@@ -26,7 +27,6 @@ from wsgi_reload.hot import (
     remember_source,
     replace,
 )
-from wsgi_reload.patch import Verdict
 
 _counter = itertools.count()
 
@@ -566,7 +566,7 @@ def test_a_reader_never_sees_a_half_built_module(load: object) -> None:
 
 # --- patches to running workers (gunicorn's patch mode) ---------------------------------------
 
-from wsgi_reload.patch import judge  # noqa: E402
+from wsgi_reload._hot.judge import judge  # noqa: E402
 
 PATCH_BASE = """
 X = 1
@@ -630,7 +630,7 @@ def test_judge_refuses_what_only_the_whole_module_can_do(old: str, new: str, rea
 
 
 def test_a_comprehension_variable_is_not_a_module_name() -> None:
-    from wsgi_reload.statements import plan
+    from wsgi_reload._hot.statements import plan
 
     changed = plan("i = 'kept'\nsquares = [i * i for i in range(3)]\n",
                    "i = 'kept'\nsquares = [j * j for j in range(3)]\n")
@@ -652,11 +652,11 @@ def test_a_patch_runs_no_unchanged_module_code(load: object) -> None:
 def test_a_worker_that_cannot_take_a_patch_makes_the_master_fall_back(load: object, tmp_path: Path) -> None:
     import json
 
-    from wsgi_reload.hybrid import PATCH_FILE, PatchApplier, PatchPublisher
+    from wsgi_reload._hot.transport import PATCH_FILE, PatchApplier, PatchPublisher
 
     old = "class Meta(type):\n    pass\n\nclass Model(metaclass=Meta):\n    size = 1\n"
     module = load(old)  # type: ignore[operator]
-    shared = tmp_path / "manifests"
+    shared = tmp_path / "records"
     shared.mkdir()
     publisher = PatchPublisher(str(shared), str(tmp_path))
     reasons: list[str] = []

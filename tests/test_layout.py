@@ -47,9 +47,27 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 
 def test_the_check_sees_each_kind_of_reach() -> None:
-    source = ("from .. import gunicorn as adapter\nfrom .gate import _reported\nimport wsgi_reload.files\n"
+    source = ("from .. import gunicorn as adapter\nfrom .gate import _reported\nimport wsgi_reload._core.files\n"
               "adapter._worker.patterns = []\ngetattr(adapter, '_master', None)\nwsgi_reload._x\n"
               "import os\nos._exit\nadapter.public\n")
     assert set(reaches_into_privates(source)) == {
         "line 2: from .gate import _reported", "line 4: adapter._worker", "line 5: getattr(adapter, '_master')",
         "line 6: wsgi_reload._x"}
+
+
+PUBLIC_MODULES = {"__init__.py", "gunicorn.py", "uwsgi.py", "hot.py", "cli.py", "django", "py.typed"}
+"""The import paths users write (the README's and docs' own): everything else is internal."""
+
+
+def test_only_the_documented_modules_are_public() -> None:
+    public = {p.name for p in PACKAGE.iterdir() if not p.name.startswith(("_", ".")) or p.name == "__init__.py"}
+    assert public == PUBLIC_MODULES
+    django = {p.name for p in (PACKAGE / "django").iterdir() if not p.name.startswith("_") and p.suffix == ".py"}
+    assert django == {"apps.py"}  # Django finds the app config there
+
+
+def test_one_package_per_stage() -> None:
+    """The path of a change, one package per stage: detect it (_core), check it (_check), carry it
+    to the workers (_server), or patch it in place (_hot)."""
+    stages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name.startswith("_") and p.name != "__pycache__"}
+    assert stages == {"_core", "_check", "_server", "_hot"}

@@ -28,7 +28,7 @@ def test_the_built_wheel_installs_and_reloads(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     names = zipfile.ZipFile(wheel).namelist()
-    assert "wsgi_reload/py.typed" in names and "wsgi_reload/_genimport.py" in names
+    assert "wsgi_reload/py.typed" in names and "wsgi_reload/_server/genimport.py" in names
     assert not [n for n in names if n.startswith(("tests/", "docs/", "benchmarks/"))]
     members = tarfile.open(sdist).getnames()
     root = members[0].split("/")[0]

@@ -17,7 +17,7 @@ if not settings.configured:
 from django.utils import autoreload  # noqa: E402
 
 from wsgi_reload import Settings  # noqa: E402
-from wsgi_reload.django.runserver import WsgiReloadReloader  # noqa: E402
+from wsgi_reload.django._runserver import WsgiReloadReloader  # noqa: E402
 
 
 class Recording(WsgiReloadReloader):  # type: ignore[misc]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import wsgi_reload
-from wsgi_reload.files import PathFilter, failed_imports, module_file
-from wsgi_reload.scanner import Change, Scanner
-from wsgi_reload.settings import Settings
+from wsgi_reload._core.files import PathFilter, failed_imports, module_file
+from wsgi_reload._core.scanner import Change, Scanner
+from wsgi_reload._core.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,7 @@ def test_sys_modules_files_are_watched_and_an_edit_counts(tmp_path: Path) -> Non
 def test_module_files_are_computed_again_only_when_a_module_comes_goes_or_is_replaced(tmp_path: Path) -> None:
     """A rescan reuses the last module file list while sys.modules holds the same objects; an
     import, a removal or a replaced module object shows at once."""
-    from wsgi_reload.files import ModuleFiles
+    from wsgi_reload._core.files import ModuleFiles
 
     for name in ("cache_a", "cache_b"):
         (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
@@ -324,7 +324,7 @@ def test_module_file_uses_the_archive_for_zip_imports(tmp_path: Path) -> None:
 
 
 def test_code_changed_keeps_the_classic_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsgi_reload import scanner as scanner_module
+    from wsgi_reload._core import scanner as scanner_module
 
     target = tmp_path / "settings.ini"
     target.write_text("a")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from second_user import NOBODY, needs_root, run_as_nobody, shared_tmp
 
-from wsgi_reload import runtime
-from wsgi_reload.process import Target, TargetError, from_pidfile
+from wsgi_reload._server import runtime
+from wsgi_reload._server.signals import Target, TargetError, from_pidfile
 
 pytestmark = needs_root
 

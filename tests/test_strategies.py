@@ -2,7 +2,7 @@
 
 A fake master answers signals the way gunicorn's arbiter (TTIN forks one more worker, TTOU
 retires the oldest) and uWSGI's master (a worker sent HUP is replaced) do, and its workers
-publish what a real worker's manifest says: loaded, or failed and why. The real servers run
+publish what a real worker's record says: loaded, or failed and why. The real servers run
 these strategies in tests/test_django.py and tests/test_uwsgi.py.
 """
 
@@ -14,16 +14,17 @@ from collections.abc import Callable
 
 import pytest
 
-from wsgi_reload import swap
-from wsgi_reload.gate import ActionFailed
-from wsgi_reload.process import TargetGone
-from wsgi_reload.swap import STRATEGIES, InPlaceReexec, SignalledSwap, WorkerChain
+from wsgi_reload._core.gate import ActionFailed
+from wsgi_reload._server import strategies
+from wsgi_reload._server.signals import TargetGone
+from wsgi_reload._server.strategies import STRATEGIES, InPlaceReexec, SignalledSwap, SignalReload, WorkerChain
 
 MASTER = 100
 
 
 class FakeServer:
-    """Implements both :class:`wsgi_reload.swap.Signals` and :class:`wsgi_reload.swap.Workers`."""
+    """Implements both :class:`wsgi_reload._server.strategies.Signals` and
+    :class:`wsgi_reload._server.strategies.Workers`."""
 
     def __init__(self, workers: int, new_worker: Callable[[int], bool | str] = lambda pid: True) -> None:
         self.next_pid = 1000
@@ -42,6 +43,12 @@ class FakeServer:
         self.generation = 1
         """The generation a worker started now loads."""
         self.generation_of: dict[int, int | None] = {pid: 1 for pid in self.workers}
+        self.generations: set[int | None] = set()
+        self.master_reloads = True
+        """uWSGI's master answers SIGHUP with a graceful reload; False: it ignores it (one under way)."""
+        self.lingering: set[int] = set()
+        """Old workers of a uWSGI reload still finishing their requests."""
+        self.linger = False
 
     def spawn(self) -> int:
         self.next_pid += 1
@@ -62,6 +69,16 @@ class FakeServer:
         elif signum == signal.SIGTERM:
             self.workers.remove(pid)
             self.records.pop(pid, None)
+        elif pid == MASTER and signum == signal.SIGHUP:  # uWSGI: a graceful reload of every worker
+            if not self.master_reloads:
+                return
+            old, self.workers = list(self.workers), []
+            for worker in old:
+                self.records.pop(worker, None)
+            if self.linger:
+                self.lingering |= set(old)
+            for _ in old:
+                self.start_worker()
         elif signum == signal.SIGHUP:
             if pid not in self.workers:
                 raise TargetGone(f"worker {pid} has exited")
@@ -77,7 +94,10 @@ class FakeServer:
             self.records[pid] = record
 
     def children(self, pid: int) -> frozenset[int] | None:
-        return frozenset(self.workers) if pid == MASTER else frozenset()
+        return frozenset(self.workers) | self.lingering if pid == MASTER else frozenset()
+
+    def exited(self, pid: int) -> bool:
+        return pid not in self.workers and pid not in self.lingering
 
     # Workers
 
@@ -86,6 +106,7 @@ class FakeServer:
         self.serving = {pid for pid, r in self.records.items() if r is True}
         self.app_failed = {pid for pid, r in self.records.items() if isinstance(r, str)}
         self.failures = {pid: r for pid, r in self.records.items() if isinstance(r, str)}
+        self.generations = {self.generation_of.get(pid) for pid in self.records}
         return self.records
 
     def say(self, pid: int, record: bool | str) -> None:
@@ -97,6 +118,7 @@ def test_the_table_names_each_strategy() -> None:
     assert isinstance(STRATEGIES["swap"](MASTER, server, server, 1.0, lambda: None, None), SignalledSwap)
     assert isinstance(STRATEGIES["chain"](MASTER, server, server, 1.0, lambda: None, None), WorkerChain)
     assert isinstance(STRATEGIES["reexec"](MASTER, server, server, 1.0, lambda: None, None), InPlaceReexec)
+    assert isinstance(STRATEGIES["signal"](MASTER, server, server, 1.0, lambda: None, None), SignalReload)
 
 
 def test_reexec_signals_the_master_once_and_retires_the_old_workers_once_the_new_load() -> None:
@@ -219,7 +241,7 @@ def test_chain_stops_at_a_worker_whose_replacement_has_not_loaded() -> None:
 
 
 class DictMemory:
-    """:class:`wsgi_reload.swap.Memory` in a dict: what a killed watcher leaves for the next."""
+    """:class:`wsgi_reload._server.strategies.Memory` in a dict: what a killed watcher leaves for the next."""
 
     def __init__(self) -> None:
         self.state: dict[str, object] | None = None
@@ -293,7 +315,7 @@ def test_a_swap_right_after_a_swap_does_not_count_the_workers_still_leaving() ->
 def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """The killed watcher's last TTOU reached the master before its record: the next watcher sends
     it again, which retires one new worker too many. Once the workers are steady it adds one."""
-    monkeypatch.setattr(swap, "STEADY_SECONDS", 0.05)
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
     server = FakeServer(2)
     old = set(server.workers)
     memory = DictMemory()
@@ -358,4 +380,85 @@ def test_reexec_once_more_when_the_new_image_loaded_an_older_generation() -> Non
     reexec = InPlaceReexec(MASTER, server, server, load_timeout=1.0, wanted=lambda: server.generation)
     assert reexec() == 2
     assert [name for _, name in server.sent].count("SIGUSR2") == 2
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+def test_signal_reload_signals_once_and_waits_for_the_old_workers_to_finish() -> None:
+    """uWSGI ignores a reload signal during a reload: while an old worker still finishes its
+    requests, no second signal goes out; once they are gone and the new ones run the wanted
+    generation, nothing more is sent."""
+    server = FakeServer(2)
+    server.linger = True
+    server.generation = 2
+    reload = SignalReload(MASTER, server, server, wanted=lambda: 2)
+    assert reload() is None  # it reports itself once the server's reload is over
+    assert server.sent == [(MASTER, "SIGHUP")]
+    for _ in range(3):
+        assert reload.wants_tick()
+        reload.tick()
+    assert server.sent == [(MASTER, "SIGHUP")]
+    server.lingering.clear()
+    reload.tick()
+    assert server.sent == [(MASTER, "SIGHUP")] and not reload.wants_tick()
+
+
+def test_signal_reload_sends_nothing_when_the_workers_run_the_wanted_generation() -> None:
+    server = FakeServer(2)
+    reload = SignalReload(MASTER, server, server, wanted=lambda: 1)
+    reload()
+    assert server.sent == [] and not reload.wants_tick()
+
+
+def test_signal_reload_once_more_for_a_generation_published_during_the_reload() -> None:
+    server = FakeServer(2)
+    server.linger = True
+    wanted = [2]
+    server.generation = 2
+    reload = SignalReload(MASTER, server, server, wanted=lambda: wanted[0])
+    reload()
+    wanted[0] = 3  # passed its check while the old workers finished
+    reload.tick()
+    assert [name for _, name in server.sent] == ["SIGHUP"]  # still under way: a signal now would be lost
+    server.generation = 3
+    server.lingering.clear()
+    reload.tick()
+    assert [name for _, name in server.sent] == ["SIGHUP", "SIGHUP"]
+    server.lingering.clear()
+    reload.tick()
+    assert {server.generation_of[pid] for pid in server.workers} == {3} and not reload.wants_tick()
+
+
+def test_signal_reload_sends_again_when_the_signal_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master ignored the signal (it was still starting up from the last reload): once no old
+    worker has exited for LOST_SIGNAL_SECONDS, the signal is sent again."""
+    monkeypatch.setattr(strategies, "LOST_SIGNAL_SECONDS", 0.05)
+    server = FakeServer(2)
+    server.master_reloads = False
+    server.generation = 2
+    reload = SignalReload(MASTER, server, server, wanted=lambda: 2)
+    reload()
+    reload.tick()
+    assert [name for _, name in server.sent] == ["SIGHUP"]
+    time.sleep(0.06)
+    server.master_reloads = True
+    reload.tick()
+    assert [name for _, name in server.sent] == ["SIGHUP", "SIGHUP"]
+    reload.tick()
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+def test_signal_reload_stops_the_workers_of_a_master_that_never_reloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uWSGI master stuck in a reload ignores every signal: after UNANSWERED_SIGNALS of them
+    its workers are stopped gracefully (each one's SIGHUP), which ends that reload."""
+    monkeypatch.setattr(strategies, "LOST_SIGNAL_SECONDS", 0.0)
+    server = FakeServer(2)
+    server.master_reloads = False
+    server.generation = 2
+    old = list(server.workers)
+    reload = SignalReload(MASTER, server, server, wanted=lambda: 2)
+    for _ in range(strategies.UNANSWERED_SIGNALS + 1):
+        reload.tick()
+    signalled = [(MASTER, "SIGHUP")] * strategies.UNANSWERED_SIGNALS
+    assert server.sent == [*signalled, (old[0], "SIGHUP"), (old[1], "SIGHUP")]
+    reload.tick()
     assert {server.generation_of[pid] for pid in server.workers} == {2}

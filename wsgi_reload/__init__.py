@@ -7,13 +7,13 @@ proves the new code loads, :class:`ReloadGate` acts only on code that loads, and
 good change into the server's own graceful reload.
 """
 
-from .check import CheckResult, check_code, checking, compile_files, import_app
-from .files import failed_imports
-from .gate import ActionFailed, ReloadGate
-from .monitor import Monitor
-from .scanner import Change, Scanner, code_changed
-from .settings import Settings, SettingsError
-from .watcher import Watcher
+from ._check.check import CheckResult, check_code, checking, compile_files, import_app
+from ._core.files import failed_imports
+from ._core.gate import ActionFailed, ReloadGate
+from ._core.monitor import Monitor
+from ._core.scanner import Change, Scanner, code_changed
+from ._core.settings import Settings, SettingsError
+from ._core.watcher import Watcher
 
 __version__ = "0.1.0"
 

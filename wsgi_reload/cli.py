@@ -12,13 +12,13 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .check import check_code, compile_files, import_app
-from .files import is_glob
-from .gate import ActionFailed
-from .process import Target, TargetError, from_pidfile
-from .scanner import Change
-from .settings import BACKENDS, CHECK_MODES, Settings, SettingsError
-from .watcher import Watcher
+from ._check.check import check_code, compile_files, import_app
+from ._core.files import is_glob
+from ._core.gate import ActionFailed
+from ._core.scanner import Change
+from ._core.settings import BACKENDS, CHECK_MODES, Settings, SettingsError
+from ._core.watcher import Watcher
+from ._server.signals import Target, TargetError, from_pidfile
 
 log = logging.getLogger("wsgi_reload.cli")
 

@@ -7,7 +7,7 @@ into a config, or chain it into a config that has hooks of its own::
     wsgi_reload.gunicorn.install(globals(), interval=0.5)
 
 How it works: ``when_ready`` starts the server's one watcher process
-(:mod:`wsgi_reload.watch_process`), which the master then only receives signals from. Each
+(:mod:`wsgi_reload._server.watcher_process`), which the master then only receives signals from. Each
 worker loads the app from the newest verified generation, publishes the list of its module
 files once it loaded (and again after a request that imported more), and restarts the
 watcher if it stops. The watcher checks a change and swaps the workers, verified: new ones
@@ -23,33 +23,30 @@ config, so only the hooks below may share a name with a gunicorn setting.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import inspect
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
-from . import _genimport, runtime
-from ._probe import ask_ready, listener_fds
-from .agent import WorkerAgent
-from .check import checking
-from .files import ModuleFiles, describe_error
-from .generations import Generation, Store, adopt, project_roots, store_of
-from .logs import forward_to
-from .manifest import manifest_path
-from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import ensure_watcher
+from ._check.check import checking
+from ._check.probe import ask_ready
+from ._core.logs import forward_to
+from ._core.settings import Settings, SettingsError, missing_extra_files
+from ._server import preload, runtime
+from ._server.agent import WorkerAgent
+from ._server.generations import adopt
+from ._server.preload import OLD_WORKERS_ENV, gunicorn_emitter, reexec_in_place
+from ._server.records import record_path
+from ._server.watcher_process import ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
 
 _LOADED_NS = time.time_ns()
 """When the config loaded: with preload_app the app is imported after this, in the master."""
-_CONFIG_PID = os.getpid()
-"""The master: gunicorn imports its config there, before any worker exists."""
 
 PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker",
                           "gunicorn.workers.gasgi.ASGIWorker", "uvicorn_worker._workers.UvicornWorker")
@@ -127,7 +124,7 @@ def when_ready(server: Any) -> None:
     global _runtime_dir, _settings, _start_watcher
     if checking():
         return
-    forward_to(_gunicorn_emitter(server.log))
+    forward_to(gunicorn_emitter(server.log))
     os.environ.pop(OLD_WORKERS_ENV, None)  # the new image took their sockets over; the watcher retires them
     for prepare in _prepare:
         try:
@@ -184,7 +181,7 @@ def when_ready(server: Any) -> None:
         patch=settings.mode == "patch", workers=server.num_workers,
         log_file=cfg.errorlog if cfg.errorlog not in (None, "-") else None)
     if cfg.preload_app:
-        server.reexec = lambda: reexec_in_place(server)  # USR2 from now on: see reexec_in_place
+        server.reexec = lambda: reexec_in_place(server, _runtime_dir)  # USR2 from now on: see reexec_in_place
     _start_watcher()
 
 
@@ -246,10 +243,10 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
 @_hook
 def child_exit(server: Any, worker: Any) -> None:
-    """Master: forget the manifest of a worker that exited."""
+    """Master: forget the record of a worker that exited."""
     if _runtime_dir is not None:
         with contextlib.suppress(OSError):
-            os.unlink(manifest_path(_runtime_dir, worker.pid))
+            os.unlink(record_path(_runtime_dir, worker.pid))
 
 
 @_hook
@@ -313,7 +310,7 @@ def _drain_uvicorn_before_shutdown() -> None:
 
 def _worker_exit(server: Any, worker: Any) -> None:
     """``worker_exit`` for a worker whose master runs none of our code (Django with no gunicorn
-    config): remove its manifest, and turn gunicorn's "Worker failed to boot", which halts the
+    config): remove its record, and turn gunicorn's "Worker failed to boot", which halts the
     server, into a held worker that exits with 1 and is tried again, once this server has served."""
     if _agent is None:
         return
@@ -332,8 +329,8 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     the caller exits with 1 and gunicorn starts another worker. False when nothing can watch this
     server, so gunicorn should stop as it would without us.
 
-    The worker says so in its manifest: a swap waiting for it ends at once. If no worker of the
-    server serves (it was started broken), that manifest also keeps the watcher from retiring and
+    The worker says so in its record: a swap waiting for it ends at once. If no worker of the
+    server serves (it was started broken), that record also keeps the watcher from retiring and
     has it check the app, and the worker makes sure the watcher runs: then the fix is checked and
     served, where gunicorn's "Worker failed to boot" would have stopped the server.
     """
@@ -423,198 +420,6 @@ def _add_hooks(cfg: Any, hooks: Mapping[str, Callable[..., Any]]) -> None:
         cfg.set(name, hook if current is cfg.settings[name].default else _chain(current, hook))
 
 
-# --- master side ------------------------------------------------------------------------
-
-
-def reexec_in_place(server: Any) -> None:
-    """Replace gunicorn's USR2 re-exec (fork, then exec: a new master pid) by an exec of this very
-    process, so the master keeps its pid: as PID 1 in a container, or under a supervisor that
-    watches that pid. The listening sockets are inherited (GUNICORN_FD; gunicorn makes them
-    inheritable), and so are the old workers, which keep serving until the new image retires them."""
-    cfg = server.cfg
-    cfg.pre_exec(server)
-    environ = dict(cfg.env_orig)
-    environ["GUNICORN_PID"] = str(os.getpid())  # read the listeners from GUNICORN_FD; promoted at once
-    if server.systemd:
-        environ["LISTEN_PID"] = str(os.getpid())
-        environ["LISTEN_FDS"] = str(len(server.LISTENERS))
-    else:
-        environ["GUNICORN_FD"] = ",".join(str(listener.fileno()) for listener in server.LISTENERS)
-    environ[OLD_WORKERS_ENV] = ",".join(str(pid) for pid in server.WORKERS)
-    if _runtime_dir is not None:
-        environ[runtime.RUNTIME_ENV] = _runtime_dir
-        current = store_of(_runtime_dir).current_id()  # the watcher published it before the USR2
-        running = _genimport.installed()
-        if current is not None:
-            environ[GENERATION_ENV] = str(current)
-        if running is not None and running.generation is not None and running.generation != current:
-            environ[PREVIOUS_GENERATION_ENV] = str(running.generation)
-    os.chdir(server.START_CTX["cwd"])
-    os.execvpe(server.START_CTX[0], server.START_CTX["args"], environ)
-
-
-OLD_WORKERS_ENV = "_WSGI_RELOAD_OLD_WORKERS"
-"""Set across an in-place re-exec: the old image's workers, for the new image to retire."""
-GENERATION_ENV = "_WSGI_RELOAD_GENERATION"
-"""Set across an in-place re-exec: the verified generation the new image imports the app from."""
-PREVIOUS_GENERATION_ENV = "_WSGI_RELOAD_PREVIOUS_GENERATION"
-"""The generation the old workers run, to fall back to if the new image cannot load."""
-
-
-def _import_reexec_generation() -> None:
-    """In a re-executed master, before gunicorn preloads the app: import from the generation
-    that passed the check, not from the disk."""
-    directory = os.environ.get(runtime.RUNTIME_ENV)
-    wanted = os.environ.pop(GENERATION_ENV, "")
-    if not directory or not wanted.isdigit() or not runtime.is_private_dir(directory):
-        return
-    store = store_of(directory)
-    generation = store.load(int(wanted))
-    if generation is not None:
-        store.install(generation)
-
-
-def _guard_preload() -> None:
-    """The master's own import of the app (``preload_app``) must never halt gunicorn.
-
-    At the first start the master imports from a generation read just before, so the workers'
-    lazy imports later get the same bytes; if the app does not load, the master says so once
-    and waits for a save that changes the project's files, then tries that. After an in-place
-    re-exec it imports the generation that passed the check; if that fails anyway (the
-    environment's fault: a port the old workers still hold, a database down), the master
-    executes itself once more with the generation the old workers run.
-    """
-    from gunicorn.app.base import BaseApplication
-
-    load_once = BaseApplication.wsgi
-    previous = os.environ.pop(PREVIOUS_GENERATION_ENV, "")
-
-    def wsgi(self: Any) -> Any:
-        if os.getpid() != _CONFIG_PID or self.callable is not None:
-            return load_once(self)  # a worker, or loaded already
-        forward_to(_gunicorn_emitter(logging.getLogger("gunicorn.error")))
-        finder = _genimport.installed()
-        if finder is not None and finder.generation is not None:
-            old_workers = [int(p) for p in os.environ.get(OLD_WORKERS_ENV, "").split(",") if p.isdigit()]
-            try:
-                with _adopting_listeners_of(old_workers):
-                    return load_once(self)
-            except Exception as exc:
-                if not previous.isdigit():
-                    raise
-                _log.error("wsgi_reload: the re-executed master cannot load the code that passed the check (%s); "
-                           "it executes itself again with the code the old workers run (same pid)", describe_error(exc))
-                environ = dict(os.environ)
-                environ[GENERATION_ENV] = previous
-                os.execvpe(sys.executable, [sys.executable, *sys.argv], environ)
-        return _first_preload(self, load_once)
-
-    BaseApplication.wsgi = wsgi
-
-
-@contextlib.contextmanager
-def _adopting_listeners_of(old_workers: Sequence[int]) -> Iterator[None]:
-    """While the re-executed master imports the app: a port the app binds at import (a metrics
-    port) is still held by the old workers, which inherited it from the old image and serve
-    until the new ones are up, so the bind fails with EADDRINUSE. Take their listening socket
-    instead (``pidfd_getfd``, Linux 5.6+): the app gets the very socket, already listening."""
-    import socket
-
-    bind = socket.socket.bind
-
-    def adopting_bind(self: socket.socket, address: Any) -> None:
-        try:
-            bind(self, address)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or not isinstance(address, tuple) or len(address) < 2:
-                raise
-            fd = _listener_of(old_workers, int(address[1]))
-            if fd is None:
-                raise
-            try:
-                os.dup2(fd, self.fileno(), inheritable=False)
-            finally:
-                os.close(fd)
-            _log.info("wsgi_reload: the re-executed master takes port %s over from its old workers", address[1])
-
-    socket.socket.bind = adopting_bind  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        socket.socket.bind = bind  # type: ignore[method-assign]
-
-
-SYS_PIDFD_GETFD = 438
-"""pidfd_getfd(2), the same number on every Linux architecture (asm-generic/unistd.h)."""
-
-
-def _listener_of(pids: Sequence[int], port: int) -> int | None:
-    """A duplicate of the socket listening on ``port`` that one of ``pids`` holds, or None."""
-    import ctypes
-
-    for pid in pids:
-        for fd in listener_fds(pid, port):
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                break
-            try:
-                duplicate = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-            finally:
-                os.close(pidfd)
-            if duplicate >= 0:
-                return int(duplicate)
-    return None
-
-
-def _first_preload(app: Any, load_once: Callable[[Any], Any]) -> Any:
-    try:
-        store = store_of(runtime.for_server(os.getpid()))
-    except (OSError, runtime.RuntimeDirError):
-        return load_once(app)  # when_ready says reloading is off, and why
-    roots = project_roots()
-    generation = store.build(roots, extra=ModuleFiles()())
-    store.install(generation)
-    reported: set[str] = set()
-    while True:
-        try:
-            loaded = load_once(app)
-        except Exception as exc:
-            key = describe_error(exc)
-            if key not in reported:
-                reported.add(key)
-                _log.error("wsgi_reload: the app does not load (%s); gunicorn stays up, without listening yet, and "
-                           "loads it again as soon as a file of the project changes", key)
-            for name, module in list(sys.modules.items()):
-                if getattr(module, "__file__", None) in generation.files:
-                    del sys.modules[name]  # the next try imports them again, from the next generation
-            generation = _next_generation(store, roots, generation)
-            store.install(generation)
-            continue
-        store.publish(generation)
-        return loaded
-
-
-def _next_generation(store: Store, roots: Sequence[str], base: Generation, poll: float = 0.25) -> Generation:
-    """Wait until a project file changes; returns the generation of the files as they are then."""
-    while True:
-        time.sleep(poll)
-        generation = store.build(roots, base=base, extra=base.files)
-        if generation.changed:
-            time.sleep(poll)  # let a save that is still being written settle
-            return store.build(roots, base=base, extra=base.files)
-
-
-if not checking():
-    if os.environ.get(OLD_WORKERS_ENV):
-        _import_reexec_generation()
-    _guard_preload()
-
-
-def _workers(count: int, adjective: str = "") -> str:
-    return f"{count} {adjective}worker" + ("" if count == 1 else "s")
-
-
 def _skips_request_hooks(worker_class: type) -> bool:
     """uvicorn's gunicorn workers run the app through uvicorn, which calls no gunicorn request hook."""
     return any(c.__module__.startswith("uvicorn_worker") for c in worker_class.__mro__)
@@ -624,15 +429,5 @@ def _is_preload_worker(worker_class: type) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in PRELOAD_WORKER_CLASSES for c in worker_class.__mro__)
 
 
-def _gunicorn_emitter(glog: Any) -> Callable[[int, str], None]:
-    def emit(level: int, message: str) -> None:
-        if level >= logging.ERROR:
-            glog.error(message)
-        elif level >= logging.WARNING:
-            glog.warning(message)
-        elif level >= logging.INFO:
-            glog.info(message)
-        else:
-            glog.debug(message)
-
-    return emit
+if not checking():
+    preload.install()

@@ -33,12 +33,12 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from . import statements
-from .files import error_location, module_file
-from .patch import code_tree, loaded_functions, patch_lock
-from .scanner import Change
-from .settings import Settings
-from .watcher import Watcher
+from ._core.files import error_location, module_file
+from ._core.scanner import Change
+from ._core.settings import Settings
+from ._core.watcher import Watcher
+from ._hot import statements
+from ._hot.judge import code_tree, loaded_functions, patch_lock
 
 log = logging.getLogger("wsgi_reload.hot")
 

@@ -11,6 +11,6 @@ uWSGI, or without ``--master``, importing it logs one line that says how to run 
 nothing more.
 """
 
-from .uwsgi_adapter import start
+from ._server.uwsgi import start
 
 watcher = start()

@@ -11,6 +11,6 @@ import sys as _sys
 if "gunicorn.arbiter" in _sys.modules:
     # Imported by django.setup() in a booting gunicorn worker: take the reload hooks now, before
     # the models and the rest of the apps load, so that a failure there is held, not fatal.
-    from .gunicorn import adopt_booting_worker as _adopt
+    from ._gunicorn import adopt_booting_worker as _adopt
 
     _adopt()

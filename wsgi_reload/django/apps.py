@@ -10,9 +10,9 @@ from typing import Any
 from django.apps import AppConfig
 from django.core import checks
 
-from ..check import checking
-from ..settings import SettingsError
-from .files import reload_settings
+from .._check.check import checking
+from .._core.settings import SettingsError
+from ._site import reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -26,12 +26,12 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
 
     def ready(self) -> None:
         checks.register(check_settings)
-        from . import generation, runserver
+        from . import _generation, _runserver
 
-        runserver.install()
+        _runserver.install()
         if checking():
             return
-        generation.serve_from_generation()
+        _generation.serve_from_generation()
         host = detect_host()
         try:
             reload_settings()
@@ -42,13 +42,13 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
                 log.error("wsgi_reload: reloading is off: %s", exc)
             return
         if host == "gunicorn":
-            from . import gunicorn
+            from . import _gunicorn
 
-            gunicorn.start()
+            _gunicorn.start()
         elif host == "uwsgi":
-            from . import uwsgi
+            from . import _uwsgi
 
-            uwsgi.start()
+            _uwsgi.start()
         else:
             log.debug("wsgi_reload: not under gunicorn or uWSGI (runserver uses its own reloader); not watching")
 

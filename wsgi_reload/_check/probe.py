@@ -1,6 +1,6 @@
 """Loads an application in a fresh interpreter and reports whether it loaded.
 
-:mod:`wsgi_reload.check` runs this file's source with ``python -I -B -c``, so it must not
+:mod:`wsgi_reload._check.check` runs this file's source with ``python -I -B -c``, so it must not
 import ``wsgi_reload`` itself. The payload (JSON) arrives on standard input; records go out
 as JSON lines on file descriptor 3: one ``start``/``end`` pair per user module imported, so
 that a crash, an ``os._exit`` or a hang still tells which file was loading, then one
@@ -29,7 +29,7 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 LIBRARY_DIRS: tuple[str, ...] = ()
-"""What is not the project's code: ``wsgi_reload.files.library_dirs()``, sent in the payload."""
+"""What is not the project's code: ``wsgi_reload._core.files.library_dirs()``, sent in the payload."""
 
 
 def is_user_file(path: str | None) -> bool:

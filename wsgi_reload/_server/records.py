@@ -13,17 +13,17 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _genimport, runtime
-from .files import ModuleFiles, expand
+from .._core.files import ModuleFiles, expand
+from . import genimport, runtime
 
 
-class ManifestWriter:
+class RecordWriter:
     """Publishes this process's module files to ``directory/<pid>.json``, atomically."""
 
     def __init__(self, directory: str, loaded_at_ns: int, *, patterns: Iterable[str] = (),
                  app_loaded: Callable[[], bool | None] = lambda: None) -> None:
         self.directory = directory
-        self.path = manifest_path(directory, os.getpid())
+        self.path = record_path(directory, os.getpid())
         self.loaded_at_ns = loaded_at_ns
         self.patterns = list(patterns)
         self.app_loaded = app_loaded
@@ -34,17 +34,17 @@ class ManifestWriter:
         self._lock = threading.Lock()  # gthread workers finish requests on several threads
 
     def publish(self) -> None:
-        """Write the manifest now."""
+        """Write the record now."""
         with self._lock:
             self.published_count = len(sys.modules)
-            finder = _genimport.installed()
+            finder = genimport.installed()
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
                     "patterns": self.patterns, "app_loaded": self.app_loaded(), "failure": self.failure,
                     "generation": None if finder is None else finder.generation}
             runtime.write_record(self.directory, os.path.basename(self.path), body)
 
     def publish_if_missing(self) -> None:
-        """Publish again if the manifest is gone (the runtime directory was removed and made again)."""
+        """Publish again if the record is gone (the runtime directory was removed and made again)."""
         if self.published_count >= 0 and not os.path.exists(self.path):
             self.publish()
 
@@ -54,11 +54,11 @@ class ManifestWriter:
             self.publish()
 
 
-class ManifestReader:
-    """A scanner source: the union of the manifests in a directory, each file with its load time.
+class WorkerRecords:
+    """A scanner source: the union of the records in a directory, each file with its load time.
 
-    ``accept(pid)`` says which manifests still count (live workers); a file in several
-    manifests keeps the earliest load time, and so do the files a manifest's extra patterns
+    ``accept(pid)`` says which records still count (live workers); a file in several
+    records keeps the earliest load time, and so do the files a record's extra patterns
     match. After each call, ``files`` holds that union, ``live`` the accepted pids, ``loaded``
     what each says of its app, ``serving`` the pids whose app loaded, and ``app_failed`` every pid
     whose app did not load.
@@ -71,7 +71,7 @@ class ManifestReader:
         self.files: dict[str, int | None] = {}
         self.app_failed: set[int] = set()
         self.patterns: set[str] = set()
-        """The extra patterns the live manifests name (template and locale globs)."""
+        """The extra patterns the live records name (template and locale globs)."""
         self.loaded: dict[int, bool | None] = {}
         """Each live pid's ``app_loaded``: True once its app loaded, None while unknown."""
         self.serving: set[int] = set()
@@ -102,27 +102,27 @@ class ManifestReader:
             if ext != "json" or not stem.isdigit() or not self.accept(int(stem)):
                 continue
             seen.add(name)
-            manifest = self._read(name)
-            if manifest is None:
+            record = self._read(name)
+            if record is None:
                 continue
             live.add(int(stem))
-            loaded[int(stem)] = manifest.get("app_loaded")
-            generation = manifest.get("generation")
+            loaded[int(stem)] = record.get("app_loaded")
+            generation = record.get("generation")
             generations.add(generation)
             generation_of[int(stem)] = generation if isinstance(generation, int) else None
-            loaded_at = manifest["loaded_at_ns"]
-            paths = list(manifest["files"])
-            patterns.update(manifest.get("patterns", ()))
-            for pattern in manifest.get("patterns", ()):
+            loaded_at = record["loaded_at_ns"]
+            paths = list(record["files"])
+            patterns.update(record.get("patterns", ()))
+            for pattern in record.get("patterns", ()):
                 # Template and locale globs: a file newer than the worker's load is stale there too.
                 paths.extend(expand(pattern)[0])
             for path in paths:
                 earlier = files.get(path)
                 files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
-            if manifest.get("app_loaded") is False:
+            if record.get("app_loaded") is False:
                 self.app_failed.add(int(stem))
-                if isinstance(manifest.get("failure"), str):
-                    failures[int(stem)] = manifest["failure"]
+                if isinstance(record.get("failure"), str):
+                    failures[int(stem)] = record["failure"]
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
         self.live = live
@@ -136,7 +136,7 @@ class ManifestReader:
         return files
 
     def read(self, pid: int) -> Mapping[str, Any] | None:
-        """The manifest of ``pid``, or None while it has none."""
+        """The record of ``pid``, or None while it has none."""
         return self._read(f"{pid}.json")
 
     def _read(self, name: str) -> Mapping[str, Any] | None:
@@ -147,14 +147,14 @@ class ManifestReader:
         cached = self._cache.get(name)
         if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
             return cached[1]
-        manifest = runtime.read_record(self.directory, name)
-        if manifest is None or not isinstance(manifest.get("files"), list) \
-                or not isinstance(manifest.get("loaded_at_ns"), int):
+        record = runtime.read_record(self.directory, name)
+        if record is None or not isinstance(record.get("files"), list) \
+                or not isinstance(record.get("loaded_at_ns"), int):
             return None
-        self._cache[name] = ((st.st_mtime_ns, st.st_size), manifest)
-        return manifest
+        self._cache[name] = ((st.st_mtime_ns, st.st_size), record)
+        return record
 
 
-def manifest_path(directory: str, pid: int) -> str:
-    """Where process ``pid`` publishes its manifest."""
+def record_path(directory: str, pid: int) -> str:
+    """Where process ``pid`` publishes its record."""
     return os.path.join(directory, f"{pid}.json")

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from ..settings import Settings, SettingsError
+from .._core.settings import Settings, SettingsError
 
 log = logging.getLogger("wsgi_reload.django")
 

@@ -1,6 +1,6 @@
 """A warm check process: imports the installed packages the app uses once, then forks a probe per check.
 
-:mod:`wsgi_reload.warm` runs this file's source with ``python -I -B -c``; like ``_probe.py``
+:mod:`wsgi_reload._check.warm` runs this file's source with ``python -I -B -c``; like ``probe.py``
 it must not import ``wsgi_reload``. Its payload (JSON on standard input) names the
 directory, ``sys.path``, the library directories, the modules to import first and the
 probe's source. While those load, importing any file of the project's own raises

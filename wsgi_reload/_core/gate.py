@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from .check import CheckResult, check_code
+from .._check.check import CheckResult, check_code
 from .files import failed_imports
 from .scanner import Change
 from .settings import Settings

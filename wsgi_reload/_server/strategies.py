@@ -3,25 +3,29 @@
 Each strategy talks to the server only through :class:`Signals` (signal a process, list a
 master's children), as gunicorn's ``arbiter.py`` talks to its workers, and learns what the
 workers run only from their records (:class:`Workers`). Each is a resumable step: it
-raises :class:`wsgi_reload.gate.ActionFailed` while it cannot finish (the old workers serve
+raises :class:`wsgi_reload._core.gate.ActionFailed` while it cannot finish (the old workers serve
 on), and calling it again resumes it, so the watcher can go on seeing saves meanwhile.
 ``tests/test_strategies.py`` runs each on a fake master.
 
 A new worker that cannot load never serves: its boot guard (``wsgi_reload.gunicorn``,
-``wsgi_reload.uwsgi_adapter``) holds it, then lets the server try it again.
+``wsgi_reload._server.uwsgi``) holds it, then lets the server try it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from .gate import ActionFailed
-from .process import Target, TargetError
+from .._core.gate import ActionFailed
+from .signals import Target, TargetError
+
+log = logging.getLogger("wsgi_reload.watcher_process")
 
 STEADY_SECONDS = 2.0
 """The master's children unchanged this long: no worker is being started or retired."""
@@ -40,9 +44,12 @@ class Signals(Protocol):
     def children(self, pid: int) -> frozenset[int] | None:
         """The pids of a process's children, or None where they cannot be read."""
 
+    def exited(self, pid: int) -> bool:
+        """Whether a process has exited (a zombie has)."""
+
 
 class Workers(Protocol):
-    """What the workers say of themselves (:class:`wsgi_reload.manifest.ManifestReader`): call
+    """What the workers say of themselves (:class:`wsgi_reload._server.records.WorkerRecords`): call
     it to read again; then ``live`` are the workers that have a record, ``serving`` those whose
     app loaded, ``app_failed`` and ``failures`` those that say it did not load, and why,
     ``generation_of`` the generation each runs."""
@@ -61,6 +68,9 @@ class Workers(Protocol):
 
     @property
     def generation_of(self) -> Mapping[int, int | None]: ...
+
+    @property
+    def generations(self) -> set[int | None]: ...
 
     def __call__(self) -> object: ...
 
@@ -85,7 +95,9 @@ class Strategy:
     """How many workers the server is configured to run, when the watcher knows (gunicorn's
     config hooks tell it); a strategy that must count new workers uses it."""
 
-    def __call__(self) -> int:
+    def __call__(self) -> int | None:
+        """Replace the workers; how many new ones serve, or None when the strategy reports it
+        itself once the server's own reload is over."""
         raise NotImplementedError
 
     def tick(self) -> None:
@@ -124,7 +136,7 @@ class Strategy:
 
 
 class ProcessSignals:
-    """:class:`Signals` for real processes, through pidfds (:class:`wsgi_reload.process.Target`)."""
+    """:class:`Signals` for real processes, through pidfds (:class:`wsgi_reload._server.signals.Target`)."""
 
     def __init__(self, master: Target) -> None:
         self.master = master
@@ -136,6 +148,9 @@ class ProcessSignals:
         time.sleep(SIGNAL_GAP)
         target.send(signum)
         wait_until_delivered(pid, signum)
+
+    def exited(self, pid: int) -> bool:
+        return exited(pid)
 
     def children(self, pid: int) -> frozenset[int] | None:
         kids = children(pid)
@@ -169,11 +184,11 @@ class SignalledSwap(Strategy):
 
     _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount")
 
-    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
+    def __init__(self, master_pid: int, signals: Signals, records: Workers, load_timeout: float,
                  wanted: Callable[[], int | None] = lambda: None, memory: Memory | None = None) -> None:
         self.master_pid = master_pid
         self.signals = signals
-        self.manifests = manifests
+        self.records = records
         self.load_timeout = load_timeout
         self.wanted = wanted
         self.retiring: set[int] = set()
@@ -210,9 +225,9 @@ class SignalledSwap(Strategy):
     def __call__(self) -> int:
         """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
         have not loaded (the old ones serve on); calling again resumes the same swap."""
-        self.manifests()
-        self.leaving &= self.manifests.live
-        loaded_now = self.manifests.serving - self.leaving
+        self.records()
+        self.leaving &= self.records.live
+        loaded_now = self.records.serving - self.leaving
         if not self.retiring:
             if not loaded_now:
                 raise ActionFailed("no worker of this server is up")
@@ -226,16 +241,16 @@ class SignalledSwap(Strategy):
             deadline = time.monotonic() + wait
             while True:
                 self._make_up_for_a_lost_ttin()
-                self.manifests()
-                new = self.manifests.live - self.retiring
-                fresh = new & self.manifests.serving
+                self.records()
+                new = self.records.live - self.retiring
+                fresh = new & self.records.serving
                 wanted = self.wanted()
                 stale = {pid for pid in fresh
-                         if wanted is not None and self.manifests.generation_of.get(pid) not in (None, wanted)}
+                         if wanted is not None and self.records.generation_of.get(pid) not in (None, wanted)}
                 if stale or len(fresh) >= self.count:
                     break
                 # The swap resumes once new workers load, on a retry or after the next good save.
-                _fail_if_a_new_worker_cannot_serve(self.manifests, new)
+                _fail_if_a_new_worker_cannot_serve(self.records, new)
                 if time.monotonic() >= deadline:
                     raise ActionFailed(f"{len(fresh)} of {self.count} new workers have loaded the app; the old "
                                        "ones serve until all have")
@@ -249,7 +264,7 @@ class SignalledSwap(Strategy):
             self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
             self.retired += 1
             self._remember()
-        self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.manifests.live}
+        self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.records.live}
         if self.resumed and not self.recount:
             self.recount = self.count
         self.resumed = False
@@ -320,13 +335,13 @@ class SignalledSwap(Strategy):
             raise ActionFailed(str(exc)) from None
 
 
-def _fail_if_a_new_worker_cannot_serve(manifests: Workers, new: set[int]) -> None:
+def _fail_if_a_new_worker_cannot_serve(records: Workers, new: set[int]) -> None:
     """A new worker says it cannot load the checked code, and why (``ready_path`` answered 500
     there, say): the replacement ends now, not at its timeout, and the old workers serve on."""
-    failed = new & manifests.app_failed
+    failed = new & records.app_failed
     if failed:
         raise ActionFailed(f"a new worker cannot serve the code that passed the check "
-                           f"({manifests.failures.get(min(failed)) or 'see its log'}); the old ones serve until new "
+                           f"({records.failures.get(min(failed)) or 'see its log'}); the old ones serve until new "
                            "ones can")
 
 
@@ -348,7 +363,8 @@ def exited(pid: int) -> bool:
         return True
 
 
-def nudge_as_workers_exit(master: Target, workers: frozenset[int], nudge: int, timeout: float) -> None:
+def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[int], nudge: int,
+                          timeout: float) -> None:
     """Send the master ``nudge`` as each of ``workers`` exits, until all have (or ``timeout``).
 
     A uWSGI master reaps a dead worker on its next loop turn, and between turns it sleeps in
@@ -360,11 +376,11 @@ def nudge_as_workers_exit(master: Target, workers: frozenset[int], nudge: int, t
     pending = set(workers)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        gone = {pid for pid in pending if exited(pid)}
+        gone = {pid for pid in pending if signals.exited(pid)}
         if gone:
             pending -= gone
             try:
-                master.send(nudge)
+                signals.send(master_pid, nudge)
             except TargetError:
                 return
         time.sleep(0.005)
@@ -392,17 +408,17 @@ class WorkerChain(Strategy):
 
     SIGHUP to a uWSGI worker is its graceful stop (``gracefully_kill``); the master respawns it,
     and with ``--lazy-apps`` the new worker imports the app itself. It proves it loaded by
-    publishing a manifest that says so. A new worker that cannot load never serves (its guard
-    in ``wsgi_reload.uwsgi_adapter`` holds it), so the chain stops there with the other
+    publishing a record that says so. A new worker that cannot load never serves (its guard
+    in ``wsgi_reload._server.uwsgi`` holds it), so the chain stops there with the other
     workers serving, and resumes on a retry or after the next good save.
     """
 
     _STATE = ("retiring", "known", "signalled")
 
-    def __init__(self, signals: Signals, manifests: Workers, load_timeout: float,
+    def __init__(self, signals: Signals, records: Workers, load_timeout: float,
                  memory: Memory | None = None, wanted: Callable[[], int | None] = lambda: None) -> None:
         self.signals = signals
-        self.manifests = manifests
+        self.records = records
         self.load_timeout = load_timeout
         self.wanted = wanted
         """The generation every worker must run at the end (the newest published): a worker the
@@ -416,11 +432,11 @@ class WorkerChain(Strategy):
     def __call__(self) -> int:
         """Replace every worker; returns how many. :class:`ActionFailed` while one has not loaded."""
         if not self.retiring:
-            self.manifests()
-            if not self.manifests.live:
+            self.records()
+            if not self.records.live:
                 raise ActionFailed("no worker of this server is up")
             # Every worker, loaded or not: after a start with broken code none has the app.
-            self.retiring, self.known, self.signalled = sorted(self.manifests.live), set(self.manifests.live), set()
+            self.retiring, self.known, self.signalled = sorted(self.records.live), set(self.records.live), set()
         count = len(self.retiring)
         while self.retiring:
             old = self.retiring[0]
@@ -452,12 +468,12 @@ class WorkerChain(Strategy):
         wanted = self.wanted()
         if wanted is None:
             return []
-        return sorted(pid for pid in self.manifests.serving
-                      if self.manifests.generation_of.get(pid) not in (None, wanted))
+        return sorted(pid for pid in self.records.serving
+                      if self.records.generation_of.get(pid) not in (None, wanted))
 
     def _loaded(self) -> set[int]:
-        self.manifests()
-        return set(self.manifests.serving)
+        self.records()
+        return set(self.records.serving)
 
 
 class InPlaceReexec(Strategy):
@@ -474,11 +490,11 @@ class InPlaceReexec(Strategy):
 
     _STATE = ("old", "count")
 
-    def __init__(self, master_pid: int, signals: Signals, manifests: Workers, load_timeout: float,
+    def __init__(self, master_pid: int, signals: Signals, records: Workers, load_timeout: float,
                  memory: Memory | None = None, wanted: Callable[[], int | None] = lambda: None) -> None:
         self.master_pid = master_pid
         self.signals = signals
-        self.manifests = manifests
+        self.records = records
         self.load_timeout = load_timeout
         self.wanted = wanted
         """The generation the new image must run (the newest published): one that loaded an
@@ -497,12 +513,12 @@ class InPlaceReexec(Strategy):
         resumes."""
         wait = 0.0
         if not self.old:
-            self.manifests()
+            self.records()
             self.leaving = {pid for pid in self.leaving if not exited(pid)}
-            loaded = self.manifests.serving - self.leaving
+            loaded = self.records.serving - self.leaving
             if not loaded:
                 raise ActionFailed("no worker of this server is up")
-            self.old = set(self.signals.children(self.master_pid) or ()) | self.manifests.live
+            self.old = set(self.signals.children(self.master_pid) or ()) | self.records.live
             # The new image forks as many workers as the config says; the live ones can be more
             # (old workers a killed watcher sent USR2 for and never retired).
             self.count = self.workers or len(loaded)
@@ -515,12 +531,12 @@ class InPlaceReexec(Strategy):
             wait = self.load_timeout
         deadline = time.monotonic() + wait
         while True:
-            self.manifests()
-            new = self.manifests.live - self.old
-            fresh = new & self.manifests.serving
+            self.records()
+            new = self.records.live - self.old
+            fresh = new & self.records.serving
             if len(fresh) >= self.count:
                 break
-            _fail_if_a_new_worker_cannot_serve(self.manifests, new)
+            _fail_if_a_new_worker_cannot_serve(self.records, new)
             if time.monotonic() >= deadline:
                 raise ActionFailed(f"{len(fresh)} of {self.count} workers of the re-executed master have loaded the "
                                    "app; the old ones serve until all have")
@@ -534,9 +550,127 @@ class InPlaceReexec(Strategy):
         count, self.old = self.count, set()
         self._remember(done=True)
         wanted = self.wanted()
-        if wanted is not None and any(self.manifests.generation_of.get(pid) not in (None, wanted) for pid in fresh):
+        if wanted is not None and any(self.records.generation_of.get(pid) not in (None, wanted) for pid in fresh):
             return self()  # the new image runs an older generation: once more, for the newest
         return count
+
+
+NUDGE_SECONDS = 65.0
+"""How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
+
+UNANSWERED_SIGNALS = 2
+"""Reload signals in a row after which the workers still run the generations they ran before:
+the next time its workers are stopped instead (see :meth:`SignalReload.stop_workers`)."""
+
+RELOAD_PATIENCE_SECONDS = 60.0
+"""A reload whose old workers have begun to exit is followed this long (uWSGI's default mercy)."""
+
+LOST_SIGNAL_SECONDS = 3.0
+"""A signalled reload none of whose old workers has exited after this long was lost (uWSGI
+ignores a reload signal while it is still starting up from the last one): signal again. A
+graceful stop lets a worker finish its request; if every worker is in a long one, the signal
+sent again is ignored as part of the reload under way, which does no harm."""
+
+
+class SignalReload(Strategy):
+    """The server's own graceful reload of all its workers at once (uWSGI's SIGHUP to the
+    master), reconciled: the live workers are made to run the current generation.
+
+    Signal only when a live worker runs another generation and no reload is under way: a
+    reload is under way while a worker that was live at the signal still runs (it is finishing
+    its requests), or while none is up (the master is loading the app again). uWSGI ignores a
+    reload signal that arrives during a reload, so a second one then would be lost; once the
+    reload is over, the new workers say which generation they loaded, and only if it is not the
+    current one is the master signalled again. It runs after each batch and on every turn of the
+    watcher (a worker's record wakes it), and it reports itself when a reload is over.
+
+    :param nudge: a signal the master handles with nothing, sent as each old worker exits, so
+        that it reaps it at once (see :func:`nudge_as_workers_exit`).
+    """
+
+    def __init__(self, master_pid: int, signals: Signals, records: Workers, wanted: Callable[[], int | None], *,
+                 signum: int = signal.SIGHUP, nudge: int | None = None) -> None:
+        self.master_pid = master_pid
+        self.signals = signals
+        self.records = records
+        self.wanted = wanted
+        self.signum = signum
+        self.nudge = nudge
+        self.signalled: set[int] | None = None
+        """The live workers when the master was last signalled, while that reload is under way."""
+        self.signalled_at = 0.0
+        self.unanswered = 0
+        """Reload signals sent in a row after which the workers ran no other generation."""
+        self.signalled_generations: frozenset[int | None] = frozenset()
+
+    def __call__(self) -> None:
+        self.tick()
+
+    def under_way(self) -> bool:
+        return False  # nothing to resume: the next watcher reconciles from the records alone
+
+    def wants_tick(self) -> bool:
+        wanted = self.wanted()
+        return wanted is not None and (self.signalled is not None or self.records.generations != {wanted})
+
+    def tick(self) -> None:
+        wanted = self.wanted()
+        if wanted is None:
+            return
+        self.records()  # a worker may have published since the last scan
+        live = self.records.live
+        if not live:
+            return  # between two generations: the next workers load the current one
+        if self.signalled is not None:
+            waited = time.monotonic() - self.signalled_at
+            # By process: a signalled worker whose record is gone may still be finishing requests.
+            retiring = {pid for pid in self.signalled if not self.signals.exited(pid)}
+            lost = retiring == self.signalled and waited >= LOST_SIGNAL_SECONDS
+            if retiring and not lost and waited < RELOAD_PATIENCE_SECONDS:
+                return
+            if not retiring:
+                log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",
+                         len(live), "" if len(live) == 1 else "s", "/".join(map(str, sorted(
+                             g for g in self.records.generations if g is not None))), 1000 * waited)
+            self.signalled = None
+        if self.records.generations == {wanted}:
+            self.unanswered = 0
+            return
+        if self.unanswered >= UNANSWERED_SIGNALS:
+            self.stop_workers(live)
+            return
+        workers = self.signals.children(self.master_pid)
+        try:
+            self.signals.send(self.master_pid, self.signum)
+        except TargetError as exc:
+            log.error("wsgi_reload: cannot reload the server: %s", exc)
+            return
+        # Unanswered: the workers run the very generations they ran at the last signal.
+        generations = frozenset(self.records.generations)
+        self.unanswered = self.unanswered + 1 if generations == self.signalled_generations else 1
+        self.signalled_generations = generations
+        # The workers by their records (read just now), not the master's children: those can
+        # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
+        self.signalled, self.signalled_at = set(live), time.monotonic()
+        if self.nudge is not None and workers:
+            threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
+                             args=(self.signals, self.master_pid, workers, self.nudge, NUDGE_SECONDS)).start()
+
+    def stop_workers(self, live: set[int]) -> None:
+        """The master answered none of the last reload signals with workers of the current
+        generation. uWSGI ignores a reload signal while it is reloading, and a reload never ends
+        when workers that died during it (a kill -9 as it began) were started again: they were
+        never told to stop, and the master waits for them. Stop them gracefully (a uWSGI
+        worker's SIGHUP), which ends that reload; without one under way, the master just starts
+        them again, and the next signal reloads it."""
+        log.warning("wsgi_reload: the server did not reload after %d signals; stopping its workers %s gracefully",
+                    self.unanswered, ", ".join(map(str, sorted(live))))
+        for pid in sorted(live):
+            with contextlib.suppress(TargetError):
+                self.signals.send(pid, signal.SIGHUP)
+        self.unanswered = 0
+        self.signalled, self.signalled_at = set(live), time.monotonic()
+
 
 
 STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int | None], Memory | None],
@@ -546,10 +680,10 @@ STRATEGIES: dict[str, Callable[[int, Signals, Workers, float, Callable[[], int |
                                                                                    memory, wanted),
     "chain": lambda pid, signals, workers, timeout, wanted, memory: WorkerChain(signals, workers, timeout, memory,
                                                                                  wanted),
+    "signal": lambda pid, signals, workers, timeout, wanted, memory: SignalReload(pid, signals, workers, wanted),
 }
 """How the watcher process replaces workers it can only signal, by the ``replace`` it is given:
 ``swap`` (gunicorn: TTIN, wait for the new workers' records, TTOU), ``reexec`` (gunicorn with
 ``preload_app``: USR2, an exec of the master in place, then TERM to the old workers once the new
-ones have loaded) and ``chain`` (uWSGI ``--lazy-apps``: one worker at a time). ``signal``
-(uWSGI's own graceful reload, re-evaluated on each turn) is the watcher's
-:meth:`~wsgi_reload.watch_process._ServerWatch.reconcile`."""
+ones have loaded), ``chain`` (uWSGI ``--lazy-apps``: one worker at a time) and ``signal``
+(uWSGI's own graceful reload of every worker, re-evaluated on each turn)."""

@@ -22,10 +22,10 @@ from typing import Any
 
 from django.utils import autoreload
 
-from ..files import ModuleFiles
-from ..scanner import Change
-from ..settings import Settings, SettingsError
-from ..watcher import Watcher
+from .._core.files import ModuleFiles
+from .._core.scanner import Change
+from .._core.settings import Settings, SettingsError
+from .._core.watcher import Watcher
 
 log = logging.getLogger("wsgi_reload.django")
 
@@ -84,7 +84,7 @@ class WsgiReloadReloader(autoreload.BaseReloader):  # type: ignore[misc]
 
 
 def _settings() -> Settings:
-    from .files import reload_settings, wsgi_target
+    from ._site import reload_settings, wsgi_target
 
     try:
         return reload_settings()

@@ -2,7 +2,7 @@
 
 The workers only publish the files they imported (after the fork, and after a request that
 imported more) into the server's private runtime directory; one watcher process per
-server (:mod:`wsgi_reload.watch_process`) scans them, runs the shared pre-reload check and
+server (:mod:`wsgi_reload._server.watcher_process`) scans them, runs the shared pre-reload check and
 sends the master SIGHUP, uWSGI's graceful reload (the same as ``uwsgi.reload()``). Nothing
 runs in a worker's signal handler, and a worker never waits for a scan or a check.
 """
@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._check.check import checking
+from .._check.probe import ask_ready
+from .._core.logs import forward_to
+from .._core.settings import Settings, SettingsError, missing_extra_files
 from . import runtime
-from ._probe import ask_ready
 from .agent import WorkerAgent
-from .check import checking
 from .generations import adopt
-from .logs import forward_to
-from .settings import Settings, SettingsError, missing_extra_files
-from .watch_process import UWSGI_LOG_FORMAT, ensure_watcher
+from .watcher_process import UWSGI_LOG_FORMAT, ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.uwsgi")
 
@@ -39,7 +39,7 @@ HOW_TO_RUN = ("run the app with uwsgi --master and --import wsgi_reload.uwsgi, o
 
 
 class Publisher:
-    """The uWSGI binding of a worker's agent (:class:`wsgi_reload.agent.WorkerAgent`): tells it
+    """The uWSGI binding of a worker's agent (:class:`wsgi_reload._server.agent.WorkerAgent`): tells it
     whether this worker's app loaded, which uWSGI runs no hook for (with ``--lazy-apps`` that is
     the worker's proof for the chain reload), and when to publish."""
 
@@ -256,7 +256,7 @@ def _threads(opt: Any) -> int:
 def _accept_nudges() -> str | None:
     """In the master: give SIGWINCH a handler that does nothing, so that the watcher can end the
     master's one-second sleep between loop turns when an old worker exits (see
-    :func:`wsgi_reload.swap.nudge_as_workers_exit`). Returns the signal's name, or None when the
+    :func:`wsgi_reload._server.strategies.nudge_as_workers_exit`). Returns the signal's name, or None when the
     app already handles SIGWINCH (the reload then waits for the master's turns)."""
     try:
         if signal.getsignal(signal.SIGWINCH) not in (signal.SIG_DFL, signal.SIG_IGN, None):

@@ -4,7 +4,7 @@ The scan and the check must not run in a worker (a worker's request thread would
 serving while it waits, and a scan thread in a busy worker queues for the GIL after every
 ``os.stat``), and not in the master either: uWSGI's runs none of our code, Django under
 gunicorn with no config has no hook there, and gunicorn's arbiter is single-threaded. So
-the workers only publish manifests of their modules into the server's private runtime
+the workers only publish records of their modules into the server's private runtime
 directory and make sure a watcher process runs; this process does the rest and signals
 the server's master, held by a pidfd (docs/design.md says why in full).
 
@@ -28,39 +28,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import runtime, spawn
-from .check import Checked, CheckResult, check_code
-from .files import PathFilter
-from .gate import ActionFailed
+from .._check import spawn
+from .._check.check import Checked, CheckResult, check_code
+from .._core.files import PathFilter
+from .._core.gate import ActionFailed
+from .._core.scanner import Change, Source
+from .._core.settings import Settings
+from .._core.watcher import Watcher
+from .._hot.transport import PatchPublisher
+from . import runtime
 from .generations import Generation, project_roots, recover, store_of
-from .hybrid import PatchPublisher
-from .manifest import ManifestReader
-from .process import Target, TargetError
-from .scanner import Change, Source
-from .settings import Settings
-from .swap import STRATEGIES, ProcessSignals, Strategy, children, exited, nudge_as_workers_exit
-from .watcher import Watcher
+from .records import WorkerRecords
+from .signals import Target, TargetError
+from .strategies import STRATEGIES, ProcessSignals, SignalReload, Strategy, children, exited
 
-log = logging.getLogger("wsgi_reload.watch_process")
+log = logging.getLogger("wsgi_reload.watcher_process")
 
 LOCK_NAME = "watcher.lock"
 LOCK_FD = 3
-
-NUDGE_SECONDS = 65.0
-"""How long the old workers of a graceful reload are followed: uWSGI's default mercy is 60 s."""
-
-UNANSWERED_SIGNALS = 2
-"""Reload signals in a row after which the workers still run the generations they ran before:
-the next time its workers are stopped instead (see :meth:`_ServerWatch.stop_workers`)."""
-
-RELOAD_PATIENCE_SECONDS = 60.0
-"""A reload whose old workers have begun to exit is followed this long (uWSGI's default mercy)."""
-
-LOST_SIGNAL_SECONDS = 3.0
-"""A signalled reload none of whose old workers has exited after this long was lost (uWSGI
-ignores a reload signal while it is still starting up from the last one): signal again. A
-graceful stop lets a worker finish its request; if every worker is in a long one, the signal
-sent again is ignored as part of the reload under way, which does no harm."""
 
 RETIRE_AFTER_SECONDS = 10.0
 """With no live worker left to watch for this long (a uWSGI lazy-apps reload moved them to a new
@@ -90,12 +75,12 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
 
     :param replace: how a reload replaces the workers: ``"signal"`` sends the master
         ``signal_name``, and then ``nudge_signal`` (when given) as each old worker exits
-        (:func:`wsgi_reload.swap.nudge_as_workers_exit`); any other is a strategy of
-        :data:`wsgi_reload.swap.STRATEGIES` (``swap``, ``reexec``, ``chain``).
+        (:func:`wsgi_reload._server.strategies.nudge_as_workers_exit`); any other is a strategy of
+        :data:`wsgi_reload._server.strategies.STRATEGIES` (``swap``, ``reexec``, ``chain``).
     :param config_files: the server's own config: a change to one is answered by ``signal_name``
         alone (gunicorn re-reads its config only on HUP).
     :param patch: try to patch a change into the running workers first
-        (:mod:`wsgi_reload.hybrid`; the workers apply it before their next request).
+        (:mod:`wsgi_reload._hot.transport`; the workers apply it before their next request).
     :param workers: how many workers the server runs, for the one "workers up" line.
     :param log_file: the server's log file; standard error (inherited) when None.
 
@@ -127,9 +112,9 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
             "workers": workers,
             "log_file": log_file,
         }
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         bootstrap = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-                     "from wsgi_reload.watch_process import main; main()")
+                     "from wsgi_reload._server.watcher_process import main; main()")
         with spawn.data_file(json.dumps(config).encode()) as stdin:
             first = spawn.spawn([spawn.python_executable(), "-I", "-c", bootstrap], env=os.environ, stdin=stdin,
                                 stdout=2, stderr=2, extra_fd=lock)
@@ -150,7 +135,7 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
                          republish: Callable[[], object] | None = None) -> None:
     """In a worker: from now on, every :data:`HEAL_SECONDS`, start the server's watcher process
     again if it has gone (``start`` is :func:`ensure_watcher` with this server's arguments), and
-    call ``republish`` (which writes this worker's manifest again if it is missing) once the
+    call ``republish`` (which writes this worker's record again if it is missing) once the
     runtime directory is back after a removal. A ``kill -9`` of the watcher, an out-of-memory
     kill or a temp-file cleaner must not end reloading silently."""
     global _keeper
@@ -178,7 +163,7 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
 
 class _RecordMemory:
     """A strategy's state under way, as one record in the runtime directory
-    (:class:`wsgi_reload.swap.Memory`)."""
+    (:class:`wsgi_reload._server.strategies.Memory`)."""
 
     NAME = "replacing.json"
 
@@ -197,7 +182,7 @@ class _RecordMemory:
 
 
 class _ServerWatch:
-    """The watcher of one server, fed by its workers' manifests."""
+    """The watcher of one server, fed by its workers' records."""
 
     def __init__(self, config: dict[str, Any], target: Target) -> None:
         self.config = config
@@ -206,20 +191,18 @@ class _ServerWatch:
         self.settings = Settings.load({}, **config["settings"])
         self.signum = signal.Signals["SIG" + config["signal"]]
         self.nudge = signal.Signals["SIG" + config["nudge"]] if config.get("nudge") else None
-        self.manifests = ManifestReader(self.runtime_dir, accept=alive)
+        self.records = WorkerRecords(self.runtime_dir, accept=alive)
         self.checked_start: set[int] = set()
         replace = config.get("replace", "signal")
         self.replace = replace
-        self.swap: Strategy | None = None
-        self.resume = False
-        if replace in STRATEGIES:
-            self.swap = STRATEGIES[replace](target.pid, ProcessSignals(target), self.manifests,
-                                            self.settings.check_timeout,
-                                            lambda: None if self.current is None else self.current.id,
-                                            _RecordMemory(self.runtime_dir))
-            self.swap.workers = config.get("workers")
-            self.resume = self.swap.under_way()
-            """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
+        self.strategy: Strategy = STRATEGIES[replace](
+            target.pid, ProcessSignals(target), self.records, self.settings.check_timeout,
+            lambda: None if self.current is None else self.current.id, _RecordMemory(self.runtime_dir))
+        self.strategy.workers = config.get("workers")
+        if isinstance(self.strategy, SignalReload):
+            self.strategy.signum, self.strategy.nudge = self.signum, self.nudge
+        self.resume = self.strategy.under_way()
+        """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
                "reexec": "preload_app: the master re-executes in place, the old workers retire once the new ones load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
@@ -235,24 +218,18 @@ class _ServerWatch:
         self.lock: int | None = None
         self.unchecked: list[Change] = []
         """Files that changed while the runtime directory was gone, to check on the next turn."""
-        self.signalled: set[int] | None = None
-        """The live workers when the master was last signalled, while that reload is under way."""
-        self.signalled_at = 0.0
-        self.unanswered = 0
-        """Reload signals sent in a row after which the workers ran no other generation."""
-        self.signalled_generations: frozenset[int | None] = frozenset()
         self.config_files: list[str] = config.get("config_files") or []
         self.expected: int | None = config.get("workers")
         self.announced = False
         self.patcher = PatchPublisher(self.runtime_dir, config["cwd"]) if config.get("patch") else None
         self.patch_failed: str | None = None
         """Why a worker could not take the last patch (its report, read by another thread)."""
-        manifests: Source = self.manifests
+        records: Source = self.records
         if self.patcher is not None:
             patcher = self.patcher
-            manifests = lambda: patcher.remember(self.manifests())  # noqa: E731
+            records = lambda: patcher.remember(self.records())  # noqa: E731
         self.watcher = Watcher(self.settings, self.reload, server=server,
-                               sources=[manifests, self.generation_files, lambda: self.config_files],
+                               sources=[records, self.generation_files, lambda: self.config_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
                                on_tick=self.tick)
@@ -266,12 +243,12 @@ class _ServerWatch:
         """Read what changed into a candidate generation and check that, not the disk."""
         self.heal()
         base = self.current if self.current is not None else self.candidate
-        python = [p for p in self.manifests.files if p.endswith(".py")]
+        python = [p for p in self.records.files if p.endswith(".py")]
         candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python],
-                                     patterns=self.manifests.patterns)
+                                     patterns=self.records.patterns)
         self.candidate = candidate
         return check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
-                          sys_path=self.config["sys_path"], loaded_modules=self.manifests.files,
+                          sys_path=self.config["sys_path"], loaded_modules=self.records.files,
                           generation=Checked(self.store.directory, candidate.id, candidate.files),
                           server_pid=self.target.pid)
 
@@ -279,14 +256,14 @@ class _ServerWatch:
         """Make the checked candidate what every process that loads the app imports from now on."""
         if self.candidate is None or self.candidate is self.current:
             return
-        keep = {g for g in self.manifests.generations if g is not None}
+        keep = {g for g in self.records.generations if g is not None}
         self.store.publish(self.candidate, keep=keep)
         self.current = self.candidate
 
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
-        if self.replace == "swap" and not self.manifests.serving:
-            if not self.manifests.live and children(self.target.pid):
+        if self.replace == "swap" and not self.records.serving:
+            if not self.records.live and children(self.target.pid):
                 # Workers run, but none has said what (its record is on the way, or the runtime
                 # directory was just made again and they write theirs again): ask again.
                 raise ActionFailed("no worker of this server has published what it runs yet")
@@ -311,20 +288,18 @@ class _ServerWatch:
 
     def replace_workers(self) -> None:
         """Carry out the reload strategy; :class:`ActionFailed` leaves it pending for the gate."""
-        if self.swap is not None:
-            started = time.monotonic()
-            count = self.swap()
+        started = time.monotonic()
+        count = self.strategy()
+        if count is not None:
             log.info("wsgi_reload: reload done: %d new worker%s serving%s, %.0f ms after the check passed; the old "
                      "workers retire", count, "" if count == 1 else "s",
                      f", same master pid {self.target.pid}" if self.replace == "reexec" else "",
                      1000 * (time.monotonic() - started))
-            return
-        self.reconcile()
 
     def reread_config(self) -> None:
         """The server's config changed: only its own signal re-reads it (gunicorn's HUP, which
         replaces every worker at once: there is nothing to verify before)."""
-        old = set(self.manifests.live)
+        old = set(self.records.live)
         try:
             self.target.send(self.signum)
         except TargetError as exc:
@@ -338,8 +313,8 @@ class _ServerWatch:
         """Log once the old workers are gone and every child of the master has loaded (the new
         config may name another number of workers)."""
         while time.monotonic() - started < timeout:
-            self.manifests()
-            fresh = self.manifests.serving - old
+            self.records()
+            fresh = self.records.serving - old
             workers = children(self.target.pid)
             if fresh and all(exited(pid) for pid in old) and workers is not None and workers <= fresh:
                 log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the signal", len(fresh),
@@ -354,86 +329,12 @@ class _ServerWatch:
 
     def announce_workers(self) -> None:
         """Say once that the server's workers are up (all of them, when their number is known)."""
-        loaded = self.manifests.serving
+        loaded = self.records.serving
         if self.announced or not loaded or (self.expected is not None and len(loaded) < self.expected):
             return
         self.announced = True
         log.info("wsgi_reload: workers up: %d worker%s serving; watching %d files", len(loaded),
                  "" if len(loaded) == 1 else "s", len(self.watcher.scanner.watched_files()))
-
-    def reload_wanted(self) -> bool:
-        current = self.current
-        return self.swap is None and current is not None and (
-            self.signalled is not None or self.manifests.generations != {current.id})
-
-    def reconcile(self) -> None:
-        """Signal mode (uWSGI's graceful reload): make the live workers run the current generation.
-
-        Signal only when a live worker runs another generation and no reload is under way: a
-        reload is under way while a worker that was live at the signal still runs (it is finishing
-        its requests), or while none is up (the master is loading the app again). uWSGI ignores a
-        reload signal that arrives during a reload, so a second one then would be lost; once the
-        reload is over, the new workers say which generation they loaded, and only if it is not
-        the current one is the master signalled again. Runs after each batch and on every turn
-        of the monitor (a worker's manifest wakes it)."""
-        current = self.current
-        if current is None or self.swap is not None:
-            return
-        self.manifests()  # a worker may have published since the last scan
-        live = self.manifests.live
-        if not live:
-            return  # between two generations: the next workers load the current one
-        if self.signalled is not None:
-            waited = time.monotonic() - self.signalled_at
-            # By process: a signalled worker whose record is gone may still be finishing requests.
-            retiring = {pid for pid in self.signalled if not exited(pid)}
-            lost = retiring == self.signalled and waited >= LOST_SIGNAL_SECONDS
-            if retiring and not lost and waited < RELOAD_PATIENCE_SECONDS:
-                return
-            if not retiring:
-                log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",
-                         len(live), "" if len(live) == 1 else "s", "/".join(map(str, sorted(
-                             g for g in self.manifests.generations if g is not None))), 1000 * waited)
-            self.signalled = None
-        if self.manifests.generations == {current.id}:
-            self.unanswered = 0
-            return
-        if self.unanswered >= UNANSWERED_SIGNALS:
-            self.stop_workers(live)
-            return
-        workers = children(self.target.pid)
-        try:
-            self.target.send(self.signum)
-        except TargetError as exc:
-            log.error("wsgi_reload: cannot reload %s: %s", self.watcher.server, exc)
-            return
-        # Unanswered: the workers run the very generations they ran at the last signal.
-        generations = frozenset(self.manifests.generations)
-        self.unanswered = self.unanswered + 1 if generations == self.signalled_generations else 1
-        self.signalled_generations = generations
-        # The workers by their records (read just now), not the master's children: those can
-        # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
-        self.signalled, self.signalled_at = set(live), time.monotonic()
-        if self.nudge is not None and workers:
-            threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
-                             args=(self.target, workers, self.nudge, NUDGE_SECONDS)).start()
-
-    def stop_workers(self, live: set[int]) -> None:
-        """The master answered none of the last reload signals with workers of the current
-        generation. uWSGI ignores a reload signal while it is reloading, and a reload never ends
-        when workers that died during it (a kill -9 as it began) were started again: they were
-        never told to stop, and the master waits for them. Stop them gracefully (a uWSGI
-        worker's SIGHUP), which ends that reload; without one under way, the master just starts
-        them again, and the next signal reloads it."""
-        log.warning("wsgi_reload: %s did not reload after %d signals; stopping its workers %s gracefully",
-                    self.watcher.server, self.unanswered, ", ".join(map(str, sorted(live))))
-        for pid in sorted(live):
-            try:
-                Target(pid, f"worker {pid}").send(signal.SIGHUP)
-            except TargetError:
-                pass
-        self.unanswered = 0
-        self.signalled, self.signalled_at = set(live), time.monotonic()
 
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
@@ -470,20 +371,19 @@ class _ServerWatch:
             self.patcher.reset([Change(path, "modified") for path in self.patcher.patched])
             self.watcher.gate.reload_now()
         self.watcher.gate.retry_pending()
-        if self.swap is not None and not self.watcher.gate.has_pending():
+        if not self.watcher.gate.has_pending():
             try:
-                self.swap.tick()
+                self.strategy.tick()
             except ActionFailed as exc:
                 log.warning("wsgi_reload: %s", exc)
-        self.reconcile()
         self.announce_workers()
 
     def waiting_for_code(self) -> set[int]:
         """Workers whose app did not load while none serves (the server started broken), not yet
         looked at. A worker that fails while others serve only waits for newer code."""
-        if self.manifests.serving:
+        if self.records.serving:
             return set()
-        return (self.manifests.app_failed & self.manifests.live) - self.checked_start
+        return (self.records.app_failed & self.records.live) - self.checked_start
 
     def recover_start(self, pids: list[int]) -> None:
         """Workers say the app did not load: a broken app, or a save that raced their start."""
@@ -500,9 +400,9 @@ class _ServerWatch:
         self.watcher.start()
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
-            if self.waiting_for_code() or self.reload_wanted() or (self.swap is not None and self.swap.wants_tick()):
+            if self.waiting_for_code() or self.strategy.wants_tick():
                 self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
-            if self.manifests.live:
+            if self.records.live:
                 seen_workers_at = time.monotonic()
             elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS \
                     and children(self.target.pid):

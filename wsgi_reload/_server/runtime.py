@@ -158,7 +158,7 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
 def write_record(directory: str, name: str, record: Mapping[str, Any]) -> None:
-    """Write one JSON record (a worker's manifest, a generation, a patch), atomically."""
+    """Write one JSON record (a worker's record, a generation, a patch), atomically."""
     write_atomic(directory, name, json.dumps(record).encode())
 
 

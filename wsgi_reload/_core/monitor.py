@@ -24,7 +24,7 @@ from .scanner import Change, Scanner
 log = logging.getLogger("wsgi_reload.monitor")
 
 EVENTS_RESCAN_SECONDS = 20.0
-"""With watchfiles, a full rescan this often; new module directories are also picked up when a manifest changes."""
+"""With watchfiles, a full rescan this often; new module directories are also picked up when a record changes."""
 
 MAX_RESTARTS = 5
 """A watcher thread that keeps failing gives up loudly rather than spinning."""

@@ -19,18 +19,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _genimport, spawn, warm
-from .files import library_dirs
-from .settings import Settings
+from .._core.files import library_dirs
+from .._core.settings import Settings
+from .._server import genimport
+from . import spawn, warm
 
 log = logging.getLogger("wsgi_reload.check")
 
-_FINDER_FILE = str(Path(_genimport.__file__).resolve())
+_FINDER_FILE = str(Path(genimport.__file__).resolve())
 
 PROBE_ENV = "_WSGI_RELOAD_PROBE"
 """Set in the check's interpreter, so adapters imported by the app stay quiet there."""
 
-_PROBE_SOURCE = (Path(__file__).with_name("_probe.py")).read_text(encoding="utf-8")
+_PROBE_SOURCE = (Path(__file__).with_name("probe.py")).read_text(encoding="utf-8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class CheckResult:
     """When the check began reading the code (``time.time_ns()``)."""
     seconds: float = 0.0
     warm: bool = False
-    """The import ran forked from a warm probe process (:mod:`wsgi_reload.warm`)."""
+    """The import ran forked from a warm probe process (:mod:`wsgi_reload._check.warm`)."""
     killed: bool = False
     """The check interpreter was killed with SIGKILL by someone else (the OOM killer, a person)."""
     watch_for: tuple[str, ...] = ()
@@ -98,7 +99,7 @@ def compile_files(paths: Iterable[str], generation: Checked | None = None) -> Ch
             continue
         try:
             if generation is not None and digest is not None:
-                source = _genimport.read_object(generation.store, digest)
+                source = genimport.read_object(generation.store, digest)
             else:
                 with open(path, "rb") as f:
                     source = f.read()
@@ -136,7 +137,7 @@ def import_app(
     in and the records come out through unlinked temporary files.
 
     With ``warm_from`` (the module files the workers run) the check is forked from a warm
-    probe process that has imported the installed packages among them (:mod:`wsgi_reload.warm`),
+    probe process that has imported the installed packages among them (:mod:`wsgi_reload._check.warm`),
     once one is ready; the probe and what it reports are the same.
 
     With ``generation`` the project's files are imported from that generation's bytes, the

@@ -21,7 +21,7 @@ import io
 import os
 from typing import IO, Any
 
-from .. import _genimport
+from .._server import genimport
 
 
 def serve_from_generation() -> None:
@@ -53,8 +53,8 @@ def _open_catalog(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> IO[A
 
 
 def _generation_bytes(path: str) -> bytes | None:
-    finder = _genimport.installed()
+    finder = genimport.installed()
     digest = None if finder is None else finder.files.get(os.path.abspath(path))
     if finder is None or digest is None:
         return None
-    return _genimport.read_object(finder.store, digest)
+    return genimport.read_object(finder.store, digest)

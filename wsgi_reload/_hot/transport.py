@@ -1,9 +1,9 @@
 """gunicorn's patch mode: edits that can go into the running workers do, anything else reloads.
 
 The master keeps the source of the app's files as the workers loaded them. When a checked
-batch can be applied statement by statement (:func:`wsgi_reload.patch.judge`: changed
+batch can be applied statement by statement (:func:`wsgi_reload._hot.judge.judge`: changed
 function bodies, new helpers and constants, where no unchanged statement depends on them),
-it publishes a patch generation next to the worker manifests, with the source each worker
+it publishes a patch generation next to the worker records, with the source each worker
 started from and the new one; each worker applies it in ``pre_request``, before the next
 request it serves (:func:`wsgi_reload.hot.reload_source`), and reports what it could not
 apply, which makes the master fall back to a graceful reload.
@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import runtime
-from .hot import reload_source
-from .patch import judge, module_for
-from .scanner import Change
+from .._core.scanner import Change
+from .._server import runtime
+from ..hot import reload_source
+from .judge import judge, module_for
 
-log = logging.getLogger("wsgi_reload.hybrid")
+log = logging.getLogger("wsgi_reload.patch")
 
 PATCH_FILE = "patch.json"
 FAILED_SUFFIX = ".needs-restart"
@@ -98,7 +98,7 @@ class PatchPublisher:
             pass
         for change in batch:
             # The new workers import what the check just passed; read it now, because the next
-            # save can land before the scanner sees their manifests, and would then pass for
+            # save can land before the scanner sees their records, and would then pass for
             # the version they run.
             self.sources.pop(change.path, None)
             self.remember({change.path: None})

@@ -2,12 +2,12 @@
 
 Every adapter builds the same :class:`Watcher` and configures three things:
 
-- where the file list comes from: this process's ``sys.modules``, or the manifests the
-  workers publish (:mod:`wsgi_reload.manifest`), plus extra files and globs;
+- where the file list comes from: this process's ``sys.modules``, or the records the
+  workers publish (:mod:`wsgi_reload._server.records`), plus extra files and globs;
 - what the check imports (the settings' ``app``, in a fresh interpreter);
 - what a reload does (signal a verified process, say).
 
-For a server it runs in the server's one watcher process (:mod:`wsgi_reload.watch_process`);
+For a server it runs in the server's one watcher process (:mod:`wsgi_reload._server.watcher_process`);
 the ``wsgi-reload watch`` command runs it in its own process. ``manage.py runserver``'s reloader and
 the in-process :class:`wsgi_reload.hot.HotReloader` use it too: this is the one place a
 scanner, a monitor and a gate are put together.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
-from .check import CheckResult
+from .._check.check import CheckResult
 from .gate import ReloadGate
 from .monitor import Monitor
 from .scanner import Change, Scanner, Source

@@ -1,7 +1,7 @@
 """Patches to running code: whether an edit can go into a running process, and where a
 loaded function's new code is.
 
-An edit is patchable when the statement-level comparison (:func:`wsgi_reload.statements.plan`)
+An edit is patchable when the statement-level comparison (:func:`wsgi_reload._hot.statements.plan`)
 finds it safe to run only what changed, and each function whose body alone changed keeps
 its free variables. :func:`wsgi_reload.hot.reload_source` applies it.
 """
@@ -14,8 +14,8 @@ import threading
 import types
 from collections.abc import Iterator
 
+from .._core.files import module_file
 from . import statements
-from .files import module_file
 
 patch_lock = threading.RLock()
 """Held while code is swapped, so two patches never interleave."""

@@ -5,7 +5,7 @@ Each server binding (gunicorn's hooks, the uWSGI module, Django's app) creates o
 the worker's record in the runtime directory, keeps the server's watcher process running,
 applies patches (gunicorn ``mode=patch``) and waits when verified code cannot load here.
 
-The record (:class:`wsgi_reload.manifest.ManifestWriter`) says which files the worker runs,
+The record (:class:`wsgi_reload._server.records.RecordWriter`) says which files the worker runs,
 from which generation, and whether its app loaded: "loaded" means the app imported (and, with
 ``ready_path``, answered) in this process, and nothing else does.
 """
@@ -17,12 +17,12 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import _genimport
-from .files import describe_error
+from .._core.files import describe_error
+from .._hot.transport import PatchApplier
+from . import genimport
 from .generations import RETRY_SECONDS, store_of, wait_for_newer
-from .hybrid import PatchApplier
-from .manifest import ManifestReader, ManifestWriter
-from .watch_process import alive, keep_watcher_running
+from .records import RecordWriter, WorkerRecords
+from .watcher_process import alive, keep_watcher_running
 
 log = logging.getLogger("wsgi_reload.agent")
 
@@ -50,15 +50,15 @@ class WorkerAgent:
         self.patterns: list[str] = []
         """Extra globs this worker's app watches (Django's templates and catalogs)."""
         self.patches = PatchApplier(directory) if patch else None
-        self._record: ManifestWriter | None = None
+        self._record: RecordWriter | None = None
 
     # --- the record ----------------------------------------------------------------------
 
     @property
-    def record(self) -> ManifestWriter:
+    def record(self) -> RecordWriter:
         """This process's record (a process forked from the one that made the agent gets its own)."""
         if self._record is None or self._record.path != os.path.join(self.directory, f"{os.getpid()}.json"):
-            self._record = ManifestWriter(self.directory, self.loaded_at_ns, app_loaded=self.app_loaded)
+            self._record = RecordWriter(self.directory, self.loaded_at_ns, app_loaded=self.app_loaded)
         self._record.patterns = self.patterns
         return self._record
 
@@ -116,7 +116,7 @@ class WorkerAgent:
 
     def others_serve(self) -> bool:
         """Whether another live worker of the server has its app loaded."""
-        workers = ManifestReader(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
+        workers = WorkerRecords(self.directory, accept=lambda pid: pid != os.getpid() and alive(pid))
         workers()
         return bool(workers.serving)
 
@@ -129,7 +129,7 @@ class WorkerAgent:
         :param quiet: log at debug level (the watcher already says what is broken).
         :param heartbeat: called meanwhile (a gunicorn worker tells its master it is alive).
         """
-        finder = _genimport.installed()
+        finder = genimport.installed()
         generation = None if finder is None else finder.generation
         log.log(logging.DEBUG if quiet else logging.ERROR,
                 "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "

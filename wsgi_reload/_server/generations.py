@@ -3,13 +3,13 @@
 The watcher reads the changed files once into a new generation; the check imports from
 those bytes, and so does every process that loads the app afterwards (new workers of a
 swap, a worker that replaces a crashed or killed one, a ``max_requests`` restart), through
-:mod:`wsgi_reload._genimport`. A save that lands after the check stays on the disk until
+:mod:`wsgi_reload._server.genimport`. A save that lands after the check stays on the disk until
 the next check passes; a worker never reads it.
 
 The store lives in the server's private runtime directory::
 
     objects/<sha256>        file contents, content-addressed: a reload copies only what changed
-    code/<key>              compiled code objects of those files (see ``_genimport.code_key``)
+    code/<key>              compiled code objects of those files (see ``genimport.code_key``)
     <id>.json               one generation: its roots, and each file's digest and stat signature
     current                 the id of the newest verified generation
 
@@ -35,8 +35,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from . import _genimport, runtime
-from .files import expand, library_dirs
+from .._core.files import expand, library_dirs
+from . import genimport, runtime
 
 log = logging.getLogger("wsgi_reload.generations")
 
@@ -77,7 +77,7 @@ class Store:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._walked: tuple[Callable[[str], bool], dict[str, Listing]] | None = None
-        for sub in ("", _genimport.OBJECTS, _genimport.CODE):
+        for sub in ("", genimport.OBJECTS, genimport.CODE):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(directory, sub), 0o700)
 
@@ -137,8 +137,8 @@ class Store:
                 raise OSError(f"{path} is not a regular file")
             data = f.read()
         digest = hashlib.sha256(data).hexdigest()
-        if not os.path.exists(os.path.join(self.directory, _genimport.OBJECTS, digest)):
-            runtime.write_atomic(os.path.join(self.directory, _genimport.OBJECTS), digest, data)
+        if not os.path.exists(os.path.join(self.directory, genimport.OBJECTS, digest)):
+            runtime.write_atomic(os.path.join(self.directory, genimport.OBJECTS), digest, data)
         # The signature from fstat of the descriptor we read: a write after the read changes it.
         return digest, (st.st_mtime_ns, st.st_size, st.st_ino)
 
@@ -146,7 +146,7 @@ class Store:
         """Write ``generation``'s contents again after the store was removed: a file whose stat
         signature is still the recorded one, and whose bytes still have the recorded digest, is
         read back from the disk. Returns the files that changed since (they need a check)."""
-        for sub in ("", _genimport.OBJECTS, _genimport.CODE):
+        for sub in ("", genimport.OBJECTS, genimport.CODE):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.directory, sub), 0o700)
         lost = []
@@ -159,7 +159,7 @@ class Store:
                     data = f.read()
                 if hashlib.sha256(data).hexdigest() != digest:
                     raise OSError("changed")
-                runtime.write_atomic(os.path.join(self.directory, _genimport.OBJECTS), digest, data)
+                runtime.write_atomic(os.path.join(self.directory, genimport.OBJECTS), digest, data)
             except OSError:
                 lost.append(path)
         if not lost:
@@ -224,7 +224,7 @@ class Store:
                 os.unlink(os.path.join(self.directory, f"{generation_id}.json"))
         if not live:
             return  # nothing loaded: never empty the store on a read error
-        for sub in (_genimport.OBJECTS, _genimport.CODE):
+        for sub in (genimport.OBJECTS, genimport.CODE):
             folder = os.path.join(self.directory, sub)
             with contextlib.suppress(OSError):
                 for name in os.listdir(folder):
@@ -241,12 +241,12 @@ class Store:
                     total += os.lstat(os.path.join(folder, name)).st_size
         return total
 
-    def install(self, generation: Generation | None = None) -> _genimport.GenerationFinder:
+    def install(self, generation: Generation | None = None) -> genimport.GenerationFinder:
         """Import this process's project modules from ``generation`` from now on (None: keep the
         finder's generation, or the disk until it has one); returns the finder."""
         if generation is None:
-            return _genimport.install(self.directory)
-        return _genimport.install(self.directory, generation.id, generation.files)
+            return genimport.install(self.directory)
+        return genimport.install(self.directory, generation.id, generation.files)
 
 
 RETRY_SECONDS = 5.0
@@ -261,7 +261,7 @@ def store_of(runtime_dir: str) -> Store:
     return Store(os.path.join(runtime_dir, STORE_DIR))
 
 
-def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, _genimport.GenerationFinder]:
+def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, genimport.GenerationFinder]:
     """In a process about to import the app: import the project's files from the server's
     newest verified generation. At the server's very first start there is none yet: the first
     process to get here reads one from the disk (the others wait for it), and its own import of

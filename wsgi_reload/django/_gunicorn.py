@@ -5,9 +5,9 @@ worker, while ``django.setup()`` imports ``wsgi_reload.django``. From there the 
 takes the gunicorn adapter's worker-side hooks into its own copy of the config
 (:func:`adopt_booting_worker`): it loads the URLconf before it serves, publishes its module
 list as its proof that it loaded, makes sure the server's one watcher process runs
-(:mod:`wsgi_reload.watch_process`), and, once the server has served, a failed boot holds
+(:mod:`wsgi_reload._server.watcher_process`), and, once the server has served, a failed boot holds
 the worker instead of halting gunicorn. The watcher process checks a change and swaps
-the workers by TTIN and TTOU (:mod:`wsgi_reload.swap`).
+the workers by TTIN and TTOU (:mod:`wsgi_reload._server.strategies`).
 
 With ``--preload`` Django loads inside the master: the gunicorn adapter's hooks are added
 to the running arbiter, and its preload path (an in-place re-exec) applies.
@@ -22,14 +22,14 @@ import time
 from types import FrameType
 from typing import Any
 
-from .. import runtime
-from .._probe import ask_ready
-from ..check import checking
-from ..generations import adopt
-from ..logs import forward_to
-from ..settings import Settings, SettingsError
-from ..watch_process import ensure_watcher
-from .files import django_watch_patterns, load_urlconf, reload_settings
+from .._check.check import checking
+from .._check.probe import ask_ready
+from .._core.logs import forward_to
+from .._core.settings import Settings, SettingsError
+from .._server import runtime
+from .._server.generations import adopt
+from .._server.watcher_process import ensure_watcher
+from ._site import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ..uwsgi_adapter import start as start_adapter
-from .files import django_watch_patterns, load_urlconf_when_ready, preload_views, reload_settings
+from .._server.uwsgi import start as start_adapter
+from ._site import django_watch_patterns, load_urlconf_when_ready, preload_views, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
 

@@ -1,7 +1,7 @@
 """Warm checks: a process that has imported the installed packages the app uses forks each check.
 
 A cold check starts a fresh interpreter and imports Django (say) and every other package
-again before it reaches the project's code. A warm probe process (``_warm_probe.py``)
+again before it reaches the project's code. A warm probe process (``fork_server.py``)
 imports those packages once, never any project file, and forks one child per check, which
 runs the same probe as a cold check: the project is imported afresh each time, so the
 check sees exactly what a cold check would. A changed file of an installed package retires
@@ -21,12 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .._core.files import library_dirs
 from . import spawn
-from .files import library_dirs
 
 log = logging.getLogger("wsgi_reload.check")
 
-_SOURCE = (Path(__file__).with_name("_warm_probe.py")).read_text(encoding="utf-8")
+_SOURCE = (Path(__file__).with_name("fork_server.py")).read_text(encoding="utf-8")
 
 
 LIBRARY_DIRS = library_dirs()
@@ -84,7 +84,7 @@ class WarmProbe:
 
     def run(self, stdin: IO[bytes], records: IO[bytes], stderr: IO[bytes],
             timeout: float) -> tuple[bool, int | None] | None:
-        """Run one check; (exited, exit code) as :func:`wsgi_reload.spawn.wait_exit` gives them,
+        """Run one check; (exited, exit code) as :func:`wsgi_reload._check.spawn.wait_exit` gives them,
         or None when this warm process cannot be used (the caller runs the check cold)."""
         try:
             socket.send_fds(self._control, [b"check"], [stdin.fileno(), records.fileno(), stderr.fileno()])

@@ -1,6 +1,6 @@
 """Which files hold the running code: module sources, user globs, and files that failed to import.
 
-Nothing here stats a file for changes; that is :mod:`wsgi_reload.scanner`'s job.
+Nothing here stats a file for changes; that is :mod:`wsgi_reload._core.scanner`'s job.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def library_dirs() -> tuple[str, ...]:
     site-packages). The one definition: the watcher, the generations and the check interpreter
     all use it."""
     bins = {os.path.join(p, "bin") for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
-    dirs = (*_stdlib_dirs(), *_site_dirs(), *sorted(bins), os.path.dirname(os.path.abspath(__file__)))
+    dirs = (*_stdlib_dirs(), *_site_dirs(), *sorted(bins), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return tuple(sorted({d.rstrip(os.sep) + os.sep for d in dirs}))
 
 
