@@ -69,13 +69,6 @@ class WorkerAgent:
         """Write this worker's record now (the first one after its app loaded is its proof)."""
         self.record.publish()
 
-    def publish_safely(self) -> None:
-        """:meth:`publish` from a hook that must never fail a request."""
-        try:
-            self.publish()
-        except Exception:
-            log.exception("wsgi_reload: publishing this worker's modules failed")
-
     def after_request(self) -> None:
         """Publish again if the request imported more modules (views load lazily)."""
         try:
