@@ -7,6 +7,7 @@ edits and a real HTTP load. The numbers are printed, never asserted.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,10 +27,16 @@ from servers import (  # noqa: E402
     free_port,
     greeting,
     make_app,
+    processes,
     server_env,
     wait_for_body,
+    watcher_processes,
+    worker_pids,
     write,
 )
+
+WARM_PROCESS = "A warm check process"
+"""The first line of the warm check process's source, on its command line (``python -c``)."""
 
 BIG_APP_MODULES = 1500
 
@@ -76,9 +83,11 @@ def big_site(modules: int = BIG_APP_MODULES) -> Site:
     return Site(app, edit, lambda: write(app / "greeting.py", BROKEN_SAVES["syntax"]), fix)
 
 
-def django_site(with_plugin: bool) -> Site:
+def django_site(with_plugin: bool, writes: bool = False) -> Site:
     """A fresh copy of the example Django site, edited through its view's GREETING; without the
-    plugin, "wsgi_reload.django" is taken out of INSTALLED_APPS (for the peers and the floor)."""
+    plugin, "wsgi_reload.django" is taken out of INSTALLED_APPS (for the peers and the floor).
+    With ``writes`` the view writes to ``db.sqlite3`` in ``BASE_DIR`` on every request, as a
+    site that counts visits does: its journal comes and goes beside the code all the time."""
     import shutil
 
     root = Path(tempfile.mkdtemp(prefix="wsgi-reload-bench-"))
@@ -90,6 +99,10 @@ def django_site(with_plugin: bool) -> Site:
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=site, check=True, env=server_env())
     views = site / "shop" / "views.py"
     original = views.read_text()
+    if writes:
+        original = original.replace('def hello(request):\n', 'def hello(request):\n'
+                                    '    Item.objects.filter(name="visits").update(name="visits")\n')
+        assert "visits" in original
 
     def with_greeting(text: str) -> str:
         return original.replace('GREETING = "hello"', f'GREETING = "{text}"')
@@ -134,14 +147,54 @@ def idle_cpu_per_minute(server: Server, seconds: float) -> float:
     return 60 * (tree_cpu_seconds(server.proc.pid) - before) / seconds
 
 
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory(server: Server, app: Path) -> dict[str, str]:
+    """Resident memory, MB: a worker (the largest), the watcher process, the warm check process."""
+    workers = [rss_mb(pid) for pid in worker_pids(server)]
+    watchers = [rss_mb(pid) for pid in watcher_processes(app.resolve())]
+    warm = [rss_mb(pid) for pid, (_, _, command) in processes().items()
+            if WARM_PROCESS in command and _cwd(pid) == str(app.resolve())]
+    show = lambda values: f"{max(values):.0f}" if values else "-"  # noqa: E731
+    return {"RSS MB worker": show(workers), "watcher": show(watchers), "warm check": show(warm)}
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def breakdown(log: str) -> dict[str, str]:
+    """Where our reloads spent their time, from the watcher's own lines: the check, and the swap
+    (from the check passing to every new worker serving); p50 over the edits."""
+    checks = [float(ms) for ms in re.findall(r"check passed \(.*?, (\d+) ms\)", log)]
+    swaps = [float(ms) for ms in re.findall(r"reload done: .*?(\d+) ms after", log)]
+    median = lambda values: f"{statistics.median(values) / 1000:.2f}" if values else "-"  # noqa: E731
+    return {"check p50 s": median(checks), "swap p50 s": median(swaps)}
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: int, idle_seconds: float,
-            broken_seconds: float = 5.0, expect: str | None = None) -> dict[str, str]:
-    """Run one server through idle time, ``edits`` reloads under load, and one broken save."""
+            broken_seconds: float = 5.0, expect: str | None = None, ours: bool = False) -> dict[str, str]:
+    """Run one server through idle time, ``edits`` reloads under load, and one broken save.
+
+    :param ours: also say where the reloads spent their time, and the memory of our processes.
+    """
     port = free_port()
     server = start(site.app, port)
     row: dict[str, str] = {"server": name}
@@ -159,6 +212,9 @@ def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: 
         row["p95 s"] = f"{percentile(latencies, 0.95):.2f}"
         row["p99 s"] = f"{percentile(latencies, 0.99):.2f}"
         row["failed, good saves"] = f"{len(failures)} of {ok + len(failures)}"
+        if ours:
+            row.update(breakdown(server.log()))
+            row.update(memory(server, site.app))
         with Load(port, threads=4, path=site.path) as load:
             site.break_it()
             time.sleep(broken_seconds)
