@@ -113,3 +113,51 @@ def test_a_broken_save_is_neither_patched_nor_reloaded(tmp_path: Path) -> None:
         write(app / "counting.py", counting("v3"))
         wait_for_version(port, "v3")
         assert server.count(r"Hang up|Handling signal: ttin") == 0
+
+
+DECORATED = '''def plus(n):
+    def deco(fn):
+        def wrapper(hits):
+            return fn(hits) + n
+        return wrapper
+    return deco
+
+
+class Label:
+    def __init__(self):
+        self._prefix = ""
+
+    @property
+    def value(self):
+        return self._prefix + "{version}"
+
+    @value.setter
+    def value(self, prefix):
+        self._prefix = prefix
+
+
+@plus({offset})
+def count(hits):
+    return hits
+
+
+def text(hits):
+    return f"{{Label().value}} {{count(hits)}}"
+'''
+
+
+def test_a_property_and_a_decorator_without_wraps_are_patched_to_the_new_code(tmp_path: Path) -> None:
+    """A property's getter (which shares its name with the setter) and the argument of a
+    decorator that does not use functools.wraps: each worker runs exactly the new code."""
+    app = make_app(tmp_path, "counter")
+    write(app / "counting.py", DECORATED.format(version="v1", offset=0))
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "1"], env=server_env(mode="patch")), None) as server:
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        write(app / "counting.py", DECORATED.format(version="v2", offset=0))  # the getter's body
+        assert wait_for_version(port, "v2") < 1000
+        write(app / "counting.py", DECORATED.format(version="v3", offset=1000))  # the decorator's argument
+        assert wait_for_version(port, "v3") > 1000
+        assert server.count(r"patched in place") == 2
+        assert server.count(r"Hang up|Handling signal: ttin|not patchable|could not take") == 0

@@ -94,12 +94,66 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str
     old.__kwdefaults__ = new.__kwdefaults__
     old.__doc__ = new.__doc__
     old.__annotations__ = new.__annotations__
+    _carry_closure(old, new, where, report)
     wrapped = old.__dict__.get("__wrapped__")
     old.__dict__.update(new.__dict__)
     if wrapped is not None:
         old.__dict__["__wrapped__"] = wrapped  # keep pointing at the object we patched
+    wrong = _runs_other_code(old, new)
+    if wrong is not None:
+        report.needs_restart.append(f"{where}: {wrong} after patching; it would run other code than the new source")
+        return False
     report.patched.append(where)
     return True
+
+
+def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str, report: PatchReport) -> None:
+    """The statement that made ``new`` ran again (a decorator's wrapper, a factory's function):
+    its closure holds what that run made. A function there (the decorated function, inside a
+    wrapper without ``functools.wraps``) is patched in place, so that references to it run the
+    new code too; anything else (a decorator's argument) is the new value. The implicit
+    ``__class__`` cell of a method already holds the class it is patched into."""
+    for name, old_cell, new_cell in zip(old.__code__.co_freevars, old.__closure__ or (), new.__closure__ or (),
+                                        strict=False):
+        if name == "__class__":
+            continue
+        try:
+            old_value, new_value = old_cell.cell_contents, new_cell.cell_contents
+        except ValueError:  # an empty cell: the variable is not bound yet
+            continue
+        if old_value is new_value:
+            continue
+        if isinstance(old_value, types.FunctionType) and isinstance(new_value, types.FunctionType) \
+                and old_value is not old and old_value.__code__.co_freevars == new_value.__code__.co_freevars:
+            inner = PatchReport()  # reported as part of ``where``
+            _patch_function(old_value, new_value, f"{where} (the {name} it calls)", inner)
+            report.needs_restart.extend(inner.needs_restart)
+        else:
+            old_cell.cell_contents = new_value
+
+
+def _runs_other_code(old: types.FunctionType, new: types.FunctionType, depth: int = 0) -> str | None:
+    """Why ``old`` does not behave as ``new`` now, or None: its code, defaults and closure,
+    the functions in its closure included, must be the new ones."""
+    if old.__code__ != new.__code__:
+        return "its code is not the new code"
+    if old.__defaults__ != new.__defaults__ or old.__kwdefaults__ != new.__kwdefaults__:
+        return "its defaults are not the new ones"
+    for name, old_cell, new_cell in zip(old.__code__.co_freevars, old.__closure__ or (), new.__closure__ or (),
+                                        strict=False):
+        try:
+            old_value, new_value = old_cell.cell_contents, new_cell.cell_contents
+        except ValueError:
+            continue
+        if old_value is new_value or name == "__class__":
+            continue
+        if isinstance(old_value, types.FunctionType) and isinstance(new_value, types.FunctionType) and depth < 8:
+            inner = _runs_other_code(old_value, new_value, depth + 1)
+            if inner is not None:
+                return f"the {name} it calls: {inner}"
+            continue
+        return f"its closure's {name} is not the new value"
+    return None
 
 
 def _unwrap_descriptor(value: Any) -> Any:
@@ -314,25 +368,42 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
     if not plan.bodies:
         return []
     changed = set(plan.bodies)
-    codes = dict(code_tree(compile(tree, filename, "exec", dont_inherit=True)))
+    # A property's getter and setter share one qualified name: they are told apart by their
+    # order in the source, in the loaded code and in the new code alike.
+    codes: dict[str, list[types.CodeType]] = {}
+    for qualname, code in code_tree(compile(tree, filename, "exec", dont_inherit=True)):
+        codes.setdefault(qualname, []).append(code)
+    loaded: dict[str, list[types.FunctionType]] = {}
+    for qualname, func in loaded_functions(module):
+        if qualname.split(".")[0] in changed and qualname in codes:
+            loaded.setdefault(qualname, []).append(func)
     swaps = []
     found = set()
-    for qualname, func in loaded_functions(module):
-        new = codes.get(qualname)
-        if new is None or qualname.split(".")[0] not in changed:
+    for qualname, funcs in loaded.items():
+        funcs.sort(key=lambda f: f.__code__.co_firstlineno)
+        if len(funcs) != len(codes[qualname]):
+            report.needs_restart.append(f"{module.__name__}.{qualname}: {len(codes[qualname])} definitions of that "
+                                        f"name now, {len(funcs)} loaded")
+            found.add(qualname)
             continue
+        for func, new in zip(funcs, codes[qualname], strict=True):
+            swaps.extend(_body_swap(module, qualname, func, new, report))
         found.add(qualname)
-        where = f"{module.__name__}.{qualname}"
-        if func.__code__.co_freevars != new.co_freevars:
-            report.needs_restart.append(f"{where}: its closure now uses {new.co_freevars}, not "
-                                        f"{func.__code__.co_freevars}")
-        elif func.__code__ != new:
-            swaps.append((func, new, where))
     for qualname in codes:
         if qualname.split(".")[0] in changed and "<locals>" not in qualname and qualname not in found:
             report.needs_restart.append(f"{module.__name__}.{qualname}: the loaded function was not found (a "
                                         "decorator that keeps it out of sight); it runs the old body")
     return swaps
+
+
+def _body_swap(module: types.ModuleType, qualname: str, func: types.FunctionType, new: types.CodeType,
+               report: PatchReport) -> list[tuple[types.FunctionType, types.CodeType, str]]:
+    """One loaded function and its new code, unless its closure changed (then it needs a restart)."""
+    where = f"{module.__name__}.{qualname}"
+    if func.__code__.co_freevars != new.co_freevars:
+        report.needs_restart.append(f"{where}: its closure now uses {new.co_freevars}, not {func.__code__.co_freevars}")
+        return []
+    return [(func, new, where)] if func.__code__ != new else []
 
 
 def _apply(module: types.ModuleType, plan: statements.Plan, scratch: dict[str, Any],

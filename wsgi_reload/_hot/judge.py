@@ -82,10 +82,23 @@ def loaded_functions(module: types.ModuleType) -> Iterator[tuple[str, types.Func
                 wrapped = getattr(target, "__wrapped__", None)
                 if isinstance(wrapped, types.FunctionType):
                     yield wrapped.__qualname__, wrapped
+                # A decorator without functools.wraps: the decorated function is in the wrapper's closure.
+                inner = {name: cell.cell_contents for name, cell in zip(target.__code__.co_freevars,
+                                                                        target.__closure__ or (), strict=False)
+                         if name != "__class__" and _bound(cell)}
+                yield from walk(inner, prefix)
             elif isinstance(target, type) and target.__module__ == module.__name__:
                 yield from walk(dict(vars(target)), f"{prefix}{target.__qualname__}.")
 
     yield from walk(dict(vars(module)), "")
+
+
+def _bound(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def module_for(path: str) -> types.ModuleType | None:

@@ -1,0 +1,25 @@
+# A property with a getter and a setter: both accessors have the qualified name FakeApple.color.
+OUTCOME = "patched"
+PROBES = ["FakeApple().color", "apple.color", "set_and_get('green')"]
+
+
+class FakeApple:
+    def __init__(self):
+        self._color = "red"
+
+    @property
+    def color(self):
+        return self._color
+
+    @color.setter
+    def color(self, value):
+        self._color = value
+
+
+apple = FakeApple()
+
+
+def set_and_get(value):
+    a = FakeApple()
+    a.color = value
+    return a.color
