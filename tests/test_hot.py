@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import logging
 import subprocess
 import sys
@@ -671,3 +672,35 @@ def test_a_worker_that_cannot_take_a_patch_makes_the_master_fall_back(load: obje
         time.sleep(0.05)
     assert len(reasons) == 1 and f"{module.__name__}.Model: it is built by the metaclass" in reasons[0]
     assert module.Model.size == 1  # the worker kept its old class as it was
+
+
+def test_a_save_before_the_source_is_recorded_does_not_become_the_baseline(load: object) -> None:
+    """Saved between the import and remember_source: what is on disk is not what runs, so it is
+    not recorded, and the next reload runs the whole module instead of trusting it."""
+    module = load("def f():\n    return 'imported'\n\nVALUE = f()\n")  # type: ignore[operator]
+    rewrite(module, "def f():\n    return 'saved before watching'\n\nVALUE = f()\n")
+    remember_source(module)
+    rewrite(module, "def f():\n    return 'reloaded'\n\nVALUE = f()\n")
+    report = reload_module(module)
+    assert report.whole_module is not None and "not recorded" in report.whole_module
+    assert module.VALUE == "reloaded"
+
+
+def test_patch_mode_takes_both_versions_from_the_verified_code_not_the_disk(load: object, tmp_path: Path) -> None:
+    """The master's baseline and the new source come from the server's verified generation: a
+    save after the check (or before the master first read the file) is never the patch."""
+    from wsgi_reload._hot.transport import PATCH_FILE, PatchPublisher
+
+    old = "def text():\n    return 'v1'\n"
+    module = load(old)  # type: ignore[operator]
+    path = str(module.__file__)
+    verified = {path: old.encode()}
+    shared = tmp_path / "records"
+    shared.mkdir()
+    publisher = PatchPublisher(str(shared), str(tmp_path), source_of=verified.get)
+    Path(path).write_text("def text():\n    return 'saved, not checked'\n")
+    publisher.remember({path: None})
+    verified[path] = b"def text():\n    return 'v2'\n"  # what passed the check
+    assert publisher.publish([Change(path, "modified")]) is None
+    patch = json.loads((shared / PATCH_FILE).read_text())
+    assert patch["files"][path] == {"loaded": old, "latest": "def text():\n    return 'v2'\n"}

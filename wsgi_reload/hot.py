@@ -311,14 +311,40 @@ _sources: dict[str, bytes] = {}
 
 def remember_source(module: types.ModuleType) -> None:
     """Record the source ``module`` runs now (read from its file), so that the next reload
-    runs only what changed. :class:`HotReloader` does this for what it watches."""
+    runs only what changed. :class:`HotReloader` does this for what it watches.
+
+    The file may have been saved since the module was imported: its functions are compared
+    with the code compiled from what is read, and on a difference nothing is recorded (the
+    next reload then runs the whole module, which is right whatever the module runs)."""
     path = module_file(module)
-    if path is not None and path.endswith(".py"):
-        try:
-            with open(path, "rb") as f:
-                _sources[module.__name__] = f.read()
-        except OSError:
-            pass
+    if path is None or not path.endswith(".py"):
+        return
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError:
+        return
+    stale = _differs_from_loaded(module, source, path)
+    if stale is not None:
+        log.info("wsgi_reload: %s changed since %s was imported (%s); its next reload runs the whole module",
+                 path, module.__name__, stale)
+        _sources.pop(module.__name__, None)
+        return
+    _sources[module.__name__] = source
+
+
+def _differs_from_loaded(module: types.ModuleType, source: bytes, path: str) -> str | None:
+    """Which loaded function was not compiled from ``source``, or None when all were."""
+    try:
+        codes: dict[str, list[types.CodeType]] = {}
+        for qualname, code in code_tree(compile(source, path, "exec", dont_inherit=True)):
+            codes.setdefault(qualname, []).append(code)
+    except (SyntaxError, ValueError):
+        return "it does not compile"
+    for qualname, func in loaded_functions(module):
+        if func.__code__ not in codes.get(qualname, [func.__code__]):
+            return f"{qualname} differs"
+    return None
 
 
 def reload_source(module: types.ModuleType, old_source: str | bytes | None, new_source: str | bytes,

@@ -32,7 +32,11 @@ FAILED_SUFFIX = ".needs-restart"
 class PatchPublisher:
     """Master side: decides whether a batch can be patched, and publishes it."""
 
-    def __init__(self, manifest_dir: str, app_dir: str) -> None:
+    def __init__(self, manifest_dir: str, app_dir: str,
+                 source_of: Callable[[str], bytes | None] | None = None) -> None:
+        """:param source_of: the bytes of a file as the workers run it (the server's verified
+            generation), or None while unknown; without it, the file as it is on disk."""
+        self.source_of = source_of or _read_disk
         self.manifest_dir = manifest_dir
         self.app_dir = app_dir.rstrip(os.sep) + os.sep
         self.sources: dict[str, bytes] = {}
@@ -46,11 +50,9 @@ class PatchPublisher:
         for path in files:
             if path.endswith(".py") and path not in self.sources and path.startswith(self.app_dir) \
                     and "site-packages" not in path:
-                try:
-                    with open(path, "rb") as f:
-                        self.sources[path] = f.read()
-                except OSError:
-                    pass
+                source = self.source_of(path)
+                if source is not None:
+                    self.sources[path] = source
         return files
 
     def publish(self, batch: Sequence[Change]) -> str | None:
@@ -64,11 +66,9 @@ class PatchPublisher:
             old = self.sources.get(change.path)
             if old is None:
                 return f"{change.path} is not an app file seen before the change"
-            try:
-                with open(change.path, "rb") as f:
-                    new = f.read()
-            except OSError as exc:
-                return f"{change.path} cannot be read: {exc}"
+            new = self.source_of(change.path)  # the checked bytes, never a later save
+            if new is None:
+                return f"{change.path} is not in the checked code"
             if new == old:
                 return f"the version of {change.path} the workers run was not seen"
             verdict = judge(old, new, change.path)
@@ -97,9 +97,7 @@ class PatchPublisher:
         except OSError:
             pass
         for change in batch:
-            # The new workers import what the check just passed; read it now, because the next
-            # save can land before the scanner sees their records, and would then pass for
-            # the version they run.
+            # The new workers import what the check just passed: that is their baseline.
             self.sources.pop(change.path, None)
             self.remember({change.path: None})
 
@@ -188,3 +186,11 @@ class PatchApplier:
             return
         self.running[path] = latest
         log.debug("wsgi_reload: worker %d patched %s", os.getpid(), ", ".join(report.patched + report.changed))
+
+
+def _read_disk(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None

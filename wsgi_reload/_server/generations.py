@@ -184,6 +184,19 @@ class Store:
         runtime.write_atomic(self.directory, "current", str(generation.id).encode())
         self.prune(keep={generation.id, *keep})
 
+    def read(self, generation: Generation, path: str) -> bytes | None:
+        """The bytes ``path`` has in ``generation``, or None if it is not one of its files."""
+        digest = generation.files.get(path)
+        if digest is None:
+            return None
+        try:
+            fd = os.open(os.path.join(self.directory, genimport.OBJECTS, digest),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
     def current_id(self) -> int | None:
         data = runtime.read_bytes(self.directory, "current", limit=32)
         text = "" if data is None else data.decode("ascii", "replace").strip()

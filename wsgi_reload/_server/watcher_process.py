@@ -221,7 +221,8 @@ class _ServerWatch:
         self.config_files: list[str] = config.get("config_files") or []
         self.expected: int | None = config.get("workers")
         self.announced = False
-        self.patcher = PatchPublisher(self.runtime_dir, config["cwd"]) if config.get("patch") else None
+        self.patcher = PatchPublisher(self.runtime_dir, config["cwd"], self.verified_source) \
+            if config.get("patch") else None
         self.patch_failed: str | None = None
         """Why a worker could not take the last patch (its report, read by another thread)."""
         records: Source = self.records
@@ -233,6 +234,11 @@ class _ServerWatch:
                                modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
                                on_tick=self.tick)
+
+    def verified_source(self, path: str) -> bytes | None:
+        """A file's bytes as the workers run them: from the newest verified generation."""
+        current = self.current
+        return None if current is None else self.store.read(current, path)
 
     def generation_files(self) -> dict[str, int | None]:
         """Every file of the running generation is watched, imported by a worker yet or not."""
