@@ -704,3 +704,21 @@ def test_patch_mode_takes_both_versions_from_the_verified_code_not_the_disk(load
     assert publisher.publish([Change(path, "modified")]) is None
     patch = json.loads((shared / PATCH_FILE).read_text())
     assert patch["files"][path] == {"loaded": old, "latest": "def text():\n    return 'v2'\n"}
+
+
+def test_lines_added_above_an_unchanged_function_move_its_line_numbers(load: object) -> None:
+    import inspect
+    import traceback
+
+    module = load("def helper():\n    return 'h'\n\n\ndef fails():\n    raise ValueError('here')\n")  # type: ignore[operator]
+    held = module.fails
+    rewrite(module, "# a comment\n# and another\n\n\ndef helper():\n    return 'h2'\n\n\n"
+                    "def fails():\n    raise ValueError('here')\n")
+    report = reload_module(module)
+    assert report.ok
+    assert held.__code__.co_firstlineno == 9
+    assert inspect.getsourcelines(held)[1] == 9
+    try:
+        held()
+    except ValueError as exc:
+        assert traceback.extract_tb(exc.__traceback__)[-1].lineno == 10

@@ -385,7 +385,38 @@ def _reload_source(module: types.ModuleType, old_source: str | bytes | None, new
         report.error = _describe(exc)
         return report
     _apply(module, plan, scratch, swaps, report)
+    _follow_moved_lines(module, new_tree, filename)
     return report
+
+
+def _follow_moved_lines(module: types.ModuleType, tree: ast.Module, filename: str) -> None:
+    """Lines added or removed above an unchanged function move it: give it the code compiled
+    at its new place, which differs in line numbers only, so that tracebacks, ``inspect`` and
+    debuggers point at the right line."""
+    codes: dict[str, list[types.CodeType]] = {}
+    for qualname, code in code_tree(compile(tree, filename, "exec", dont_inherit=True)):
+        codes.setdefault(qualname, []).append(code)
+    for qualname, func in loaded_functions(module):
+        candidates = codes.get(qualname, [])
+        if len(candidates) == 1 and func.__code__ != candidates[0] and _same_but_lines(func.__code__, candidates[0]):
+            func.__code__ = candidates[0]
+
+
+def _same_but_lines(old: types.CodeType, new: types.CodeType) -> bool:
+    """The same code, compiled at other lines."""
+    def shape(code: types.CodeType) -> tuple[object, ...]:
+        return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
+                code.co_argcount, code.co_kwonlyargcount, code.co_posonlyargcount, len(code.co_consts))
+
+    if shape(old) != shape(new):
+        return False
+    for a, b in zip(old.co_consts, new.co_consts, strict=True):
+        if isinstance(a, types.CodeType) and isinstance(b, types.CodeType):
+            if not _same_but_lines(a, b):
+                return False
+        elif type(a) is not type(b) or a != b:
+            return False
+    return True
 
 
 def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Module, filename: str,
