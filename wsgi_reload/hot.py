@@ -434,6 +434,9 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
     for qualname, func in loaded_functions(module):
         if qualname.split(".")[0] in changed and qualname in codes:
             loaded.setdefault(qualname, []).append(func)
+    hidden = {q for q in codes if q.split(".")[0] in changed and "<locals>" not in q and q not in loaded}
+    for qualname, func in _functions_out_of_sight(module, hidden):
+        loaded.setdefault(qualname, []).append(func)
     swaps = []
     found = set()
     for qualname, funcs in loaded.items():
@@ -448,9 +451,22 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
         found.add(qualname)
     for qualname in codes:
         if qualname.split(".")[0] in changed and "<locals>" not in qualname and qualname not in found:
-            report.needs_restart.append(f"{module.__name__}.{qualname}: the loaded function was not found (a "
-                                        "decorator that keeps it out of sight); it runs the old body")
+            report.needs_restart.append(f"{module.__name__}.{qualname}: no live function of that name was found; "
+                                        "whatever holds the old one runs the old body")
     return swaps
+
+
+def _functions_out_of_sight(module: types.ModuleType, qualnames: set[str]) -> list[tuple[str, types.FunctionType]]:
+    """The live functions of ``module`` with these qualified names that its namespace does not
+    reach (a decorator that returns a registry, not the function): found among all objects."""
+    if not qualnames:
+        return []
+    import gc
+
+    filename = module_file(module)
+    return [(f.__qualname__, f) for f in gc.get_objects()
+            if isinstance(f, types.FunctionType) and f.__qualname__ in qualnames
+            and f.__module__ == module.__name__ and os.path.abspath(f.__code__.co_filename) == filename]
 
 
 def _body_swap(module: types.ModuleType, qualname: str, func: types.FunctionType, new: types.CodeType,
