@@ -722,3 +722,16 @@ def test_lines_added_above_an_unchanged_function_move_its_line_numbers(load: obj
         held()
     except ValueError as exc:
         assert traceback.extract_tb(exc.__traceback__)[-1].lineno == 10
+
+
+def test_super_works_on_old_instances_and_on_those_the_module_made_while_it_ran(load: object) -> None:
+    """A method that starts using zero-argument super() while the whole module runs again: the
+    old class gets it with a cell holding the old class, and the new class, whose instance the
+    module made at load time, keeps its own."""
+    source = "class Base:\n    def name(self):\n        return 'b'\n\n\nclass Child(Base):\n{body}\n\nchild = Child()\n"
+    module = load(source.format(body="    def name(self):\n        return 'c'\n"))  # type: ignore[operator]
+    old_child = module.child
+    rewrite(module, source.format(body="    def name(self):\n        return super().name() + '!'\n"))
+    reload_module(module)
+    assert old_child.name() == "b!"
+    assert module.child.name() == "b!"

@@ -170,16 +170,32 @@ def _accessors(value: Any) -> list[Any]:
     return [_unwrap_descriptor(value)]
 
 
-def _point_class_cell(value: Any, new_class: type, old_class: type) -> None:
-    """A method that uses zero-argument ``super()`` or ``__class__`` closes over a cell holding
-    the class its body was compiled in. Moved onto the old class, the cell must hold the old
-    class, or ``super()`` fails on every old instance."""
-    for func in _accessors(value):
-        if not isinstance(func, types.FunctionType) or "__class__" not in func.__code__.co_freevars:
-            continue
-        cell = (func.__closure__ or ())[func.__code__.co_freevars.index("__class__")]
-        if cell.cell_contents is new_class:
-            cell.cell_contents = old_class
+def _for_class(value: Any, new_class: type, old_class: type) -> Any:
+    """``value`` from the new class body, to be set on the old class. A method that uses
+    zero-argument ``super()`` or ``__class__`` closes over a cell holding the class its body was
+    compiled in; on the old class it needs a cell holding the old class, or ``super()`` fails on
+    every old instance. It gets a copy with that cell: the new class keeps its own, for the
+    instances made from it while the module ran."""
+    if isinstance(value, property):
+        accessors = [_for_class(f, new_class, old_class) for f in (value.fget, value.fset, value.fdel)]
+        if accessors == [value.fget, value.fset, value.fdel]:
+            return value
+        return property(accessors[0], accessors[1], accessors[2], value.__doc__)
+    if isinstance(value, (classmethod, staticmethod)):
+        func = _for_class(value.__func__, new_class, old_class)
+        return value if func is value.__func__ else type(value)(func)
+    if not isinstance(value, types.FunctionType) or "__class__" not in value.__code__.co_freevars:
+        return value
+    index = value.__code__.co_freevars.index("__class__")
+    closure = list(value.__closure__ or ())
+    if closure[index].cell_contents is not new_class:
+        return value
+    closure[index] = types.CellType(old_class)
+    copy = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, tuple(closure))
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = value.__kwdefaults__, value.__qualname__, value.__doc__
+    copy.__dict__.update(value.__dict__)
+    copy.__annotations__ = value.__annotations__
+    return copy
 
 
 def _same_closure(old: Any, new: Any) -> bool:
@@ -205,7 +221,6 @@ def _patch_class(old: type, new: type, where: str, report: PatchReport) -> bool:
     for name, new_value in new.__dict__.items():
         if name in skip:
             continue
-        _point_class_cell(new_value, new, old)
         old_value = old.__dict__.get(name)
         attribute = f"{where}.{name}"
         if old_value is not None and _same_closure(old_value, new_value) \
@@ -213,7 +228,7 @@ def _patch_class(old: type, new: type, where: str, report: PatchReport) -> bool:
             continue
         # New, or a method that now closes over other variables (it started using super()):
         # the class gets the new object; references taken from the old one keep the old code.
-        setattr(old, name, new_value)
+        setattr(old, name, _for_class(new_value, new, old))
         if old_value is not None and callable(_unwrap_descriptor(new_value)):
             report.patched.append(attribute)
     for name in [n for n in old.__dict__ if n not in new.__dict__ and n not in skip]:
@@ -456,6 +471,33 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
     return swaps
 
 
+def _replace_method(module: types.ModuleType, qualname: str, func: types.FunctionType, new: types.CodeType) -> bool:
+    """A method whose body started or stopped using zero-argument ``super()`` or ``__class__``:
+    its implicit ``__class__`` cell came or went, which no code swap can do, since a function's
+    closure cannot change size. The class gets a new function made from the new code, with the
+    cell holding the class; True when that was done. (A bound method taken before keeps the
+    old function.)"""
+    *path, name = qualname.split(".")
+    owner: Any = module
+    for part in path:
+        owner = owner.__dict__.get(part) if isinstance(owner, (type, types.ModuleType)) else None
+    if not isinstance(owner, type):
+        return False
+    closure = (types.CellType(owner),) if new.co_freevars == ("__class__",) else None
+    method = types.FunctionType(new, func.__globals__, func.__name__, func.__defaults__, closure)
+    method.__kwdefaults__, method.__qualname__, method.__doc__ = func.__kwdefaults__, func.__qualname__, func.__doc__
+    method.__dict__.update(func.__dict__)
+    method.__annotations__ = func.__annotations__
+    attribute = owner.__dict__.get(name)
+    if attribute is func:
+        setattr(owner, name, method)
+    elif isinstance(attribute, (classmethod, staticmethod)) and attribute.__func__ is func:
+        setattr(owner, name, type(attribute)(method))
+    else:
+        return False
+    return True
+
+
 def _functions_out_of_sight(module: types.ModuleType, qualnames: set[str]) -> list[tuple[str, types.FunctionType]]:
     """The live functions of ``module`` with these qualified names that its namespace does not
     reach (a decorator that returns a registry, not the function): found among all objects."""
@@ -474,6 +516,10 @@ def _body_swap(module: types.ModuleType, qualname: str, func: types.FunctionType
     """One loaded function and its new code, unless its closure changed (then it needs a restart)."""
     where = f"{module.__name__}.{qualname}"
     if func.__code__.co_freevars != new.co_freevars:
+        if {*func.__code__.co_freevars, *new.co_freevars} <= {"__class__"} and _replace_method(module, qualname,
+                                                                                                func, new):
+            report.patched.append(where)  # the class holds a new function: zero-argument super() came or went
+            return []
         report.needs_restart.append(f"{where}: its closure now uses {new.co_freevars}, not {func.__code__.co_freevars}")
         return []
     return [(func, new, where)] if func.__code__ != new else []
