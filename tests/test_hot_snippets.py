@@ -79,7 +79,7 @@ def test_a_patch_that_would_run_other_code_is_never_reported_patched(tmp_path: P
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The check behind every 'patched': with the closure left as it was (as before closures were
     carried over), the old wrapper would call the old function; the step says it needs a restart."""
-    monkeypatch.setattr(hot, "_carry_closure", lambda *args: None)
+    monkeypatch.setattr(hot, "_carry_closure", lambda *args: {})
     old_source = (SNIPPETS / "decorator_nowraps:b.py").read_text()
     module = fresh(old_source, tmp_path)
     report = reload_source(module, old_source, (SNIPPETS / "decorator_nowraps:c.py").read_text(), "c.py")

@@ -94,11 +94,14 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str
     old.__kwdefaults__ = new.__kwdefaults__
     old.__doc__ = new.__doc__
     old.__annotations__ = new.__annotations__
-    _carry_closure(old, new, where, report)
+    kept = _carry_closure(old, new, where, report)
     wrapped = old.__dict__.get("__wrapped__")
     old.__dict__.update(new.__dict__)
     if wrapped is not None:
         old.__dict__["__wrapped__"] = wrapped  # keep pointing at the object we patched
+    elif id(old.__dict__.get("__wrapped__")) in kept:
+        # It started using functools.wraps: point at the decorated function patched in place.
+        old.__dict__["__wrapped__"] = kept[id(old.__dict__["__wrapped__"])]
     wrong = _runs_other_code(old, new)
     if wrong is not None:
         report.needs_restart.append(f"{where}: {wrong} after patching; it would run other code than the new source")
@@ -107,12 +110,15 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str
     return True
 
 
-def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str, report: PatchReport) -> None:
+def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str,
+                   report: PatchReport) -> dict[int, types.FunctionType]:
     """The statement that made ``new`` ran again (a decorator's wrapper, a factory's function):
     its closure holds what that run made. A function there (the decorated function, inside a
     wrapper without ``functools.wraps``) is patched in place, so that references to it run the
     new code too; anything else (a decorator's argument) is the new value. The implicit
-    ``__class__`` cell of a method already holds the class it is patched into."""
+    ``__class__`` cell of a method already holds the class it is patched into. Returns the
+    functions patched in place, by the id of the new function they now stand for."""
+    kept: dict[int, types.FunctionType] = {}
     for name, old_cell, new_cell in zip(old.__code__.co_freevars, old.__closure__ or (), new.__closure__ or (),
                                         strict=False):
         if name == "__class__":
@@ -128,8 +134,10 @@ def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str,
             inner = PatchReport()  # reported as part of ``where``
             _patch_function(old_value, new_value, f"{where} (the {name} it calls)", inner)
             report.needs_restart.extend(inner.needs_restart)
+            kept[id(new_value)] = old_value
         else:
             old_cell.cell_contents = new_value
+    return kept
 
 
 def _runs_other_code(old: types.FunctionType, new: types.FunctionType, depth: int = 0) -> str | None:

@@ -78,14 +78,15 @@ def loaded_functions(module: types.ModuleType) -> Iterator[tuple[str, types.Func
                     if isinstance(accessor, types.FunctionType):
                         yield accessor.__qualname__, accessor
             elif isinstance(target, types.FunctionType) and target.__module__ == module.__name__:
-                yield target.__qualname__, target
-                wrapped = getattr(target, "__wrapped__", None)
-                if isinstance(wrapped, types.FunctionType):
-                    yield wrapped.__qualname__, wrapped
-                # A decorator without functools.wraps: the decorated function is in the wrapper's closure.
+                # A functools.wraps wrapper took the wrapped function's name; its code is not that.
+                if target.__code__.co_name == target.__qualname__.rpartition(".")[2]:
+                    yield target.__qualname__, target
+                # What it wraps: ``__wrapped__``, or (a decorator without functools.wraps) a
+                # function in its closure.
                 inner = {name: cell.cell_contents for name, cell in zip(target.__code__.co_freevars,
                                                                         target.__closure__ or (), strict=False)
                          if name != "__class__" and _bound(cell)}
+                inner["__wrapped__"] = getattr(target, "__wrapped__", None)
                 yield from walk(inner, prefix)
             elif isinstance(target, type) and target.__module__ == module.__name__:
                 yield from walk(dict(vars(target)), f"{prefix}{target.__qualname__}.")
