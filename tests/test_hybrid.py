@@ -23,8 +23,8 @@ def counting(version: str, label: str = "count") -> str:
     return COUNTING.format(version=version).replace('"count"', f'"{label}"')
 
 
-def wait_for_version(port: int, version: str, timeout: float = 10.0) -> int:
-    """Poll until the app answers ``version N``; returns N."""
+def wait_for_version(port: int, version: str, timeout: float = 10.0, suffix: str = "") -> int:
+    """Poll until the app answers ``version N`` (then ``suffix``); returns N."""
     deadline = time.monotonic() + timeout
     body = ""
     while time.monotonic() < deadline:
@@ -33,7 +33,7 @@ def wait_for_version(port: int, version: str, timeout: float = 10.0) -> int:
         except OSError:  # still starting
             time.sleep(0.05)
             continue
-        match = re.fullmatch(rf"{version} (\d+)", body)
+        match = re.fullmatch(rf"{version} (\d+){re.escape(suffix)}", body)
         if status == 200 and match:
             return int(match.group(1))
         time.sleep(0.02)
@@ -73,19 +73,37 @@ def test_a_body_edit_with_a_new_helper_and_constant_is_patched(tmp_path: Path) -
         assert server.count(r"Hang up|Handling signal: ttin|not patchable|could not take") == 0
 
 
-def test_a_module_level_change_falls_back_to_a_reload(tmp_path: Path) -> None:
-    """TITLE = LABEL.title() is unchanged but computed from LABEL, which changes: only a
-    restart gives the workers a TITLE that matches."""
+def test_a_value_computed_from_a_changed_one_is_patched_by_running_it_again(tmp_path: Path) -> None:
+    """TITLE = LABEL.title() is unchanged but computed from LABEL, which changes: the workers run
+    that line again too, keeping their in-memory count."""
     with patching_server(tmp_path, ["-w", "1"]) as (app, server, port):
         for _ in range(5):
             get(port)
-        write(app / "counting.py", counting("v1b"))  # first a patch
+        write(app / "counting.py", counting("v2", label="changed").replace("{hits}", "{hits} {TITLE}"))
+        hits = wait_for_version(port, "v2", suffix=" Changed")
+        assert hits > 6
+        assert server.count(r"patched in place") == 1 and server.count(r"reload done") == 0
+
+
+def test_a_module_level_change_that_cannot_run_alone_falls_back_to_a_reload(tmp_path: Path) -> None:
+    """A comprehension reads LABEL, which changes in the same save: only the whole module gives
+    the workers the right NAMES, so they are replaced."""
+    with_names = "\nNAMES = [LABEL + str(n) for n in range(2)]\n"
+    app = make_app(tmp_path, "counter")
+    write(app / "counting.py", counting("v1") + with_names)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "1"], env=server_env(mode="patch")), None) as server:
+        wait_for_version(port, "v1")
+        server.wait_for_log(r"workers up")
+        for _ in range(5):
+            get(port)
+        write(app / "counting.py", counting("v1b") + with_names)  # first a patch
         wait_for_version(port, "v1b")
-        write(app / "counting.py", counting("v2", label="changed"))
-        server.wait_for_log(r"not patchable .*line 2 was computed from LABEL, which changed above it")
+        write(app / "counting.py", counting("v2", label="changed") + with_names)
+        server.wait_for_log(r"not patchable .*reads LABEL from a nested scope")
         assert wait_for_version(port, "v2") < 5  # a fresh worker started counting again
         server.wait_for_log(r"reload done")
-        write(app / "counting.py", counting("v3", label="changed"))  # the new worker takes patches too
+        write(app / "counting.py", counting("v3", label="changed") + with_names)  # the new worker takes patches
         wait_for_version(port, "v3")
         assert server.count(r"patched in place") == 2
         assert server.count(r"reload done") == 1

@@ -61,6 +61,8 @@ class PatchReport:
     needs_restart: list[str] = dataclasses.field(default_factory=list)
     whole_module: str | None = None
     """Why the whole module ran again instead of only what changed, or None."""
+    ran_again: list[str] = dataclasses.field(default_factory=list)
+    """Unchanged statements that ran again because what they use at load time changed, and why."""
     error: str | None = None
 
     def extend(self, other: PatchReport) -> None:
@@ -408,6 +410,7 @@ def _reload_source(module: types.ModuleType, old_source: str | bytes | None, new
         report.error = _describe(exc)
         return report
     _apply(module, plan, scratch, swaps, report)
+    report.ran_again = list(plan.ran_again)
     _follow_moved_lines(module, new_tree, filename)
     return report
 
@@ -596,6 +599,7 @@ def _summary(report: PatchReport) -> str:
     for label, names in (("changed", report.changed), ("added", report.added), ("removed", report.removed)):
         if names:
             parts.append(f"{label} {', '.join(names)}")
+    parts.extend(report.ran_again)
     return "; ".join(parts)
 
 

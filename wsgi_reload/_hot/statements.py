@@ -1,11 +1,12 @@
 """Two versions of a module, compared by top-level statement: what to run again, what to leave.
 
 A reload that keeps module state runs only the statements that are new or changed, so an
-unchanged ``CACHE = {}`` keeps its dict and every reference to it. That is only right when
-no unchanged statement was computed from something that changed: ``TITLE = LABEL.upper()``
-after a changed ``LABEL``, or ``handler = make_handler()`` after a changed ``make_handler``.
-:func:`plan` finds those, and other shapes it cannot run piecemeal, and says why; the
-caller then runs the whole module instead. Pure syntax: nothing here imports or runs code.
+unchanged ``CACHE = {}`` keeps its dict and every reference to it. An unchanged statement
+that uses at load time something that changed (``TITLE = LABEL.upper()`` after a changed
+``LABEL``, ``handler = make_handler()`` after a changed ``make_handler``) runs again with
+them, and so does whatever uses what it binds; :func:`plan` finds those, and says why. For
+shapes it cannot run piecemeal it says why, and the caller runs the whole module instead.
+Pure syntax: nothing here imports or runs code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Plan:
     """Names no statement binds any more: they leave the module."""
     unsafe: str | None = None
     """Why only running the whole module is right, or None."""
+    ran_again: tuple[str, ...] = ()
+    """Unchanged statements that run again because what they use at load time changed, and why."""
 
 
 class _BlankBodies(ast.NodeTransformer):
@@ -166,56 +169,77 @@ def plan(old_source: str | bytes, new_source: str | bytes, filename: str = "<mod
     # A definition that only changed inside function bodies is patched by swapping code:
     # its decorators do not run again (a route registered twice, a signal connected twice).
     old_shapes = {(s.name, shape(s)): s for s in gone if isinstance(s, DEFINITIONS)}
-    bodies: list[str] = []
+    bodies: dict[int, str] = {}
     run: list[tuple[int, ast.stmt]] = []
     for index, statement in fresh:
         same_shape = None
         if isinstance(statement, DEFINITIONS):
             same_shape = old_shapes.pop((statement.name, shape(statement)), None)
         if same_shape is not None:
-            bodies.append(same_shape.name)
+            bodies[index] = same_shape.name
             gone.remove(same_shape)
         else:
             run.append((index, statement))
 
     old_bound: set[str] = set().union(*(bound_names(s) for s in old_tree.body))
     new_bound: set[str] = set().union(*(bound_names(s) for s in new_tree.body))
-    run_bound: set[str] = set().union(*(bound_names(s) for _, s in run))
     gone_bound: set[str] = set().union(*(bound_names(s) for s in gone))
     removed = sorted(gone_bound - new_bound)
+    # An unchanged statement that uses at load time what changed (TITLE = LABEL.upper() after a
+    # changed LABEL, a decorator call of a changed function) runs again too, and so, in turn,
+    # does whatever uses what it binds: only that much of the module runs, not all of it.
+    ran_again: list[str] = []
+    while True:
+        run_bound: set[str] = set().union(*(bound_names(s) for _, s in run))
+        reason, more = _why_unsafe(new_tree, run, kept_new, run_bound, old_bound, set(removed), bodies)
+        if reason is not None or not more:
+            break
+        for index, why in more:
+            kept_new.discard(index)
+            bodies.pop(index, None)
+            run.append((index, new_tree.body[index]))
+            ran_again.append(why)
+        run.sort(key=lambda item: item[0])
     changed = sorted(run_bound & old_bound)
     added = sorted(run_bound - old_bound)
-    result = Plan(tuple(s for _, s in run), tuple(bodies), tuple(changed), tuple(added), tuple(removed))
-    reason = _why_unsafe(new_tree, run, kept_new, run_bound, old_bound, set(removed), set(bodies))
-    return dataclasses.replace(result, unsafe=reason)
+    return Plan(tuple(s for _, s in run), tuple(bodies.values()), tuple(changed), tuple(added), tuple(removed),
+                reason, tuple(ran_again))
 
 
 def _why_unsafe(tree: ast.Module, run: list[tuple[int, ast.stmt]], kept: set[int], run_bound: set[str],
-                old_bound: set[str], removed: set[str], bodies: set[str]) -> str | None:
+                old_bound: set[str], removed: set[str],
+                bodies: dict[int, str]) -> tuple[str | None, list[tuple[int, str]]]:
+    """Why only running the whole module is right (or None), and the statements that must run
+    again with those that changed, each with why."""
     for _, statement in run:
         if isinstance(statement, (ast.Delete, ast.Global, ast.Nonlocal)):
-            return f"line {statement.lineno}: a changed {type(statement).__name__.lower()} statement"
+            return f"line {statement.lineno}: a changed {type(statement).__name__.lower()} statement", []
         if "*" in bound_names(statement):
-            return f"line {statement.lineno}: a changed star import"
+            return f"line {statement.lineno}: a changed star import", []
     # Definitions keep their objects (new code is carried onto them); anything else is a new value.
     carried = {s.name for _, s in run if isinstance(s, DEFINITIONS)} & old_bound
     rebound = run_bound - carried
-    carried |= bodies
+    carried |= set(bodies.values())
     first_run = min((i for i in range(len(tree.body)) if i not in kept), default=len(tree.body))
+    more: list[tuple[int, str]] = []
     for index, statement in enumerate(tree.body):
-        if index not in kept:
+        if index not in kept and index not in bodies:
             continue
         reads = names_read_now(statement)
         stale = (reads & rebound) if index > first_run else set()
-        called = (names_called_now(statement) & carried) if index > first_run else set()
+        called = names_called_now(statement) & carried - {bodies.get(index)} if index > first_run else set()
         missing = reads & removed
         line = statement.lineno
-        if stale:
-            return f"line {line} was computed from {', '.join(sorted(stale))}, which changed above it"
-        if called:
-            return f"line {line} calls {', '.join(sorted(called))} while the module loads, and it changed"
         if missing:
-            return f"line {line} uses {', '.join(sorted(missing))}, which is gone"
+            return f"line {line} uses {', '.join(sorted(missing))}, which is gone", []
+        if stale:
+            more.append((index, f"line {line} runs again: it was computed from {', '.join(sorted(stale))}, which "
+                                "changed above it"))
+        elif called:
+            more.append((index, f"line {line} runs again: it calls {', '.join(sorted(called))} while the module "
+                                "loads, and that changed"))
+    if more:
+        return None, more
     reads_of = _functions_reading(tree)
     for _, statement in run:
         hidden = _read_in_nested_scopes_now(statement) & run_bound
@@ -223,8 +247,8 @@ def _why_unsafe(tree: ast.Module, run: list[tuple[int, ast.stmt]], kept: set[int
             hidden |= reads_of.get(name, set()) & run_bound
         if hidden:
             return (f"line {statement.lineno} reads {', '.join(sorted(hidden))} from a nested scope while it runs, "
-                    "and that changes in the same save")
-    return None
+                    "and that changes in the same save"), []
+    return None, []
 
 
 def module_for_statements(statements: Iterable[ast.stmt], tree_of: ast.Module) -> ast.Module:
