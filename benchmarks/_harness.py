@@ -35,8 +35,7 @@ from servers import (  # noqa: E402
     write,
 )
 
-WARM_PROCESS = "A warm check process"
-"""The first line of the warm check process's source, on its command line (``python -c``)."""
+from wsgi_reload._check.warm import WARM_TITLE as WARM_PROCESS  # noqa: E402
 
 BIG_APP_MODULES = 1500
 

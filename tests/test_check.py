@@ -891,3 +891,26 @@ def test_a_watch_limit_reached_later_switches_to_polling(tmp_path: Path, caplog:
     assert len(stopped) == 1 and "the inotify watch limit is reached" in stopped[0], stopped
     assert "failed" not in caplog.text
     assert batches == [[Change(str(tmp_path / "d11" / "page.html"), "created")]]
+
+
+def test_a_check_interpreter_has_a_short_honest_command_line(tmp_path: Path) -> None:
+    """ps shows what the process is, not kilobytes of source; the source is gone from its
+    environment before anything else runs (an app that lists os.environ does not see it)."""
+    from wsgi_reload._check import spawn
+    from wsgi_reload._check.check import CHECK_TITLE
+
+    out = tmp_path / "env.txt"
+    source = f"import os, time\nopen({str(out)!r}, 'w').write(repr(sorted(os.environ)))\ntime.sleep(30)\n" + "#" * 5000
+    argv, env = spawn.python_source(CHECK_TITLE, source, os.environ)
+    pid = spawn.spawn(argv, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not out.exists() or not out.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode()
+        assert CHECK_TITLE in command and len(command) < 300
+        assert spawn.SOURCE_ENV not in out.read_text()
+    finally:
+        spawn.kill_group(pid)  # and reaps it

@@ -35,10 +35,13 @@ from servers import (
     write,
 )
 
+from wsgi_reload._check.check import CHECK_TITLE
+from wsgi_reload._check.warm import WARM_TITLE
+
 pytestmark = pytest.mark.slow
 
-COLD_CHECK = "Loads an application in a fresh interpreter"
-WARM_PROCESS = "A warm check process"
+COLD_CHECK = CHECK_TITLE
+WARM_PROCESS = WARM_TITLE
 RELOADS = r"check passed .*; reloading uWSGI"
 
 

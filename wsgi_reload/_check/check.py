@@ -31,6 +31,8 @@ _FINDER_FILE = str(Path(genimport.__file__).resolve())
 PROBE_ENV = "_WSGI_RELOAD_PROBE"
 """Set in the check's interpreter, so adapters imported by the app stay quiet there."""
 
+CHECK_TITLE = "wsgi_reload: check process"
+"""On the check interpreter's command line (``ps``)."""
 _PROBE_SOURCE = (Path(__file__).with_name("probe.py")).read_text(encoding="utf-8")
 
 
@@ -180,8 +182,8 @@ def import_app(
                 f.seek(0)
             records.truncate()
             try:
-                pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _PROBE_SOURCE], env=child_env,
-                                  stdin=stdin, stderr=stderr, extra_fd=records.fileno())
+                argv, env = spawn.python_source(CHECK_TITLE, _PROBE_SOURCE, child_env)
+                pid = spawn.spawn(argv, env=env, stdin=stdin, stderr=stderr, extra_fd=records.fileno())
             except OSError as exc:
                 return CheckResult(False, "import", f"cannot start the check interpreter: {exc}", started_ns=started)
             try:

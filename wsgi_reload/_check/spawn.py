@@ -74,6 +74,22 @@ def spawn(
         os.close(devnull)
 
 
+SOURCE_ENV = "_WSGI_RELOAD_SOURCE"
+
+
+def python_source(title: str, source: str, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run ``source`` in a fresh, isolated interpreter (``-I``:
+    no user site, no ``PYTHON*`` variables, no script directory on ``sys.path``).
+
+    The source travels in the environment, which the new process takes out of its own before
+    anything else runs, so ``ps`` shows a short, honest command line with ``title`` in it,
+    not kilobytes of code; and it is the source this process loaded, even if the installed
+    package has been upgraded on disk since.
+    """
+    bootstrap = f"# {title}\nimport os\nexec(compile(os.environ.pop({SOURCE_ENV!r}), {title!r}, 'exec'))"
+    return [python_executable(), "-I", "-B", "-c", bootstrap], {**env, SOURCE_ENV: source}
+
+
 def wait_exit(pid: int, timeout: float) -> tuple[bool, int | None]:
     """Wait up to ``timeout`` seconds for child ``pid`` to exit, without reaping it.
 

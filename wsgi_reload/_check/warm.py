@@ -26,6 +26,8 @@ from . import spawn
 
 log = logging.getLogger("wsgi_reload.check")
 
+WARM_TITLE = "wsgi_reload: warm check process"
+"""On the warm process's command line (``ps``); the checks it forks share it."""
 _SOURCE = (Path(__file__).with_name("fork_server.py")).read_text(encoding="utf-8")
 
 
@@ -60,8 +62,8 @@ class WarmProbe:
                    "library_dirs": list(LIBRARY_DIRS)}
         try:
             with spawn.data_file(json.dumps(payload).encode()) as stdin:
-                self.pid = spawn.spawn([spawn.python_executable(), "-I", "-B", "-c", _SOURCE], env=env, stdin=stdin,
-                                       extra_fd=theirs.fileno())
+                argv, environ = spawn.python_source(WARM_TITLE, _SOURCE, env)
+                self.pid = spawn.spawn(argv, env=environ, stdin=stdin, extra_fd=theirs.fileno())
         finally:
             theirs.close()
         self.state = "starting"
