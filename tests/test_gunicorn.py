@@ -206,7 +206,7 @@ def test_a_save_that_pauses_mid_write_never_reaches_the_workers(tmp_path: Path) 
         time.sleep(0.5)
         _, failures, _ = load.snapshot()
     assert failures == []
-    assert server.count(r"wsgi_reload: watching \d+ files by file events") == 1
+    assert server.count(r"wsgi_reload: watching .+ by file events") == 1
 
 
 @pytest.mark.parametrize("workers", ["1", "8"])

@@ -241,7 +241,7 @@ def test_the_watcher_process_gets_no_settings_on_its_command_line(tmp_path: Path
     port = free_port()
     env = server_env(extra_files=str(marker), check_timeout="7")
     with running(uwsgi(app, port, env=env), "v1") as server:
-        server.wait_for_log(r"wsgi_reload: watching \d+ files")
+        server.wait_for_log(r"wsgi_reload: watching .+ by ")
         lines = [command for pid, (_, _, command) in processes().items() if pid in watcher_processes(app)]
     assert len(lines) == 1, lines  # one watcher for the server
     assert str(marker) not in lines[0] and "check_timeout" not in lines[0] and "settings" not in lines[0]

@@ -161,7 +161,7 @@ def test_single_threaded_workers_get_one_line_with_the_fix(tmp_path: Path, threa
     port = free_port()
     server = uwsgi(app, port, ["--threads", threads] if threads else ["--threads", "1"])
     with running(server, "v1"):
-        server.wait_for_log(r"wsgi_reload: watching \d+ files")
+        server.wait_for_log(r"wsgi_reload: watching .+ by ")
         warning = r"single-threaded, so a graceful reload can reset a connection.*add --threads 2"
         assert server.count(warning) == (1 if threads is None else 0)
 

@@ -61,9 +61,11 @@ class Watcher:
         """
         self.monitor.start()
         if announce:
-            log.info("wsgi_reload: watching %d files by %s; check: %s; a good change reloads %s",
-                     len(self.scanner.watched_files()), self.monitor.describe(), self.check_description(),
-                     self.server)
+            count = len(self.scanner.watched_files())
+            # A server's watcher starts before its workers have loaded (and said what they run).
+            what = f"{count} files" if count else "the files the workers load, once they have"
+            log.info("wsgi_reload: watching %s by %s; check: %s; a good change reloads %s", what,
+                     self.monitor.describe(), self.check_description(), self.server)
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:

@@ -303,11 +303,11 @@ def start(settings: Settings | None = None,
     try:
         import uwsgi
     except ImportError:
-        _log.error("wsgi_reload.uwsgi: not running under uWSGI, so nothing is watched; %s", HOW_TO_RUN)
+        _log.error("wsgi_reload: not running under uWSGI, so nothing is watched; %s", HOW_TO_RUN)
         return None
     forward_to(lambda level, message: uwsgi.log(message))
     if not uwsgi.opt.get("master"):
-        _log.error("wsgi_reload.uwsgi: reloading is off: uWSGI runs without --master, which graceful reloads "
+        _log.error("wsgi_reload: reloading is off: uWSGI runs without --master, which graceful reloads "
                    "need; add --master (master = true in the ini file)")
         return None
     if uwsgi.mule_id():
