@@ -19,10 +19,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._core.gate import ActionFailed
+from .._core.scanner import Change
 from .signals import Target, TargetError
 
 log = logging.getLogger("wsgi_reload.watcher_process")
@@ -84,6 +85,20 @@ class Memory(Protocol):
     def save(self, state: dict[str, Any] | None) -> None: ...
 
 
+def saved_at(batch: Sequence[Change]) -> float | None:
+    """When the newest file of a batch was saved (its mtime), or None if none is left."""
+    times = []
+    for change in batch:
+        with contextlib.suppress(OSError):
+            times.append(os.stat(change.path).st_mtime)
+    return max(times, default=None)
+
+
+def since_the_save(saved: float | None) -> str:
+    """How long ago the save was, for a "reload done" line: every mode times it from there."""
+    return "time since the save unknown" if saved is None else f"{time.time() - saved:.2f} s after the save"
+
+
 class Strategy:
     """Replaces the server's workers when called; returns how many were replaced. It raises
     :class:`ActionFailed` while it cannot finish (the old workers serve on), and calling it
@@ -94,6 +109,8 @@ class Strategy:
     workers: int | None = None
     """How many workers the server is configured to run, when the watcher knows (gunicorn's
     config hooks tell it); a strategy that must count new workers uses it."""
+    saved_at: float | None = None
+    """When the save that this replacement serves was made (wall clock), for its report."""
 
     def __call__(self) -> int | None:
         """Replace the workers; how many new ones serve, or None when the strategy reports it
@@ -629,9 +646,10 @@ class SignalReload(Strategy):
             if retiring and not lost and waited < RELOAD_PATIENCE_SECONDS:
                 return
             if not retiring:
-                log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %.0f ms after the signal",
+                log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %s (%.0f ms after the signal)",
                          len(live), "" if len(live) == 1 else "s", "/".join(map(str, sorted(
-                             g for g in self.records.generations if g is not None))), 1000 * waited)
+                             g for g in self.records.generations if g is not None))), since_the_save(self.saved_at),
+                         1000 * waited)
             self.signalled = None
         if self.records.generations == {wanted}:
             self.unanswered = 0

@@ -40,7 +40,16 @@ from . import runtime
 from .generations import Generation, project_roots, recover, store_of
 from .records import WorkerRecords
 from .signals import Target, TargetError
-from .strategies import STRATEGIES, ProcessSignals, SignalReload, Strategy, children, exited
+from .strategies import (
+    STRATEGIES,
+    ProcessSignals,
+    SignalReload,
+    Strategy,
+    children,
+    exited,
+    saved_at,
+    since_the_save,
+)
 
 log = logging.getLogger("wsgi_reload.watcher_process")
 
@@ -268,6 +277,7 @@ class _ServerWatch:
 
     def reload(self, batch: Sequence[Change]) -> None:
         self.publish()
+        self.strategy.saved_at = saved_at(batch) or self.strategy.saved_at
         if self.replace == "swap" and not self.records.serving:
             if not self.records.live and children(self.target.pid):
                 # Workers run, but none has said what (its record is on the way, or the runtime
@@ -297,10 +307,10 @@ class _ServerWatch:
         started = time.monotonic()
         count = self.strategy()
         if count is not None:
-            log.info("wsgi_reload: reload done: %d new worker%s serving%s, %.0f ms after the check passed; the old "
-                     "workers retire", count, "" if count == 1 else "s",
+            log.info("wsgi_reload: reload done: %d new worker%s serving%s, %s (%.0f ms after the check passed); "
+                     "the old workers retire", count, "" if count == 1 else "s",
                      f", same master pid {self.target.pid}" if self.replace == "reexec" else "",
-                     1000 * (time.monotonic() - started))
+                     since_the_save(self.strategy.saved_at), 1000 * (time.monotonic() - started))
 
     def reread_config(self) -> None:
         """The server's config changed: only its own signal re-reads it (gunicorn's HUP, which
@@ -312,10 +322,11 @@ class _ServerWatch:
             raise ActionFailed(str(exc)) from None
         log.info("wsgi_reload: the server's config changed; %s re-reads it and replaces its workers",
                  self.config["server"])
-        threading.Thread(target=self.report_new_workers, args=(old, time.monotonic()), name="wsgi_reload-report",
-                         daemon=True).start()
+        threading.Thread(target=self.report_new_workers, args=(old, time.monotonic(), self.strategy.saved_at),
+                         name="wsgi_reload-report", daemon=True).start()
 
-    def report_new_workers(self, old: set[int], started: float, timeout: float = 120.0) -> None:
+    def report_new_workers(self, old: set[int], started: float, saved: float | None,
+                           timeout: float = 120.0) -> None:
         """Log once the old workers are gone and every child of the master has loaded (the new
         config may name another number of workers)."""
         while time.monotonic() - started < timeout:
@@ -323,8 +334,9 @@ class _ServerWatch:
             fresh = self.records.serving - old
             workers = children(self.target.pid)
             if fresh and all(exited(pid) for pid in old) and workers is not None and workers <= fresh:
-                log.info("wsgi_reload: reload done: %d new worker%s serving, %.0f ms after the signal", len(fresh),
-                         "" if len(fresh) == 1 else "s", 1000 * (time.monotonic() - started))
+                log.info("wsgi_reload: reload done: %d new worker%s serving, %s (%.0f ms after the signal)",
+                         len(fresh), "" if len(fresh) == 1 else "s", since_the_save(saved),
+                         1000 * (time.monotonic() - started))
                 return
             time.sleep(0.05)
 
