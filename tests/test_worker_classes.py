@@ -36,8 +36,11 @@ CLASSES = {
     "gevent": ("plain", ["-k", "gevent"]),
     "asgi": ("asgi", ["-k", "asgi"]),
     "uvicorn": ("asgi", ["-k", "uvicorn_worker.UvicornWorker"]),
+    "asgi-starlette": ("starlette", ["-k", "asgi"]),
+    "uvicorn-starlette": ("starlette", ["-k", "uvicorn_worker.UvicornWorker"]),
 }
-NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker"}
+NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker", "uvicorn-starlette": "uvicorn_worker",
+         "asgi-starlette": "starlette"}
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
@@ -46,6 +49,8 @@ def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) ->
     module = NEEDS.get(worker_class)
     if module is not None and importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed")
+    if preload and worker_class.endswith("-starlette"):
+        pytest.skip("the plain ASGI app covers --preload for this class")
     if preload and worker_class == "gevent":
         pytest.skip("gevent patches the standard library when a worker starts, after a preloaded app imported it")
     app_kind, args = CLASSES[worker_class]
@@ -99,3 +104,42 @@ def test_the_asgi_example_runs_from_its_command(tmp_path: Path) -> None:
         greeting_file = root / "example_asgi" / "greeting.py"
         write(greeting_file, greeting_file.read_text().replace("hello", "edited"))
         wait_for_body(port, "edited from ASGI\n")
+
+
+@pytest.mark.parametrize("worker_class", ["asgi", "uvicorn_worker.UvicornWorker"])
+def test_django_asgi_under_each_asgi_worker_class(tmp_path: Path, worker_class: str) -> None:
+    """The example Django site's ASGI application (mysite.asgi) under gunicorn's config hooks:
+    a good view edit served, a broken one refused while the old view serves, the fix served,
+    0 failed requests."""
+    if worker_class.startswith("uvicorn"):
+        pytest.importorskip("uvicorn_worker")
+    import shutil
+    import subprocess
+
+    from servers import HERE, Server, server_env
+
+    site = tmp_path / "site"
+    shutil.copytree(HERE.parent / "example_project", site, ignore=shutil.ignore_patterns("db.sqlite3", "__pycache__"))
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=site, check=True, env=server_env())
+    views = site / "shop" / "views.py"
+    original = views.read_text()
+
+    def greet(text: str) -> str:
+        return original.replace('GREETING = "hello"', f'GREETING = "{text}"')
+
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:wsgi_reload.gunicorn", "-k", worker_class,
+            "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(site), "mysite.asgi:application"]
+    with running(Server(argv, port, site, tmp_path / "server.log", server_env()), "hello from the template\n") \
+            as server, Load(port, threads=4) as load:
+        write(views, greet("v2"))
+        wait_for_body(port, "v2 from the template\n")
+        write(views, greet("broken") + "\nundefined_name\n")
+        server.wait_for_log(r"not reloading, the new code does not load: .*views.py:\d+: NameError")
+        time.sleep(2)
+        write(views, greet("v3"))
+        wait_for_body(port, "v3 from the template\n")
+        time.sleep(1)
+        _, failures, bodies = load.snapshot()
+    assert failures == []
+    assert not any("broken" in body for body in bodies)  # the refused save never served

@@ -1,0 +1,6 @@
+def setup():
+    pass
+
+
+def text():
+    return "v1"
