@@ -157,14 +157,19 @@ class ProcessSignals:
 
     def __init__(self, master: Target) -> None:
         self.master = master
+        self._last: dict[tuple[int, int], float] = {}
 
     def send(self, pid: int, signum: int) -> None:
         target = self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
         # The gap comes before, not after: the caller records a signal as sent the moment it is
         # delivered, so a watcher killed in between leaves the least doubt for the next one.
-        time.sleep(SIGNAL_GAP)
+        # Only an equal signal to the same process needs it: the first of a reload goes at once.
+        last = self._last.get((pid, signum))
+        if last is not None:
+            time.sleep(max(0.0, last + SIGNAL_GAP - time.monotonic()))
         target.send(signum)
         wait_until_delivered(pid, signum)
+        self._last[(pid, signum)] = time.monotonic()
 
     def exited(self, pid: int) -> bool:
         return exited(pid)
