@@ -279,9 +279,12 @@ def gunicorn(app_dir: Path, port: int, args: Sequence[str] = (), config: str | N
 def uwsgi(
     app_dir: Path, port: int, args: Sequence[str] = (), *, lazy: bool = False, enable: str = "import",
     processes: int = 2, env: dict[str, str] | None = None, target: Sequence[str] = ("--module", "app:application"),
-    socket_option: str = "--http-socket",
+    socket_option: str = "--http-socket", request_log: Path | None = None,
 ) -> Server:
-    """A real uWSGI instance with the plugin enabled by ``--import`` or by an import in the app module."""
+    """A real uWSGI instance with the plugin enabled by ``--import`` or by an import in the app module.
+
+    :param request_log: log every request into this file (else request logging is off).
+    """
     if enable == "in-app":
         app_file = app_dir / "app.py"
         app_file.write_text("import wsgi_reload.uwsgi  # noqa: F401\n" + app_file.read_text())
@@ -290,7 +293,8 @@ def uwsgi(
         # signal lands (see the README); two threads per worker finish what they accepted.
         args = [*args, "--threads", "2"]
     argv = [str(BIN / "uwsgi"), "--master", "--processes", str(processes), socket_option, f"127.0.0.1:{port}",
-            *target, "--chdir", str(app_dir), "--die-on-term", "--disable-logging",
+            *target, "--chdir", str(app_dir), "--die-on-term",
+            *(["--req-logger", f"file:{request_log}"] if request_log else ["--disable-logging"]),
             *(["--lazy-apps"] if lazy else []), *(["--import", "wsgi_reload.uwsgi"] if enable == "import" else []),
             *args]
     server = Server(argv, port if socket_option == "--http-socket" else -port, app_dir, app_dir.parent / "server.log",

@@ -110,6 +110,31 @@ def test_broken_saves_keep_the_old_code_serving(tmp_path: Path, variant: dict[st
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
+def test_a_request_log_in_the_app_directory_holds_up_no_save(tmp_path: Path, lazy: bool) -> None:
+    """uWSGI logging every request into a file beside the code, under load: a good save is
+    served, a broken one refused while the old code serves, the fix served, nothing fails, and
+    no save waits for the log to be quiet (the settle window ignores files nobody imports)."""
+    app = make_app(tmp_path)
+    port = free_port()
+    server = uwsgi(app, port, lazy=lazy, request_log=app / "requests.log")
+    with running(server, "v1"), Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        wait_for_instance(server, 2, {"lazy": lazy})
+        load.reset_bodies()
+        write(app / "greeting.py", BROKEN_SAVES["name_error"])
+        server.wait_for_log(r"not reloading, the new code does not load: .*greeting.py:1: NameError")
+        time.sleep(1)
+        assert load.snapshot()[2] == {"v2"}
+        write(app / "greeting.py", greeting("v3"))
+        wait_for_body(port, "v3")
+        _, failures, _ = load.snapshot()
+    assert failures == []
+    assert (app / "requests.log").stat().st_size > 10_000  # the log did grow under load
+    assert server.count(r"still changing") == 0
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
 def test_an_instance_started_broken_recovers_once_fixed(tmp_path: Path, lazy: bool) -> None:
     app = make_app(tmp_path)
     write(app / "greeting.py", BROKEN_SAVES["missing_import"])
