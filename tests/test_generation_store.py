@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,35 @@ def test_django_reads_templates_and_catalogs_of_the_generation(tmp_path: Path) -
         print(json.dumps({{"page": render_to_string("page.html", {{"x": 1}}), "hello": translation.gettext("hello")}}))
     """, tmp_path)
     assert result == {"page": "checked 1", "hello": "bonjour"}
+
+
+def test_looking_for_the_watcher_does_not_wake_it(tmp_path: Path) -> None:
+    """Each worker takes a look at the server's watcher lock every second: that must be no file
+    event in the runtime directory, which the watcher watches (it would wake and scan twice a
+    second on an idle server). A record written is one."""
+    import fcntl
+
+    from wsgi_reload._core.inotify import DirectoryWatcher
+    from wsgi_reload._server import runtime
+
+    woken: list[float] = []
+    watcher = DirectoryWatcher(lambda: woken.append(time.monotonic()))
+    watcher.set_directories([str(tmp_path)])
+    watcher.start()
+    try:
+        runtime.open_lock(str(tmp_path), "watcher.lock")  # created: one event
+        time.sleep(0.3)
+        woken.clear()
+        for _ in range(5):
+            fd = runtime.open_lock(str(tmp_path), "watcher.lock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(fd)
+        time.sleep(0.5)
+        assert woken == []
+        runtime.write_record(str(tmp_path), "123.json", {"files": []})
+        deadline = time.monotonic() + 5
+        while not woken and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert woken
+    finally:
+        watcher.stop()

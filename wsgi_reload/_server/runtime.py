@@ -210,7 +210,9 @@ def first_report(directory: str, key: str) -> bool:
 
 def open_lock(directory: str, name: str) -> int:
     """A file descriptor on ``directory/name`` to ``flock``, created 0600 without following links."""
-    return os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # Read-only: flock needs no more, and closing a descriptor opened for writing is an
+    # IN_CLOSE_WRITE event, which would wake the watcher each time a worker looks for it.
+    return os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def remove(path: str | None) -> None:
