@@ -157,6 +157,7 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
             if not runtime.is_private_dir(runtime_dir):
                 continue  # removed: the watcher makes it again (or the server is stopping)
             try:
+                forward_pending_lines(runtime_dir)
                 if republish is not None:
                     republish()
                 if start():
@@ -443,10 +444,68 @@ def alive(pid: int) -> bool:
     return not exited(pid)
 
 
+PENDING_LOG = "log.pending"
+"""Lines the watcher could not write to the server's log, for a worker to log for it."""
+
+
+class _ServerLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Standard error, which is the server's log, until the server replaces it under us: a uWSGI
+    master with a logger (``--req-logger``, ``--logger``, ``--log-master``) hands its workers a
+    socket to it, and makes a new one on each reload, so the watcher's copy then leads nowhere.
+    From then on each line goes into the runtime directory, and the workers' keepers log it
+    through the server's own logger (:func:`forward_pending_lines`)."""
+
+    def __init__(self, runtime_dir: str, master_pid: int) -> None:
+        super().__init__(sys.stderr)
+        self.runtime_dir = runtime_dir
+        self.master_pid = master_pid
+
+    def _stale(self) -> bool:
+        try:
+            ours = os.readlink("/proc/self/fd/2")
+            theirs = os.readlink(f"/proc/{self.master_pid}/fd/2")
+        except OSError:
+            return False
+        return ours != theirs and ours.startswith("socket:") and theirs.startswith("socket:")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._stale():
+            super().emit(record)
+            return
+        try:
+            line = json.dumps([record.levelno, record.getMessage()]) + "\n"
+            fd = os.open(os.path.join(self.runtime_dir, PENDING_LOG),
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            self.handleError(record)
+
+
+def forward_pending_lines(runtime_dir: str) -> None:
+    """In a worker: log, through the server's logger, the lines the watcher could not write
+    (see :class:`_ServerLogHandler`); the one worker that takes the file first logs them."""
+    path = os.path.join(runtime_dir, PENDING_LOG)
+    taken = f"{path}.{os.getpid()}"
+    try:
+        os.rename(path, taken)  # atomic: no line is logged twice, none lost to a later append
+    except OSError:
+        return
+    data = runtime.read_bytes(runtime_dir, os.path.basename(taken), limit=1024 * 1024) or b""
+    with contextlib.suppress(OSError):
+        os.unlink(taken)
+    for raw in data.decode("utf-8", "replace").splitlines():
+        with contextlib.suppress(ValueError, TypeError):
+            level, message = json.loads(raw)
+            log.log(int(level), "%s", message)
+
+
 def main() -> None:
     """Entry point of the watcher process."""
     config: dict[str, Any] = json.loads(sys.stdin.read())
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = _ServerLogHandler(config["runtime_dir"], config["master_pid"])
     unopened = None
     if config.get("log_file"):
         try:
