@@ -754,3 +754,22 @@ def test_super_works_on_old_instances_and_on_those_the_module_made_while_it_ran(
     reload_module(module)
     assert old_child.name() == "b!"
     assert module.child.name() == "b!"
+
+
+def test_a_mixed_edit_runs_only_what_changed_and_keeps_module_state(load: object) -> None:
+    """A changed method body, an added method that uses super() in a subclass, and a new
+    module-level ``C.extra = _extra``: the module does not run whole, its state survives, and
+    an instance made before the edit runs all of the new code."""
+    source = ("class Base:\n    def hello(self):\n        return 'base'\n\n\nclass C(Base):\n    def hello(self):\n"
+              "        return 'c'\n\n\nSTATE = {'n': 0}\n")
+    module = load(source)  # type: ignore[operator]
+    module.STATE["n"] = 5
+    instance = module.C()
+    rewrite(module, source.replace("return 'base'", "return 'base2'").replace(
+        "        return 'c'\n", "        return 'c'\n\n    def both(self):\n"
+        "        return super().hello() + '+' + self.extra()\n") + "\n\ndef _extra(self):\n    return 'extra'\n\n\n"
+        "C.extra = _extra\n")
+    report = reload_module(module)
+    assert report.ok and report.whole_module is None
+    assert instance.both() == "base2+extra"
+    assert module.STATE == {"n": 5}
