@@ -773,3 +773,16 @@ def test_a_mixed_edit_runs_only_what_changed_and_keeps_module_state(load: object
     assert report.ok and report.whole_module is None
     assert instance.both() == "base2+extra"
     assert module.STATE == {"n": 5}
+
+
+def test_functions_whose_closures_call_each_other_are_patched(load: object) -> None:
+    """A factory's two functions that call each other through their closures: patching one
+    reaches the other and back, once each."""
+    source = ("def make(n):\n    def even(k):\n        return k == 0 or odd(k - 1)\n\n    def odd(k):\n"
+              "        return k != 0 and even(k - 1)\n\n    return even, odd, n\n\n\nEVEN, ODD, N = make({n})\n")
+    module = load(source.format(n=1))  # type: ignore[operator]
+    even = module.EVEN
+    rewrite(module, source.format(n=2).replace("return k == 0 or", "return k == 0 or k == -7 or"))
+    report = reload_module(module)
+    assert report.error is None
+    assert even(4) is True and module.N == 2

@@ -80,7 +80,8 @@ class PatchReport:
 # --- carrying new code over to old objects ----------------------------------------------
 
 
-def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str, report: PatchReport) -> bool:
+def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str, report: PatchReport,
+                    seen: set[int] | None = None) -> bool:
     old_wrapped, new_wrapped = getattr(old, "__wrapped__", None), getattr(new, "__wrapped__", None)
     if isinstance(old_wrapped, types.FunctionType) and isinstance(new_wrapped, types.FunctionType):
         # functools.wraps: the wrapper's code is the decorator's; the change is inside.
@@ -96,7 +97,7 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str
     old.__kwdefaults__ = new.__kwdefaults__
     old.__doc__ = new.__doc__
     old.__annotations__ = new.__annotations__
-    kept = _carry_closure(old, new, where, report)
+    kept = _carry_closure(old, new, where, report, (seen or set()) | {id(old)})
     wrapped = old.__dict__.get("__wrapped__")
     old.__dict__.update(new.__dict__)
     if wrapped is not None:
@@ -112,14 +113,15 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType, where: str
     return True
 
 
-def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str,
-                   report: PatchReport) -> dict[int, types.FunctionType]:
+def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str, report: PatchReport,
+                   seen: set[int]) -> dict[int, types.FunctionType]:
     """The statement that made ``new`` ran again (a decorator's wrapper, a factory's function):
     its closure holds what that run made. A function there (the decorated function, inside a
     wrapper without ``functools.wraps``) is patched in place, so that references to it run the
     new code too; anything else (a decorator's argument) is the new value. The implicit
     ``__class__`` cell of a method already holds the class it is patched into. Returns the
-    functions patched in place, by the id of the new function they now stand for."""
+    functions patched in place, by the id of the new function they now stand for. ``seen``: the
+    functions being patched up the call chain (closures that call each other)."""
     kept: dict[int, types.FunctionType] = {}
     for name, old_cell, new_cell in zip(old.__code__.co_freevars, old.__closure__ or (), new.__closure__ or (),
                                         strict=False):
@@ -132,9 +134,11 @@ def _carry_closure(old: types.FunctionType, new: types.FunctionType, where: str,
         if old_value is new_value:
             continue
         if isinstance(old_value, types.FunctionType) and isinstance(new_value, types.FunctionType) \
-                and old_value is not old and old_value.__code__.co_freevars == new_value.__code__.co_freevars:
+                and old_value.__code__.co_freevars == new_value.__code__.co_freevars:
+            if id(old_value) in seen:
+                continue  # being patched further up: it gets the new code there
             inner = PatchReport()  # reported as part of ``where``
-            _patch_function(old_value, new_value, f"{where} (the {name} it calls)", inner)
+            _patch_function(old_value, new_value, f"{where} (the {name} it calls)", inner, seen)
             report.needs_restart.extend(inner.needs_restart)
             kept[id(new_value)] = old_value
         else:
