@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,8 @@ def fresh(source: str, tmp_path: Path) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    # Not in sys.modules: a module left there (its file gone with tmp_path) would be a changed
+    # file to every later test in this process that scans sys.modules.
     spec.loader.exec_module(module)
     return module
 

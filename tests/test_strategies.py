@@ -79,6 +79,8 @@ class FakeServer:
                 self.lingering |= set(old)
             for _ in old:
                 self.start_worker()
+        elif signum == signal.SIGHUP and pid in self.lingering:  # a worker the reload forgot: it stops now
+            self.lingering.discard(pid)
         elif signum == signal.SIGHUP:
             if pid not in self.workers:
                 raise TargetGone(f"worker {pid} has exited")
@@ -462,3 +464,26 @@ def test_signal_reload_stops_the_workers_of_a_master_that_never_reloads(monkeypa
     assert server.sent == [*signalled, (old[0], "SIGHUP"), (old[1], "SIGHUP")]
     reload.tick()
     assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+def test_signal_reload_tells_a_worker_the_reload_forgot_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uWSGI's reload stopped one old worker but never told the other (started again by the
+    master in the instant the reload began): once the others have exited and it has not for
+    LOST_SIGNAL_SECONDS, it is told to stop gracefully, once, and the reload ends."""
+    monkeypatch.setattr(strategies, "LOST_SIGNAL_SECONDS", 0.05)
+    server = FakeServer(2)
+    server.linger = True
+    server.generation = 2
+    old = list(server.workers)
+    reload = SignalReload(MASTER, server, server, wanted=lambda: 2)
+    reload()
+    server.lingering.discard(old[0])  # the one uWSGI told has finished and exited
+    reload.tick()
+    assert server.sent == [(MASTER, "SIGHUP")]  # not yet: it may be finishing a request
+    time.sleep(0.06)
+    reload.tick()
+    reload.tick()
+    assert server.sent == [(MASTER, "SIGHUP"), (old[1], "SIGHUP")]
+    assert not server.lingering
+    reload.tick()
+    assert not reload.wants_tick() and {server.generation_of[pid] for pid in server.workers} == {2}

@@ -624,6 +624,8 @@ class SignalReload(Strategy):
         self.unanswered = 0
         """Reload signals sent in a row after which the workers ran no other generation."""
         self.signalled_generations: frozenset[int | None] = frozenset()
+        self.hurried = False
+        """The workers left in the reload under way were told to stop (see :meth:`hurry`)."""
 
     def __call__(self) -> None:
         self.tick()
@@ -649,6 +651,8 @@ class SignalReload(Strategy):
             retiring = {pid for pid in self.signalled if not self.signals.exited(pid)}
             lost = retiring == self.signalled and waited >= LOST_SIGNAL_SECONDS
             if retiring and not lost and waited < RELOAD_PATIENCE_SECONDS:
+                if retiring != self.signalled and waited >= LOST_SIGNAL_SECONDS and not self.hurried:
+                    self.hurry(retiring)
                 return
             if not retiring:
                 log.info("wsgi_reload: reload done: %d worker%s serving generation %s, %s (%.0f ms after the signal)",
@@ -674,10 +678,24 @@ class SignalReload(Strategy):
         self.signalled_generations = generations
         # The workers by their records (read just now), not the master's children: those can
         # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
-        self.signalled, self.signalled_at = set(live), time.monotonic()
+        self.signalled, self.signalled_at, self.hurried = set(live), time.monotonic(), False
         if self.nudge is not None and workers:
             threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,
                              args=(self.signals, self.master_pid, workers, self.nudge, NUDGE_SECONDS)).start()
+
+    def hurry(self, left: set[int]) -> None:
+        """Some old workers of the reload under way exited, these have not for a while. uWSGI
+        tells each worker to stop as the reload begins (``grace_them_all``); a worker started
+        again in that instant (its predecessor died by ``kill -9`` as the signal arrived) is
+        never told, and the master waits for it forever. Tell the ones left, gracefully (a
+        worker's SIGHUP): one that was told already is finishing its requests, and a second
+        SIGHUP changes nothing for it."""
+        self.hurried = True
+        log.info("wsgi_reload: the reload is waiting for worker%s %s; telling %s to stop gracefully",
+                 "" if len(left) == 1 else "s", ", ".join(map(str, sorted(left))), "it" if len(left) == 1 else "them")
+        for pid in sorted(left):
+            with contextlib.suppress(TargetError):
+                self.signals.send(pid, signal.SIGHUP)
 
     def stop_workers(self, live: set[int]) -> None:
         """The master answered none of the last reload signals with workers of the current
@@ -692,7 +710,7 @@ class SignalReload(Strategy):
             with contextlib.suppress(TargetError):
                 self.signals.send(pid, signal.SIGHUP)
         self.unanswered = 0
-        self.signalled, self.signalled_at = set(live), time.monotonic()
+        self.signalled, self.signalled_at, self.hurried = set(live), time.monotonic(), True
 
 
 
