@@ -31,8 +31,10 @@ log = logging.getLogger("wsgi_reload.watcher_process")
 STEADY_SECONDS = 2.0
 """The master's children unchanged this long: no worker is being started or retired."""
 
-SIGNAL_GAP = 0.05
-"""Two equal signals that reach a Python process before its handler ran count once; space them."""
+SIGNAL_GAP = 0.2
+"""Two equal signals that reach a Python process before its handler ran count once; space them.
+A master busy on a loaded machine can take longer than 50 ms to run the handler (a TTOU was
+lost that way in a CI run, and an old worker served on); only equal signals wait for it."""
 
 
 class Signals(Protocol):
