@@ -362,12 +362,19 @@ def remember_source(module: types.ModuleType) -> None:
     _sources[module.__name__] = source
 
 
+def _codes_by_name(source: bytes | ast.Module, filename: str) -> dict[str, list[types.CodeType]]:
+    """Every function's code compiled from ``source``, by qualified name, in source order (a
+    property's getter and setter share one name)."""
+    codes: dict[str, list[types.CodeType]] = {}
+    for qualname, code in code_tree(compile(source, filename, "exec", dont_inherit=True)):
+        codes.setdefault(qualname, []).append(code)
+    return codes
+
+
 def _differs_from_loaded(module: types.ModuleType, source: bytes, path: str) -> str | None:
     """Which loaded function was not compiled from ``source``, or None when all were."""
     try:
-        codes: dict[str, list[types.CodeType]] = {}
-        for qualname, code in code_tree(compile(source, path, "exec", dont_inherit=True)):
-            codes.setdefault(qualname, []).append(code)
+        codes = _codes_by_name(source, path)
     except (SyntaxError, ValueError):
         return "it does not compile"
     for qualname, func in loaded_functions(module):
@@ -423,9 +430,7 @@ def _follow_moved_lines(module: types.ModuleType, tree: ast.Module, filename: st
     """Lines added or removed above an unchanged function move it: give it the code compiled
     at its new place, which differs in line numbers only, so that tracebacks, ``inspect`` and
     debuggers point at the right line."""
-    codes: dict[str, list[types.CodeType]] = {}
-    for qualname, code in code_tree(compile(tree, filename, "exec", dont_inherit=True)):
-        codes.setdefault(qualname, []).append(code)
+    codes = _codes_by_name(tree, filename)
     for qualname, func in loaded_functions(module):
         candidates = codes.get(qualname, [])
         if len(candidates) == 1 and func.__code__ != candidates[0] and _same_but_lines(func.__code__, candidates[0]):
@@ -457,9 +462,7 @@ def _body_swaps(module: types.ModuleType, plan: statements.Plan, tree: ast.Modul
     changed = set(plan.bodies)
     # A property's getter and setter share one qualified name: they are told apart by their
     # order in the source, in the loaded code and in the new code alike.
-    codes: dict[str, list[types.CodeType]] = {}
-    for qualname, code in code_tree(compile(tree, filename, "exec", dont_inherit=True)):
-        codes.setdefault(qualname, []).append(code)
+    codes = _codes_by_name(tree, filename)
     loaded: dict[str, list[types.FunctionType]] = {}
     for qualname, func in loaded_functions(module):
         if qualname.split(".")[0] in changed and qualname in codes:
