@@ -24,6 +24,7 @@ from servers import (
     running,
     server_env,
     wait_for_body,
+    worker_pids,
     write,
 )
 
@@ -471,3 +472,45 @@ def test_configs_reload_config_exports_the_hooks() -> None:
 
     for name in adapter.HOOK_NAMES:
         assert namespace[name] is getattr(adapter, name)
+
+
+FREEZE_THE_MASTER = '''
+import os, subprocess
+def mark(name):
+    try:
+        os.close(os.open(os.path.join({dir!r}, name), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+if open(os.path.join({dir!r}, "master.pid")).read() == str(os.getppid()):
+    if not mark("first") and mark("second"):
+        subprocess.Popen(["sh", "-c", "sleep 2.5; kill -CONT %d" % os.getppid()])
+        os.kill(os.getppid(), 19)
+'''
+
+
+def test_a_ttou_the_master_never_handled_leaves_no_old_worker_serving(tmp_path: Path) -> None:
+    """The master is stopped (SIGSTOP, 2.5 s) by the second new worker of a swap as it loads, so
+    the swap's TTOUs wait in the kernel, where the SIGCONT discards them (as two that reach a busy
+    master before its handler ran merge into one, only more so). The old workers those TTOUs were
+    for are stopped all the same: only the new code is served after the swap, and the master ends
+    with two workers again."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server, Load(port, threads=4) as load:
+        assert server.proc is not None
+        (tmp_path / "master.pid").write_text(str(server.proc.pid))
+        write(app / "greeting.py", greeting("v2", setup=FREEZE_THE_MASTER.format(dir=str(tmp_path))
+                                            .replace("\n", "\n    ")))
+        server.wait_for_log("reload done")
+        assert (tmp_path / "second").exists(), "the master was never stopped"
+        time.sleep(1.0)  # the old workers finish their last requests
+        load.reset_bodies()
+        time.sleep(3)
+        _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v2"}
+        deadline = time.monotonic() + 20
+        while len(worker_pids(server)) != 2:
+            assert time.monotonic() < deadline, f"the master runs {len(worker_pids(server))} workers"
+            time.sleep(0.2)

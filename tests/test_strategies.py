@@ -67,6 +67,8 @@ class FakeServer:
             for _ in range(len(self.workers)):
                 self.start_worker()
         elif signum == signal.SIGTERM:
+            if pid not in self.workers:
+                raise TargetGone(f"worker {pid} has exited")
             self.workers.remove(pid)
             self.records.pop(pid, None)
         elif pid == MASTER and signum == signal.SIGHUP:  # uWSGI: a graceful reload of every worker
@@ -100,6 +102,9 @@ class FakeServer:
 
     def exited(self, pid: int) -> bool:
         return pid not in self.workers and pid not in self.lingering
+
+    def oldest_first(self, pids: frozenset[int]) -> list[int]:
+        return [pid for pid in self.workers if pid in pids]
 
     # Workers
 
@@ -329,10 +334,66 @@ def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(mon
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert len(server.workers) == 1 and second.wants_tick()
-    for _ in range(3):
-        second.tick()
-        time.sleep(0.06)
-    assert len(server.workers) == 2 and not old & set(server.workers) and not second.wants_tick()
+    tick_until_settled(second)
+    assert len(server.workers) == 2 and not old & set(server.workers)
+
+
+class FakeArbiter(FakeServer):
+    """A master that keeps a number of workers, as gunicorn's arbiter does: TTIN and TTOU change
+    it (TTOU retires the oldest), and a worker that exits is replaced while fewer run. One TTOU
+    can be lost, as two that reach a busy master before its handler ran are."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.wanted_workers = workers
+        self.lose_ttou: list[bool] = []
+        """For each TTOU from now on, whether the master misses it."""
+
+    def send(self, pid: int, signum: int) -> None:
+        if pid == MASTER and signum == signal.SIGTTIN:
+            self.wanted_workers += 1
+        elif pid == MASTER and signum == signal.SIGTTOU:
+            if self.lose_ttou and self.lose_ttou.pop(0):
+                self.sent.append((pid, "SIGTTOU"))
+                return
+            self.wanted_workers -= 1
+        super().send(pid, signum)
+        if signum == signal.SIGTERM and len(self.workers) < self.wanted_workers:
+            self.start_worker()
+
+
+def tick_until_settled(swap_: SignalledSwap, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while swap_.wants_tick():
+        assert time.monotonic() < deadline, "the swap did not settle"
+        swap_.tick()
+        time.sleep(0.02)
+
+
+def test_a_ttou_the_master_missed_leaves_no_old_worker_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second TTOU of a swap is lost: the old worker it was for is stopped all the same (the
+    master replaces it with a worker of the new code), and once steady the one worker too many is
+    retired, so the server ends with as many workers as before, none of them old."""
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    old = set(server.workers)
+    server.generation = 2
+    server.lose_ttou = [False, True]
+    swap_ = SignalledSwap(MASTER, server, server, 1.0)
+    assert swap_() == 2
+    assert not old & set(server.workers) and len(server.workers) == 3
+    tick_until_settled(swap_)
+    assert len(server.workers) == 2 and server.wanted_workers == 2
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+def test_a_swap_whose_ttous_all_arrived_retires_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    swap_ = SignalledSwap(MASTER, server, server, 1.0)
+    assert swap_() == 2
+    tick_until_settled(swap_)
+    assert len(server.workers) == 2 and [name for _, name in server.sent].count("SIGTTOU") == 2
 
 
 def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:

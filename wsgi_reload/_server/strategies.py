@@ -50,6 +50,9 @@ class Signals(Protocol):
     def exited(self, pid: int) -> bool:
         """Whether a process has exited (a zombie has)."""
 
+    def oldest_first(self, pids: frozenset[int]) -> list[int]:
+        """``pids`` in the order they were started, oldest first (gunicorn retires in that order)."""
+
 
 class Workers(Protocol):
     """What the workers say of themselves (:class:`wsgi_reload._server.records.WorkerRecords`): call
@@ -176,6 +179,9 @@ class ProcessSignals:
     def exited(self, pid: int) -> bool:
         return exited(pid)
 
+    def oldest_first(self, pids: frozenset[int]) -> list[int]:
+        return sorted(pids, key=_started)
+
     def children(self, pid: int) -> frozenset[int] | None:
         kids = children(pid)
         if kids is None:
@@ -184,6 +190,15 @@ class ProcessSignals:
         # adopts orphans, this watcher among them, which lead groups of their own.
         group = _group_of(pid)
         return kids if group is None else frozenset(kid for kid in kids if _group_of(kid) == group)
+
+
+def _started(pid: int) -> tuple[int, int]:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat, field 22); then the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19]), pid
+    except (OSError, IndexError, ValueError):
+        return 0, pid  # gone: it goes first, and stopping it does nothing
 
 
 def _group_of(pid: int) -> int | None:
@@ -288,8 +303,15 @@ class SignalledSwap(Strategy):
             self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
             self.retired += 1
             self._remember()
+        # Each old worker is told to stop by us as well, not only by the master: two TTOUs that
+        # reach a busy master before its handler ran count once, and the worker that TTOU was for
+        # would serve the old code on. Stopped, it is replaced by a worker that loads the new code;
+        # tick() then retires the one worker too many. A second SIGTERM changes nothing for a
+        # worker the master stopped (the master repeats it every turn of its loop).
+        for pid in self.retiring & (self.signals.children(self.master_pid) or frozenset()):
+            self._stop(pid)
         self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.records.live}
-        if self.resumed and not self.recount:
+        if not self.recount:
             self.recount = self.count
         self.resumed = False
         count, self.retiring, self.added, self.retired = self.count, set(), 0, 0
@@ -300,14 +322,21 @@ class SignalledSwap(Strategy):
         return bool(self.recount)
 
     def tick(self) -> None:
-        """After a resumed swap: a TTOU the killed watcher sent in the instant before it could
-        record it was sent again, which cost one worker. Once the old workers are gone and the
-        master's children have been steady for :data:`STEADY_SECONDS`, add back any missing
-        (TTIN only: at worst one worker more, never an old one kept)."""
+        """After a swap: once its old workers are gone and the master's children have been steady
+        for :data:`STEADY_SECONDS`, the master runs as many workers as before the swap. One more
+        is a TTOU it never handled (the old worker was stopped, and the master replaced it); one
+        fewer, a TTOU a killed watcher had sent and the next one sent again. Too many: TTOU, and
+        the oldest (which the master retires) is stopped as above, in case that TTOU is lost too;
+        too few: TTIN. Then the children are counted again, until they match."""
         if not self.recount or self.retiring:
             return
         kids = self.signals.children(self.master_pid)
-        if kids is None or kids & (self.leaving | self.retiring):
+        if kids is None:
+            return
+        if self.leaving - kids:
+            self.leaving &= kids  # gone: a later worker may reuse the pid
+            self._remember()
+        if kids & self.leaving:
             return
         now = time.monotonic()
         if kids != self._seen:
@@ -315,10 +344,29 @@ class SignalledSwap(Strategy):
             return
         if now - self._seen_at < STEADY_SECONDS:
             return
-        missing, self.recount = self.recount - len(kids), 0
-        self._remember()
-        for _ in range(missing):
-            self._send(signal.SIGTTIN)
+        self._seen = None
+        if len(kids) == self.recount:
+            self.recount = 0
+            self._remember()
+        elif len(kids) > self.recount:
+            self.records()
+            if kids - self.records.serving:
+                # gunicorn retires the oldest, which would keep a worker that cannot serve (or
+                # has not yet loaded) over one that does: wait until every worker serves.
+                return
+            surplus = self.signals.oldest_first(kids)[:len(kids) - self.recount]
+            log.info("wsgi_reload: the master runs %d workers, %d more than before the reload (it missed a "
+                     "signal); retiring the oldest", len(kids), len(surplus))
+            self.leaving |= set(surplus)
+            self._remember()
+            for pid in surplus:
+                self._send(signal.SIGTTOU)
+                self._stop(pid)
+        else:
+            log.info("wsgi_reload: the master runs %d workers, %d fewer than before the reload; adding them",
+                     len(kids), self.recount - len(kids))
+            for _ in range(self.recount - len(kids)):
+                self._send(signal.SIGTTIN)
 
     def _make_up_for_a_lost_ttin(self) -> None:
         """Fewer new workers than the swap needs exist (booting ones included) for a second: a
@@ -349,6 +397,10 @@ class SignalledSwap(Strategy):
             while before is not None and self.signals.children(self.master_pid) == before \
                     and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+    def _stop(self, pid: int) -> None:
+        with contextlib.suppress(TargetError):  # it has exited already
+            self.signals.send(pid, signal.SIGTERM)
 
     def _send(self, signum: int) -> None:
         try:
