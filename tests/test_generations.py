@@ -194,6 +194,30 @@ def test_started_broken_stays_up_and_serves_the_fix(tmp_path: Path, kind: str) -
         assert len(re.findall(r"greeting.py:1: NameError", log)) >= 1
 
 
+ONLY_IN_WORKERS = (
+    'import os\n'
+    'if "gunicorn" in open("/proc/%d/cmdline" % os.getppid()).read():\n'
+    '    raise RuntimeError("no database from here")\n'
+)
+
+
+def test_an_app_that_fails_only_in_the_workers_is_not_checked_again_and_again(tmp_path: Path) -> None:
+    """Started with code that passes the check and fails in every worker (a database only the
+    workers cannot reach): one line says so, and the watcher does not check and publish the same
+    bytes again each time gunicorn replaces a failed worker. A save then reloads as usual."""
+    app = make_app(tmp_path)
+    write(app / "greeting.py", greeting("v1", setup=ONLY_IN_WORKERS.replace("\n", "\n    ")))
+    port = free_port()
+    server = serve("sync", app, port)
+    with running(server, None):
+        server.wait_for_log(r"although it passed the check: the workers fail where the check does not")
+        time.sleep(5)
+        assert server.count(r"passed the check; the waiting workers load it") <= 1
+        assert server.count(r"although it passed the check") == 1
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+
+
 def healthz_app(tmp_path: Path, sick_when: str) -> Path:
     """The test app, whose /healthz answers 500 when ``sick_when`` (an expression) is true."""
     app = make_app(tmp_path)

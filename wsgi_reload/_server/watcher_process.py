@@ -223,6 +223,8 @@ class _ServerWatch:
         self.accept = PathFilter(self.settings.include, self.settings.exclude, base=config["cwd"])
         current = self.store.current_id()
         self.current: Generation | None = None if current is None else self.store.load(current)
+        self.unloadable: int | None = None
+        """A generation that passed the check and that workers could not load (said once)."""
         """The newest verified generation: what every process that loads the app imports."""
         self.candidate: Generation | None = None
         self.lock: int | None = None
@@ -358,6 +360,8 @@ class _ServerWatch:
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
         files that changed since are checked as a batch of their own."""
+        if not os.path.isdir(self.runtime_dir) and self.target.wait_exit(timeout=1.0):
+            return  # the master removed it as it stopped (gunicorn's on_exit): nothing to restore
         lost = recover(self.runtime_dir, self.store, self.current)
         if lost is not None:
             self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
@@ -410,6 +414,19 @@ class _ServerWatch:
         result = gate.check([])
         if not result.ok:
             gate.refuse(result, old_code_serves=False)
+            return
+        tried = {self.records.generation_of.get(pid) for pid in pids}
+        if self.candidate is not None and not self.candidate.changed and self.current is not None \
+                and tried == {self.current.id}:
+            # The very bytes the workers failed on pass the check: checking and reloading again
+            # would only repeat that, as fast as the server replaces its workers. Wait for a save.
+            if self.unloadable == self.current.id:
+                return
+            self.unloadable = self.current.id
+            log.error("wsgi_reload: worker %s cannot load generation %s (%s), although it passed the check: the "
+                      "workers fail where the check does not (their environment, or a file outside the project); "
+                      "saving a fix reloads", ", ".join(map(str, pids)), self.current.id,
+                      self.records.failures.get(pids[0]) or "see its log")
             return
         log.warning("wsgi_reload: worker %s could not load the app, which loads now (a save raced its start); "
                     "reloading", ", ".join(map(str, pids)))
