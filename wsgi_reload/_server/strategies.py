@@ -31,6 +31,9 @@ log = logging.getLogger("wsgi_reload.watcher_process")
 STEADY_SECONDS = 2.0
 """The master's children unchanged this long: no worker is being started or retired."""
 
+COUNT_SECONDS = 120.0
+"""How long after a swap its workers are counted against those before it (see ``SignalledSwap.tick``)."""
+
 SIGNAL_GAP = 0.2
 """Two equal signals that reach a Python process before its handler ran count once; space them.
 A master busy on a loaded machine can take longer than 50 ms to run the handler (a TTOU was
@@ -246,6 +249,7 @@ class SignalledSwap(Strategy):
         """Once a swap a killed watcher left under way was finished: how many workers the server
         had before it, to count them against once steady (0: nothing to count). Kept in the
         record too, for the watcher after the next one, and not changed by later swaps."""
+        self._count_until = time.monotonic() + COUNT_SECONDS
         self._seen: frozenset[int] | None = None
         self._short_since: float | None = None
         self._seen_at = 0.0
@@ -313,6 +317,7 @@ class SignalledSwap(Strategy):
         self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.records.live}
         if not self.recount:
             self.recount = self.count
+        self._count_until = time.monotonic() + COUNT_SECONDS
         self.resumed = False
         count, self.retiring, self.added, self.retired = self.count, set(), 0, 0
         self._remember()  # only what is leaving: nothing is under way
@@ -330,6 +335,14 @@ class SignalledSwap(Strategy):
         too few: TTIN. Then the children are counted again, until they match."""
         if not self.recount or self.retiring:
             return
+        now = time.monotonic()
+        if now > self._count_until:
+            # Never steady with every worker serving (a child that is no worker, such as gunicorn's
+            # dirty arbiter, or a worker that cannot load): stop counting rather than look forever.
+            log.debug("wsgi_reload: the master's workers did not settle; not counting them")
+            self.recount = 0
+            self._remember()
+            return
         kids = self.signals.children(self.master_pid)
         if kids is None:
             return
@@ -338,7 +351,6 @@ class SignalledSwap(Strategy):
             self._remember()
         if kids & self.leaving:
             return
-        now = time.monotonic()
         if kids != self._seen:
             self._seen, self._seen_at = kids, now
             return
