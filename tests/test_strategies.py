@@ -106,6 +106,9 @@ class FakeServer:
     def oldest_first(self, pids: frozenset[int]) -> list[int]:
         return [pid for pid in self.workers if pid in pids]
 
+    def handled(self, pid: int, signum: int) -> None:
+        pass
+
     # Workers
 
     def __call__(self) -> object:

@@ -56,6 +56,9 @@ class Signals(Protocol):
     def oldest_first(self, pids: frozenset[int]) -> list[int]:
         """``pids`` in the order they were started, oldest first (gunicorn retires in that order)."""
 
+    def handled(self, pid: int, signum: int) -> None:
+        """``pid`` was seen acting on ``signum``: another one may follow at once (see :data:`SIGNAL_GAP`)."""
+
 
 class Workers(Protocol):
     """What the workers say of themselves (:class:`wsgi_reload._server.records.WorkerRecords`): call
@@ -185,6 +188,9 @@ class ProcessSignals:
     def oldest_first(self, pids: frozenset[int]) -> list[int]:
         return sorted(pids, key=_started)
 
+    def handled(self, pid: int, signum: int) -> None:
+        self._last.pop((pid, signum), None)
+
     def children(self, pid: int) -> frozenset[int] | None:
         kids = children(pid)
         if kids is None:
@@ -304,9 +310,18 @@ class SignalledSwap(Strategy):
             self._remember()
             wait = self.load_timeout
         while self.retired < self.added:
+            before = self._old_left()
             self._send(signal.SIGTTOU)  # manage_workers() retires the oldest: the old generation
             self.retired += 1
             self._remember()
+            if self.retired < self.added:
+                # An old worker gone says the master ran its handler, so the next TTOU cannot
+                # merge with this one; without that sign it waits the whole gap.
+                deadline = time.monotonic() + SIGNAL_GAP
+                while self._old_left() >= before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if self._old_left() < before:
+                    self.signals.handled(self.master_pid, signal.SIGTTOU)
         # Each old worker is told to stop by us as well, not only by the master: two TTOUs that
         # reach a busy master before its handler ran count once, and the worker that TTOU was for
         # would serve the old code on. Stopped, it is replaced by a worker that loads the new code;
@@ -408,7 +423,12 @@ class SignalledSwap(Strategy):
             deadline = time.monotonic() + 5.0
             while before is not None and self.signals.children(self.master_pid) == before \
                     and time.monotonic() < deadline:
-                time.sleep(0.01)
+                time.sleep(0.005)
+            if before is not None and self.signals.children(self.master_pid) != before:
+                self.signals.handled(self.master_pid, signal.SIGTTIN)  # it forked: the next TTIN goes at once
+
+    def _old_left(self) -> int:
+        return len(self.retiring & (self.signals.children(self.master_pid) or frozenset()))
 
     def _stop(self, pid: int) -> None:
         with contextlib.suppress(TargetError):  # it has exited already
@@ -475,16 +495,18 @@ def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[
 
 
 def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
-    """Wait while ``signum`` is still pending for ``pid`` (Linux's ShdPnd); at once elsewhere."""
+    """Wait while ``signum`` is still pending for ``pid`` (Linux's ShdPnd); at once elsewhere, and
+    for a process that has exited (a zombie keeps its pending signals and never takes them)."""
     bit = 1 << (signum - 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/status", encoding="ascii") as f:
-                pending = next((int(line.split()[1], 16) for line in f if line.startswith("ShdPnd:")), 0)
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "ShdPnd:")))
+            pending = int(fields.get("ShdPnd", "0").strip(), 16)
         except (OSError, ValueError):
             return
-        if not pending & bit:
+        if not pending & bit or fields.get("State", "").strip()[:1] in ("Z", "X"):
             return
         time.sleep(0.005)
 
