@@ -36,11 +36,11 @@ CLASSES = {
     "gevent": ("plain", ["-k", "gevent"]),
     "asgi": ("asgi", ["-k", "asgi"]),
     "uvicorn": ("asgi", ["-k", "uvicorn_worker.UvicornWorker"]),
-    "asgi-starlette": ("starlette", ["-k", "asgi"]),
-    "uvicorn-starlette": ("starlette", ["-k", "uvicorn_worker.UvicornWorker"]),
+    "asgi-fastapi": ("fastapi", ["-k", "asgi"]),
+    "uvicorn-fastapi": ("fastapi", ["-k", "uvicorn_worker.UvicornWorker"]),
 }
-NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker", "uvicorn-starlette": "uvicorn_worker",
-         "asgi-starlette": "starlette"}
+NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker", "uvicorn-fastapi": "uvicorn_worker",
+         "asgi-fastapi": "fastapi"}
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
@@ -49,7 +49,7 @@ def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) ->
     module = NEEDS.get(worker_class)
     if module is not None and importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed")
-    if preload and worker_class.endswith("-starlette"):
+    if preload and worker_class.endswith("-fastapi"):
         pytest.skip("the plain ASGI app covers --preload for this class")
     if preload and worker_class == "gevent":
         pytest.skip("gevent patches the standard library when a worker starts, after a preloaded app imported it")
