@@ -303,6 +303,8 @@ class Monitor:
             if self._events.set_directories(self._dirs_to_watch()):
                 self._wake.set()  # what was saved in a new directory before its watch has no event
         except OSError as exc:
+            if self._stop.is_set():
+                return  # stopping: the descriptor was closed under it
             self._events.stop()
             self._events = None
             self.backend = "poll"

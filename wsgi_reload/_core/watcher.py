@@ -54,17 +54,21 @@ class Watcher:
                                on_tick=on_tick or self.gate.retry_pending,
                                tick_pending=self.gate.has_pending)
 
-    def start(self, announce: bool = True) -> Watcher:
+    def start(self, announce: bool = True, workers_pending: bool = False) -> Watcher:
         """Record the baseline and start watching.
 
         :param announce: log one line that says what is watched, how, and what a change does.
+        :param workers_pending: a server's watcher, started before its workers loaded the app:
+            the files they load join once they say what they run ("workers up").
         """
         self.monitor.start()
         if announce:
             count = len(self.scanner.watched_files())
-            # A server's watcher starts before its workers have loaded (and said what they run).
-            what = f"{count} files" if count else "the files the workers load, once they have"
-            log.info("wsgi_reload: watching %s by %s; check: %s; a good change reloads %s", what,
+            what = f"{count} file{'' if count == 1 else 's'}"
+            if workers_pending:  # "workers up" says how many once they have loaded
+                what = f"the app's files once the workers load them ({what} so far)" if count else \
+                    "the app's files once the workers load them"
+            log.info("wsgi_reload: watching %s, by %s; check: %s; a good change reloads %s", what,
                      self.monitor.describe(), self.check_description(), self.server)
         return self
 

@@ -433,7 +433,8 @@ class _ServerWatch:
         gate.reload_now()
 
     def run(self) -> None:
-        self.watcher.start()
+        self.records()
+        self.watcher.start(workers_pending=not self.records.live)
         seen_workers_at: float | None = None
         while not self.target.wait_exit(timeout=2.0):
             if self.waiting_for_code() or self.strategy.wants_tick():
