@@ -114,6 +114,30 @@ def compile_files(paths: Iterable[str], generation: Checked | None = None) -> Ch
     return CheckResult(True, "compile", started_ns=started)
 
 
+def _child_context(cwd: str | None, sys_path: Sequence[str] | None,
+                   env: Mapping[str, str] | None) -> tuple[str, list[str], dict[str, str]]:
+    """The check interpreter's directory, ``sys.path`` and environment (a warm process is kept
+    per such triple)."""
+    child_env = dict(os.environ if env is None else env)
+    child_env[PROBE_ENV] = "1"
+    child_env["PYTHONDONTWRITEBYTECODE"] = "1"
+    cwd = os.path.abspath(cwd) if cwd else os.getcwd()
+    return cwd, [os.path.abspath(p) if p else cwd for p in (sys.path if sys_path is None else sys_path)], child_env
+
+
+def start_warm(settings: Settings, loaded_modules: Iterable[str]) -> None:
+    """Start the warm check process now instead of at the first check, which would run cold:
+    in a process that each reload replaces whole (runserver's), every check is the first.
+
+    :param settings: the check settings (nothing starts unless they import the app).
+    :param loaded_modules: the module files this process runs; their installed packages load.
+    """
+    if settings.check != "import" or not settings.app:
+        return
+    cwd, child_sys_path, child_env = _child_context(None, None, None)
+    warm.probe_for(cwd, child_sys_path, child_env, (), loaded_modules, _PROBE_SOURCE)
+
+
 def import_app(
     app: str,
     *,
@@ -151,11 +175,7 @@ def import_app(
     """
     started = time.time_ns()
     clock = time.monotonic()
-    child_env = dict(os.environ if env is None else env)
-    child_env[PROBE_ENV] = "1"
-    child_env["PYTHONDONTWRITEBYTECODE"] = "1"
-    cwd = os.path.abspath(cwd) if cwd else os.getcwd()
-    child_sys_path = [os.path.abspath(p) if p else cwd for p in (sys.path if sys_path is None else sys_path)]
+    cwd, child_sys_path, child_env = _child_context(cwd, sys_path, env)
     payload: dict[str, object] = {
         "sys_path": child_sys_path,
         "app": app,
