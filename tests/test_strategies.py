@@ -167,15 +167,28 @@ def test_swap_adds_a_worker_per_worker_then_retires_the_old_ones() -> None:
 
 
 def test_swap_retires_nothing_while_the_new_workers_load_and_resumes_once_they_have() -> None:
+    """One new worker first; the rest once it serves (alone it loads sooner on a busy machine)."""
     server = FakeServer(2, new_worker=lambda pid: None)
     swap = SignalledSwap(MASTER, server, server, load_timeout=0.1)
     with pytest.raises(ActionFailed, match="0 of 2 new workers have loaded"):
         swap()
+    assert [name for _, name in server.sent] == ["SIGTTIN"]
+    server.say(server.workers[2], True)
+    with pytest.raises(ActionFailed, match="1 of 2 new workers have loaded"):
+        swap()
     assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN"]
-    for pid in server.workers[2:]:
-        server.say(pid, True)
+    server.say(server.workers[3], True)
     assert swap() == 2
     assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN", "SIGTTOU", "SIGTTOU"]  # no TTIN again
+
+
+def test_a_first_new_worker_that_loads_slowly_is_not_taken_for_a_lost_ttin() -> None:
+    """The first new worker takes longer than a second to load: the second is not started yet
+    by design, which must not read as a TTIN that never arrived (one worker too many)."""
+    server = FakeServer(2, new_worker=lambda pid: None)
+    with pytest.raises(ActionFailed):
+        SignalledSwap(MASTER, server, server, load_timeout=1.3)()
+    assert [name for _, name in server.sent] == ["SIGTTIN"]
 
 
 def test_swap_ends_at_once_when_a_new_worker_says_it_cannot_serve() -> None:
@@ -285,7 +298,9 @@ def test_a_new_watcher_resumes_a_replacement_the_killed_one_left_under_way(name:
     assert second.under_way()
     assert second() == 2
     assert server.sent[:len(sent)] == sent
-    assert not [s for s in server.sent[len(sent):] if s[1] in ("SIGTTIN", "SIGUSR2")]
+    # No second round: a swap had sent its first TTIN only (the rest follow once that one serves).
+    assert [s[1] for s in server.sent].count("SIGTTIN") == (2 if name == "swap" else 0)
+    assert not [s for s in server.sent[len(sent):] if s[1] == "SIGUSR2"]
     assert not old & set(server.workers) and len(server.workers) == 2
     assert not second.under_way()
 

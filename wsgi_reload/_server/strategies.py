@@ -286,13 +286,18 @@ class SignalledSwap(Strategy):
         # looks once, so the watcher goes on seeing saves meanwhile.
         wait = self.load_timeout if self.added < len(self.retiring) else 0.0
         while True:
-            self._add_workers()
+            # One new worker first, the rest once it serves: alone it imports the app sooner than
+            # beside the others (on a busy machine they share the cores with the old workers), so
+            # the new code is served sooner; the swap as a whole takes about as long.
+            self._add_workers(upto=1)
             deadline = time.monotonic() + wait
             while True:
                 self._make_up_for_a_lost_ttin()
                 self.records()
                 new = self.records.live - self.retiring
                 fresh = new & self.records.serving
+                if fresh and self.added < len(self.retiring):
+                    self._add_workers()
                 wanted = self.wanted()
                 stale = {pid for pid in fresh
                          if wanted is not None and self.records.generation_of.get(pid) not in (None, wanted)}
@@ -396,11 +401,13 @@ class SignalledSwap(Strategy):
                 self._send(signal.SIGTTIN)
 
     def _make_up_for_a_lost_ttin(self) -> None:
-        """Fewer new workers than the swap needs exist (booting ones included) for a second: a
-        TTIN counted in ``added`` never reached the master (a killed watcher's, say). Send one
-        more, not counted, so the TTOUs still match the TTINs that arrived."""
+        """Fewer new workers than the TTINs sent so far have started exist (booting ones
+        included) for a second: a TTIN counted in ``added`` never reached the master (a killed
+        watcher's, say). Send one more, not counted, so the TTOUs still match the TTINs that
+        arrived. (New workers that retire too, ``stale``, are among ``retiring``.)"""
         kids = self.signals.children(self.master_pid)
-        if kids is None or len(kids - self.retiring - self.leaving) >= self.count:
+        started = self.count - (len(self.retiring) - self.added)
+        if kids is None or len(kids - self.retiring - self.leaving) >= started:
             self._short_since = None
             return
         now = time.monotonic()
@@ -410,10 +417,10 @@ class SignalledSwap(Strategy):
             self._short_since = None
             self._send(signal.SIGTTIN)
 
-    def _add_workers(self) -> None:
-        """TTIN until as many workers were added as retire, one at a time: two pending TTINs
-        would merge into one signal."""
-        while self.added < len(self.retiring):
+    def _add_workers(self, upto: int | None = None) -> None:
+        """TTIN until as many workers were added as retire (or ``upto``), one at a time: two
+        pending TTINs would merge into one signal."""
+        while self.added < min(len(self.retiring), len(self.retiring) if upto is None else upto):
             before = self.signals.children(self.master_pid)
             self.adding = set(before or ())
             self._remember()  # a watcher killed right after the TTIN leaves the next one able to tell
