@@ -216,6 +216,23 @@ def test_swap_replaces_a_new_worker_that_loaded_an_older_generation_too() -> Non
     assert {server.generation_of[pid] for pid in server.workers} == {2}
 
 
+def test_swap_replaces_new_workers_that_all_loaded_an_older_generation() -> None:
+    """A watcher killed mid-swap left two new workers that both loaded generation 1; 2 has been
+    published since. The next watcher retires them too and goes on at once with new ones (it
+    waited for a new worker it never asked for, until its timeout)."""
+    server = FakeServer(2)
+    old = list(server.workers)
+    server.send(MASTER, signal.SIGTTIN)
+    server.send(MASTER, signal.SIGTTIN)
+    server.generation = 2
+    memory = DictMemory()
+    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+                 "recount": 0})
+    assert SignalledSwap(MASTER, server, server, 1.0, wanted=lambda: 2, memory=memory)() == 2
+    assert not set(old) & set(server.workers) and len(server.workers) == 2
+    assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
 def test_swap_of_a_server_with_no_worker_up_does_nothing() -> None:
     server = FakeServer(0)
     with pytest.raises(ActionFailed, match="no worker of this server is up"):

@@ -289,7 +289,8 @@ class SignalledSwap(Strategy):
             # One new worker first, the rest once it serves: alone it imports the app sooner than
             # beside the others (on a busy machine they share the cores with the old workers), so
             # the new code is served sooner; the swap as a whole takes about as long.
-            self._add_workers(upto=1)
+            # (New workers found on an older generation are among ``retiring``: one more each.)
+            self._add_workers(upto=len(self.retiring) - self.count + 1)
             deadline = time.monotonic() + wait
             while True:
                 self._make_up_for_a_lost_ttin()
