@@ -22,6 +22,7 @@ from servers import (
     hold_broken_saves,
     make_app,
     running,
+    runtime_dir_of,
     server_env,
     wait_for_body,
     worker_pids,
@@ -454,6 +455,8 @@ def test_preload_with_gevent_is_refused_clearly_and_keeps_serving(tmp_path: Path
     with running(gunicorn(app, port, ["-k", "gevent", "--preload"]), "v1") as server:
         server.wait_for_log(r"preload_app with the gevent worker is not supported")
         assert server.alive()
+        directory = runtime_dir_of(app)  # the preloading master made one before reloading was turned off
+    assert not directory.exists(), "the runtime directory outlived the server"
 
 
 def test_config_module_names_do_not_shadow_gunicorn_settings() -> None:

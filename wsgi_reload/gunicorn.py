@@ -251,9 +251,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 @_hook
 def on_exit(server: Any) -> None:
-    """Master: remove the runtime directory (the watcher process stops with the master)."""
-    if _runtime_dir is not None:
-        runtime.remove(_runtime_dir)
+    """Master: remove the runtime directory (the watcher process stops with the master); also
+    the one a preloading master made before ``when_ready`` turned reloading off."""
+    runtime.remove(_runtime_dir or runtime.created)
 
 
 # --- worker side ------------------------------------------------------------------------

@@ -60,6 +60,10 @@ def create() -> str:
     return tempfile.mkdtemp(prefix=PREFIX, dir=base_directory())
 
 
+created: str | None = None
+"""The runtime directory this process made for itself as a server's master, if it did."""
+
+
 def for_server(master_pid: int) -> str:
     """The runtime directory of the server whose master is ``master_pid``, created if needed.
 
@@ -71,7 +75,8 @@ def for_server(master_pid: int) -> str:
     if exported and is_private_dir(exported):
         return exported
     if os.getpid() == master_pid:
-        path = create()
+        global created
+        path = created = create()
         os.environ[RUNTIME_ENV] = path
         return path
     return shared_by_siblings(f"master:{master_pid}")

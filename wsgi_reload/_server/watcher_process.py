@@ -223,9 +223,9 @@ class _ServerWatch:
         self.accept = PathFilter(self.settings.include, self.settings.exclude, base=config["cwd"])
         current = self.store.current_id()
         self.current: Generation | None = None if current is None else self.store.load(current)
+        """The newest verified generation: what every process that loads the app imports."""
         self.unloadable: int | None = None
         """A generation that passed the check and that workers could not load (said once)."""
-        """The newest verified generation: what every process that loads the app imports."""
         self.candidate: Generation | None = None
         self.lock: int | None = None
         self.unchecked: list[Change] = []
@@ -413,18 +413,19 @@ class _ServerWatch:
     def recover_start(self, pids: list[int]) -> None:
         """Workers say the app did not load: a broken app, or a save that raced their start."""
         gate = self.watcher.gate
+        tried = {self.records.generation_of.get(pid) for pid in pids}
+        current = None if self.current is None else self.current.id
+        if current is not None and tried == {current} and self.unloadable == current:
+            return  # said already; a save reaches the check the usual way
         result = gate.check([])
         if not result.ok:
             gate.refuse(result, old_code_serves=False)
             return
-        tried = {self.records.generation_of.get(pid) for pid in pids}
         if self.candidate is not None and not self.candidate.changed and self.current is not None \
-                and tried == {self.current.id}:
+                and tried == {current}:
             # The very bytes the workers failed on pass the check: checking and reloading again
             # would only repeat that, as fast as the server replaces its workers. Wait for a save.
-            if self.unloadable == self.current.id:
-                return
-            self.unloadable = self.current.id
+            self.unloadable = current
             log.error("wsgi_reload: worker %s cannot load generation %s (%s), although it passed the check: the "
                       "workers fail where the check does not (their environment, or a file outside the project); "
                       "saving a fix reloads", ", ".join(map(str, pids)), self.current.id,
