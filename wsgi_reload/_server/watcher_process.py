@@ -241,8 +241,11 @@ class _ServerWatch:
         if self.patcher is not None:
             patcher = self.patcher
             records = lambda: patcher.remember(self.records())  # noqa: E731
+        # The running generation first: for a file in both, the workers' records give the time
+        # each loaded it, but the bytes they run are the generation's, read when it was built; a
+        # save between the two (a watcher killed meanwhile, a worker respawned) must still count.
         self.watcher = Watcher(self.settings, self.reload, server=server,
-                               sources=[records, self.generation_files, lambda: self.config_files],
+                               sources=[self.generation_files, records, lambda: self.config_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
                                check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
                                on_tick=self.tick)
