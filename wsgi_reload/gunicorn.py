@@ -251,9 +251,12 @@ def child_exit(server: Any, worker: Any) -> None:
 
 @_hook
 def on_exit(server: Any) -> None:
-    """Master: remove the runtime directory (the watcher process stops with the master); also
-    the one a preloading master made before ``when_ready`` turned reloading off."""
-    runtime.remove(_runtime_dir or runtime.created)
+    """Master: remove the runtime directory a preloading master made before ``when_ready``
+    turned reloading off. With reloading on, the watcher process removes it once the master has
+    exited (removed here, the watcher could take it for a temp-file cleaner's work and make it
+    again in the instant before the master exits)."""
+    if _runtime_dir is None:
+        runtime.remove(runtime.created)
 
 
 # --- worker side ------------------------------------------------------------------------

@@ -329,7 +329,8 @@ def recover(runtime_dir: str, store: Store, current: Generation | None) -> list[
     lost = [] if current is None else store.restore(current)
     log.warning("wsgi_reload: the runtime directory %s was removed (a temp-file cleaner?); it is made again and "
                 "the running code restored%s", runtime_dir,
-                f"; {len(lost)} files changed since that code was checked, so they are checked now" if lost else "")
+                f"; {len(lost)} file{'' if len(lost) == 1 else 's'} changed since that code was checked, so "
+                f"{'it is' if len(lost) == 1 else 'they are'} checked now" if lost else "")
     return lost
 
 

@@ -363,10 +363,6 @@ class _ServerWatch:
     def heal(self) -> None:
         """Make a removed runtime directory again and restore the running generation into it; the
         files that changed since are checked as a batch of their own."""
-        # gunicorn's on_exit removes it just before the master exits, which can take seconds
-        # more (its threads); a cleaner's removal is made good that much later.
-        if not os.path.isdir(self.runtime_dir) and self.target.wait_exit(timeout=5.0):
-            return  # the master removed it as it stopped (gunicorn's on_exit): nothing to restore
         lost = recover(self.runtime_dir, self.store, self.current)
         if lost is not None:
             self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
