@@ -48,6 +48,8 @@ class FakeServer:
         """uWSGI's master answers SIGHUP with a graceful reload; False: it ignores it (one under way)."""
         self.lingering: set[int] = set()
         """Old workers of a uWSGI reload still finishing their requests."""
+        self.master_listens = True
+        """False: the master closed its listeners (gunicorn's stop does that first)."""
         self.linger = False
 
     def spawn(self) -> int:
@@ -108,6 +110,9 @@ class FakeServer:
 
     def handled(self, pid: int, signum: int) -> None:
         pass
+
+    def listening(self, pid: int) -> bool:
+        return self.master_listens
 
     # Workers
 
@@ -420,6 +425,21 @@ def test_a_ttou_the_master_missed_leaves_no_old_worker_serving(monkeypatch: pyte
     tick_until_settled(swap_)
     assert len(server.workers) == 2 and server.wanted_workers == 2
     assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+def test_a_master_that_is_stopping_is_not_sent_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn stopped after a swap: its workers exit one by one and none replaces them. That is
+    not a worker missing: no TTIN (seen on a real gunicorn whose gevent worker took the graceful
+    timeout to exit: "the master runs 1 workers, 1 fewer than before the reload", twice)."""
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    swap_ = SignalledSwap(MASTER, server, server, 1.0)
+    assert swap_() == 2
+    server.master_listens = False
+    server.records.pop(server.workers.pop(0))  # one worker done stopping, one still finishing
+    sent = len(server.sent)
+    tick_until_settled(swap_)
+    assert server.sent[sent:] == []
 
 
 def test_a_swap_whose_ttous_all_arrived_retires_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from .._core.gate import ActionFailed
 from .._core.scanner import Change
-from .signals import Target, TargetError
+from .signals import Target, TargetError, holds_listener, process_state, start_time
 
 log = logging.getLogger("wsgi_reload.watcher_process")
 
@@ -58,6 +58,9 @@ class Signals(Protocol):
 
     def handled(self, pid: int, signum: int) -> None:
         """``pid`` was seen acting on ``signum``: another one may follow at once (see :data:`SIGNAL_GAP`)."""
+
+    def listening(self, pid: int) -> bool:
+        """Whether ``pid`` holds a listening socket: a gunicorn master that is stopping has closed its own."""
 
 
 class Workers(Protocol):
@@ -186,10 +189,14 @@ class ProcessSignals:
         return exited(pid)
 
     def oldest_first(self, pids: frozenset[int]) -> list[int]:
-        return sorted(pids, key=_started)
+        # A pid that is gone goes first: stopping it does nothing.
+        return sorted(pids, key=lambda pid: (start_time(pid) or 0, pid))
 
     def handled(self, pid: int, signum: int) -> None:
         self._last.pop((pid, signum), None)
+
+    def listening(self, pid: int) -> bool:
+        return holds_listener(pid) is not False
 
     def children(self, pid: int) -> frozenset[int] | None:
         kids = children(pid)
@@ -199,15 +206,6 @@ class ProcessSignals:
         # adopts orphans, this watcher among them, which lead groups of their own.
         group = _group_of(pid)
         return kids if group is None else frozenset(kid for kid in kids if _group_of(kid) == group)
-
-
-def _started(pid: int) -> tuple[int, int]:
-    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat, field 22); then the pid."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19]), pid
-    except (OSError, IndexError, ValueError):
-        return 0, pid  # gone: it goes first, and stopping it does nothing
 
 
 def _group_of(pid: int) -> int | None:
@@ -378,6 +376,13 @@ class SignalledSwap(Strategy):
         if now - self._seen_at < STEADY_SECONDS:
             return
         self._seen = None
+        if len(kids) != self.recount and not self.signals.listening(self.master_pid):
+            # gunicorn's stop closes the listeners first, then waits for its workers: they are
+            # not missing, the server is going.
+            log.debug("wsgi_reload: the master is stopping; not counting its workers")
+            self.recount = 0
+            self._remember()
+            return
         if len(kids) == self.recount:
             self.recount = 0
             self._remember()
@@ -388,7 +393,7 @@ class SignalledSwap(Strategy):
                 # has not yet loaded) over one that does: wait until every worker serves.
                 return
             surplus = self.signals.oldest_first(kids)[:len(kids) - self.recount]
-            log.info("wsgi_reload: the master runs %d workers, %d more than before the reload (it missed a "
+            log.info("wsgi_reload: the master runs %d worker(s), %d more than before the reload (it missed a "
                      "signal); retiring the oldest", len(kids), len(surplus))
             self.leaving |= set(surplus)
             self._remember()
@@ -396,7 +401,7 @@ class SignalledSwap(Strategy):
                 self._send(signal.SIGTTOU)
                 self._stop(pid)
         else:
-            log.info("wsgi_reload: the master runs %d workers, %d fewer than before the reload; adding them",
+            log.info("wsgi_reload: the master runs %d worker(s), %d fewer than before the reload; adding them",
                      len(kids), self.recount - len(kids))
             for _ in range(self.recount - len(kids)):
                 self._send(signal.SIGTTIN)
@@ -472,11 +477,7 @@ def children(pid: int) -> frozenset[int] | None:
 
 def exited(pid: int) -> bool:
     """True once ``pid`` has exited: gone, or a zombie its parent has not reaped yet (Linux)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return process_state(pid) in (None, "Z", "X")
 
 
 def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[int], nudge: int,
