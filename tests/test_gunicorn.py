@@ -449,11 +449,12 @@ def test_preload_a_save_after_the_check_never_reaches_the_reexecuted_master(tmp_
         assert len(master_pids(server)) == 1
 
 
-def test_preload_with_gevent_is_refused_clearly_and_keeps_serving(tmp_path: Path) -> None:
+def test_preload_with_reloading_turned_off_leaves_no_runtime_directory(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()
-    with running(gunicorn(app, port, ["-k", "gevent", "--preload"]), "v1") as server:
-        server.wait_for_log(r"preload_app with the gevent worker is not supported")
+    env = server_env(extra_files="/")
+    with running(gunicorn(app, port, ["--preload"], env=env), "v1") as server:
+        server.wait_for_log(r"reloading is off: .*names the whole file system")
         assert server.alive()
         directory = runtime_dir_of(app)  # the preloading master made one before reloading was turned off
     assert not directory.exists(), "the runtime directory outlived the server"

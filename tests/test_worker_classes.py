@@ -2,7 +2,8 @@
 
 For each: a good save is served with no failed request, a broken save is refused while the
 old code serves, the fix is served, every worker killed while the disk is broken comes back
-with the verified code, and the same under --preload.
+with the verified code, and the same under --preload (for gevent also with the master patched
+in the config first, as gunicorn's users of gevent with --preload do).
 """
 
 from __future__ import annotations
@@ -34,13 +35,28 @@ CLASSES = {
     "sync": ("plain", []),
     "gthread": ("plain", ["-k", "gthread", "--threads", "4"]),
     "gevent": ("plain", ["-k", "gevent"]),
+    # gunicorn's advice for gevent with --preload: patch in the config, before the master imports the app.
+    "gevent-patched": ("plain", ["-k", "gevent"]),
     "asgi": ("asgi", ["-k", "asgi"]),
     "uvicorn": ("asgi", ["-k", "uvicorn_worker.UvicornWorker"]),
     "asgi-fastapi": ("fastapi", ["-k", "asgi"]),
     "uvicorn-fastapi": ("fastapi", ["-k", "uvicorn_worker.UvicornWorker"]),
 }
-NEEDS = {"gevent": "gevent", "uvicorn": "uvicorn_worker", "uvicorn-fastapi": "uvicorn_worker",
-         "asgi-fastapi": "fastapi"}
+NEEDS = {"gevent": "gevent", "gevent-patched": "gevent", "uvicorn": "uvicorn_worker",
+         "uvicorn-fastapi": "uvicorn_worker", "asgi-fastapi": "fastapi"}
+
+
+GEVENT_CONFIG = """\
+from gevent import monkey
+
+monkey.patch_all()
+
+from wsgi_reload.gunicorn import *  # noqa: E402,F403
+
+import sys  # noqa: E402
+print("the config patched:", monkey.is_module_patched("socket"), file=sys.stderr)
+"""
+"""The config the README gives for gevent with --preload, and a line to show it patched."""
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
@@ -51,12 +67,16 @@ def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) ->
         pytest.skip(f"{module} is not installed")
     if preload and worker_class.endswith("-fastapi"):
         pytest.skip("the plain ASGI app covers --preload for this class")
-    if preload and worker_class == "gevent":
-        pytest.skip("gevent patches the standard library when a worker starts, after a preloaded app imported it")
+    if worker_class == "gevent-patched" and not preload:
+        pytest.skip("a master patched in the config matters with --preload only")
     app_kind, args = CLASSES[worker_class]
     app = make_app(tmp_path, app_kind)
+    config = None
+    if worker_class == "gevent-patched":
+        config = str(tmp_path / "gevent_config.py")
+        Path(config).write_text(GEVENT_CONFIG)
     port = free_port()
-    server = gunicorn(app, port, ["-w", "2", *args, *(["--preload"] if preload else [])])
+    server = gunicorn(app, port, ["-w", "2", *args, *(["--preload"] if preload else [])], config=config)
     with running(server, "v1"), Load(port, threads=4) as load:
         write(app / "greeting.py", greeting("v2"))  # a good save
         wait_for_body(port, "v2")
@@ -84,6 +104,8 @@ def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) ->
         assert len(failures) == failed_before, failures[failed_before:]
     log = server.log()
     assert "Worker failed to boot" not in log and "Traceback" not in log
+    if worker_class == "gevent-patched":  # the first master image, and the ones re-executed in place
+        assert log.count("the config patched: True") == 3, log
 
 
 def test_the_asgi_example_runs_from_its_command(tmp_path: Path) -> None:

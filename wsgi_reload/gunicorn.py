@@ -48,11 +48,6 @@ _log = logging.getLogger("wsgi_reload.gunicorn")
 _LOADED_NS = time.time_ns()
 """When the config loaded: with preload_app the app is imported after this, in the master."""
 
-PRELOAD_WORKER_CLASSES = ("gunicorn.workers.sync.SyncWorker", "gunicorn.workers.gthread.ThreadWorker",
-                          "gunicorn.workers.gasgi.ASGIWorker", "uvicorn_worker._workers.UvicornWorker")
-"""Worker classes (and their subclasses) whose preload re-exec is supported. gevent must
-monkey-patch before the app is imported, which preload_app prevents."""
-
 HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "pre_request", "post_request", "child_exit", "on_exit")
 
 __all__ = [*HOOK_NAMES, "install"]
@@ -143,11 +138,6 @@ def when_ready(server: Any) -> None:
     if cfg.reload:
         _log.warning("wsgi_reload: gunicorn's own --reload is on as well; do not combine them: "
                      "--reload restarts each worker into broken code. Drop --reload.")
-    if cfg.preload_app and not _is_preload_worker(cfg.worker_class):
-        _log.error("wsgi_reload: reloading is off: preload_app with the %s worker is not supported "
-                   "(it must patch before the app is imported); use the sync or gthread worker, or drop --preload",
-                   cfg.worker_class_str)
-        return
     if _skips_request_hooks(cfg.worker_class):
         # Its workers never run pre_request or post_request: say what that costs, once.
         _log.warning("wsgi_reload: the %s worker never calls pre_request or post_request, so modules a request "
@@ -426,10 +416,6 @@ def _add_hooks(cfg: Any, hooks: Mapping[str, Callable[..., Any]]) -> None:
 def _skips_request_hooks(worker_class: type) -> bool:
     """uvicorn's gunicorn workers run the app through uvicorn, which calls no gunicorn request hook."""
     return any(c.__module__.startswith("uvicorn_worker") for c in worker_class.__mro__)
-
-
-def _is_preload_worker(worker_class: type) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in PRELOAD_WORKER_CLASSES for c in worker_class.__mro__)
 
 
 if not checking():
