@@ -197,7 +197,6 @@ def process_owner(pid: int) -> int | None:
         return None
 
 
-
 def holds_listener(pid: int) -> bool | None:
     """Whether ``pid`` holds a listening socket, TCP or Unix (Linux), or None where that cannot be read."""
     try:
