@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -609,6 +610,29 @@ def test_runserver_restarts_refuse_no_connection(site: Path, runserver: tuple[Se
         ok, failures, _ = load.snapshot()
     assert failures == []  # Django's own restart: 50+ refused or reset
     assert ok > 50
+
+
+def test_runserver_answers_a_request_still_arriving_when_a_restart_begins(site: Path,
+                                                                         runserver: tuple[Server, int]) -> None:
+    """A request whose headers are still on their way when the restart begins (the old process
+    had accepted its connection) is answered by the old process before it exits; a connection
+    on which nothing was sent (a browser's preconnect) is closed, and does not hold the restart."""
+    server, port = runserver
+    slow = socket.create_connection(("127.0.0.1", port), timeout=LIVENESS)
+    idle = socket.create_connection(("127.0.0.1", port), timeout=LIVENESS)
+    with slow, idle:
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the rest of the headers comes later
+        time.sleep(0.5)  # both accepted by the serving process
+        greeting_view(site, "restarted")
+        time.sleep(3)  # settle, check, and the restart under way: it waits for what it accepted
+        slow.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert answer.endswith(page("hello").encode())
+        assert idle.recv(1) == b""  # closed by the server, not left to the drain's time limit
+    wait_for_body(port, page("restarted"))
 
 
 def test_runserver_resets_templates_without_a_restart(site: Path, runserver: tuple[Server, int]) -> None:

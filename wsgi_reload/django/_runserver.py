@@ -10,6 +10,8 @@ Template changes still only reset Django's template loaders, as with Django's ow
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import queue
@@ -198,37 +200,16 @@ def _adopt_listener() -> None:
         _servers.append(self)
 
     basehttp.WSGIServer.server_bind = server_bind
-    serve_one = basehttp.ServerHandler.run
-
-    def run(self: Any, application: Any) -> None:
-        with _requests:
-            _requests.count += 1
-        try:
-            serve_one(self, application)
-        finally:
-            with _requests:
-                _requests.count -= 1
-                _requests.notify_all()
-            if _requests.closing:
-                self.request_handler.close_connection = True  # no keep-alive into a stopping process
-
-    basehttp.ServerHandler.run = run
+    _count_connections(basehttp)
     exit_for_reload = autoreload.trigger_reload
 
     def trigger_reload(filename: str) -> None:
-        # Connections still queued on the shared socket go to the next process; the requests this
-        # process took are answered before it exits. Django's server_close() does not wait for
-        # them: its request threads are daemons, which socketserver does not join.
+        # Connections still queued on the shared socket go to the next process; every connection
+        # this process accepted is answered before it exits. Django's server_close() does not
+        # wait for them: its request threads are daemons, which socketserver does not join.
         for server in _servers:
             server.shutdown()  # stop accepting (called from the reloader's thread, not the server's)
-        _requests.closing = True
-        deadline = time.monotonic() + DRAIN_SECONDS
-        with _requests:
-            while time.monotonic() < deadline:
-                # Quiet for a moment: a keep-alive request read just before counts by then.
-                if _requests.count == 0 and not _requests.wait(0.1) and _requests.count == 0:
-                    break
-                _requests.wait(0.05)
+        _connections.drain(DRAIN_SECONDS)
         for server in _servers:
             server.server_close()  # the parent keeps the port open
         exit_for_reload(filename)
@@ -236,17 +217,128 @@ def _adopt_listener() -> None:
     autoreload.trigger_reload = trigger_reload
 
 
-class _Requests(threading.Condition):
-    """The requests this server process is answering, for a restart to wait for."""
+class _Connection:
+    """One accepted connection: whether a request on it has begun to arrive and is not answered yet."""
 
-    count = 0
-    closing = False
+    __slots__ = ("socket", "busy", "dropped")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.busy = False
+        self.dropped = False
+
+    def has_unread_bytes(self) -> bool:
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False  # reset by the client: nothing to answer
 
 
-_requests = _Requests()
+class _Connections(threading.Condition):
+    """The connections this server process accepted and has not closed, for a restart to wait for.
+
+    Counting from the accept, not from the parsed request: a request whose bytes are still
+    arriving when the restart begins is answered too (a count of parsed requests let the
+    process exit between a connection's accept and its handler thread's first read).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[int, _Connection] = {}
+        self.closing = False
+
+    def opened(self, sock: socket.socket) -> _Connection:
+        with self:
+            entry = self.open[id(sock)] = _Connection(sock)
+            return entry
+
+    def closed(self, sock: socket.socket) -> None:
+        with self:
+            self.open.pop(id(sock), None)
+            self.notify_all()
+
+    def drain(self, seconds: float) -> None:
+        """Wait, at most ``seconds``, until every accepted connection is closed. A connection on
+        which no request is arriving (a browser's preconnect, a kept-alive one between requests)
+        is shut down, as any HTTP/1.1 server closes an idle connection; one whose request has
+        begun is answered first."""
+        self.closing = True
+        deadline = time.monotonic() + seconds
+        with self:
+            while self.open and time.monotonic() < deadline:
+                for entry in list(self.open.values()):
+                    if not entry.busy and not entry.dropped and not entry.has_unread_bytes():
+                        entry.dropped = True
+                        with contextlib.suppress(OSError):
+                            entry.socket.shutdown(socket.SHUT_RDWR)  # its handler reads the end and returns
+                self.wait(0.05)
+
+
+class _MarkingReader(socket.SocketIO):
+    """A connection's raw reader that marks the connection busy once request bytes arrive."""
+
+    def __init__(self, sock: socket.socket, entry: _Connection) -> None:
+        super().__init__(sock, "rb")
+        self.entry = entry
+
+    def readinto(self, b: Any) -> int | None:
+        n = super().readinto(b)
+        if n:
+            self.entry.busy = True
+        return n
+
+
+def _count_connections(basehttp: Any) -> None:
+    """Track each connection of runserver's server from its accept (in the accepting thread)
+    to its close, and each request on it from its first byte to its answer."""
+    verify = basehttp.WSGIServer.verify_request
+    shutdown_request = basehttp.WSGIServer.shutdown_request
+
+    def verify_request(self: Any, request: Any, client_address: Any) -> bool:
+        if isinstance(request, socket.socket):
+            _connections.opened(request)
+        return bool(verify(self, request, client_address))
+
+    def close(self: Any, request: Any) -> None:
+        try:
+            shutdown_request(self, request)
+        finally:
+            _connections.closed(request)
+
+    basehttp.WSGIServer.verify_request = verify_request
+    basehttp.WSGIServer.shutdown_request = close
+
+    setup = basehttp.WSGIRequestHandler.setup
+
+    def setup_reader(self: Any) -> None:
+        setup(self)
+        entry = _connections.open.get(id(self.connection))
+        if entry is not None and entry.socket is self.connection:
+            self.rfile.close()  # the file setup() made; the socket stays open
+            self.rfile = io.BufferedReader(_MarkingReader(self.connection, entry))
+
+    basehttp.WSGIRequestHandler.setup = setup_reader
+    serve_one = basehttp.ServerHandler.run
+
+    def run(self: Any, application: Any) -> None:
+        try:
+            serve_one(self, application)
+        finally:
+            entry = _connections.open.get(id(self.request_handler.connection))
+            if entry is not None:
+                entry.busy = False
+            if _connections.closing:
+                self.request_handler.close_connection = True  # no keep-alive into a stopping process
+
+    basehttp.ServerHandler.run = run
+
+
+_connections = _Connections()
 
 DRAIN_SECONDS = 30.0
-"""A restart waits this long at most for the requests in flight."""
+"""A restart waits this long at most for the connections in flight."""
 
 _servers: list[Any] = []
 """The server of this process, adopting the reloader process's socket."""
