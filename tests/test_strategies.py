@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -603,3 +604,38 @@ def test_signal_reload_tells_a_worker_the_reload_forgot_to_stop(monkeypatch: pyt
     assert not server.lingering
     reload.tick()
     assert not reload.wants_tick() and {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+
+LISTENER = """
+import socket, sys, time
+kind, path = sys.argv[1:]
+s = socket.socket(socket.AF_UNIX if kind == "unix" else socket.AF_INET)
+if kind != "unbound":
+    s.bind(path if kind == "unix" else ("127.0.0.1", 0))
+    s.listen()
+sys.stdout.write("up\\n")
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("kind", "holds"), [("unbound", False), ("tcp", True), ("unix", True)])
+def test_holds_listener_reads_real_sockets(tmp_path: Path, kind: str, holds: bool) -> None:
+    """The real /proc reading behind the fake master's ``listening``: a TCP or a Unix listening
+    socket counts, an unbound one does not, and a process that is gone is unknown."""
+    import subprocess
+    import sys
+
+    from wsgi_reload._server.signals import holds_listener
+
+    child = subprocess.Popen([sys.executable, "-c", LISTENER, kind, str(tmp_path / "sock")], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
+        assert holds_listener(child.pid) is holds
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    assert holds_listener(child.pid) is None

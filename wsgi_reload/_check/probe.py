@@ -344,38 +344,50 @@ def _kill_leftovers(rounds: int = 20) -> None:
                 pass
 
 
-def listening_inodes(port: int) -> set[str]:
-    """The socket inodes listening on TCP ``port`` (Linux's /proc/net/tcp and tcp6)."""
+def listening_inodes(port: int | None = None, *, pid: int | str = "self", unix: bool = False) -> set[str]:
+    """The inodes of the sockets listening in the network namespace of ``pid`` (Linux): TCP ones
+    on ``port`` (on any port: None), and with ``unix`` listening Unix sockets as well. A table
+    that cannot be read (tcp6 with IPv6 off) is skipped."""
     found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in ("tcp", "tcp6", "unix") if unix else ("tcp", "tcp6"):
         try:
-            with open(table, encoding="ascii") as f:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
                 next(f, None)
                 for line in f:
                     fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    if table == "unix":  # Num RefCount Protocol Flags Type St Inode: __SO_ACCEPTCON
+                        if len(fields) > 6 and int(fields[3], 16) & 0x10000:
+                            found.add(fields[6])
+                    elif len(fields) > 9 and fields[3] == "0A" and (  # TCP_LISTEN
+                            port is None or int(fields[1].rsplit(":", 1)[1], 16) == port):
                         found.add(fields[9])
         except (OSError, ValueError):
             continue
     return found
 
 
-def listener_fds(pid: int, port: int) -> list[int]:
-    """The descriptors of process ``pid`` that are sockets listening on TCP ``port`` (Linux)."""
-    inodes = listening_inodes(port)
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return []
-    found = []
-    for name in names:
+def socket_fds(pid: int) -> dict[str, int]:
+    """The socket descriptors of process ``pid``, by socket inode (Linux). Raises OSError when
+    its descriptors cannot be listed (gone, not ours to read, or not Linux)."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
         try:
             link = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
-            continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            found.append(int(name))
+            continue  # closed since the listing
+        if link.startswith("socket:["):
+            found[link[8:-1]] = int(name)
     return found
+
+
+def listener_fds(pid: int, port: int) -> list[int]:
+    """The descriptors of process ``pid`` that are sockets listening on TCP ``port`` (Linux)."""
+    try:
+        sockets = socket_fds(pid)
+    except OSError:
+        return []
+    inodes = listening_inodes(port)
+    return sorted(fd for inode, fd in sockets.items() if inode in inodes)
 
 
 def _bind_aside_of(server_pid: int) -> None:

@@ -14,6 +14,8 @@ import signal
 import stat
 import time
 
+from .._check.probe import listening_inodes, socket_fds
+
 
 class TargetError(Exception):
     """The process cannot be used as a target; the message says why and what to do."""
@@ -200,29 +202,7 @@ def process_owner(pid: int) -> int | None:
 def holds_listener(pid: int) -> bool | None:
     """Whether ``pid`` holds a listening socket, TCP or Unix (Linux), or None where that cannot be read."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        sockets = socket_fds(pid)
     except OSError:  # gone, not ours to read, or not Linux
         return None
-    sockets = set()
-    for fd in fds:
-        with contextlib.suppress(OSError):  # closed since the listing
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                sockets.add(link[8:-1])
-    if not sockets:
-        return False
-    listening = set()
-    try:
-        for table in ("tcp", "tcp6", "unix"):
-            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if table == "unix":  # Num RefCount Protocol Flags Type St Inode: __SO_ACCEPTCON
-                        if len(fields) > 6 and int(fields[3], 16) & 0x10000:
-                            listening.add(fields[6])
-                    elif len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                        listening.add(fields[9])
-    except (OSError, ValueError):
-        return None
-    return bool(sockets & listening)
+    return bool(sockets) and not listening_inodes(pid=pid, unix=True).isdisjoint(sockets)
