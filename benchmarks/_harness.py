@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from servers import (  # noqa: E402
     greeting,
     make_app,
     processes,
+    runtime_dir_of,
     server_env,
     wait_for_body,
     watcher_processes,
@@ -174,13 +176,87 @@ def _cwd(pid: int) -> str | None:
         return None
 
 
-def breakdown(log: str) -> dict[str, str]:
-    """Where our reloads spent their time, from the watcher's own lines: the check, and the swap
-    (from the check passing to every new worker serving); p50 over the edits."""
-    checks = [float(ms) for ms in re.findall(r"check passed \(.*?, (\d+) ms\)", log)]
-    swaps = [float(ms) for ms in re.findall(r"reload done: .*?(\d+) ms after", log)]
-    median = lambda values: f"{statistics.median(values) / 1000:.2f}" if values else "-"  # noqa: E731
-    return {"check p50 s": median(checks), "swap p50 s": median(swaps)}
+STAGES = ("settle and scan", "check", "to the new worker", "its import", "first request", "all new serving")
+
+
+class Timeline(threading.Thread):
+    """Timestamps, as they happen, the server's log lines and the first appearance of each
+    worker record in the runtime directory: the stages of each reload, read from outside.
+
+    Polls every 5 ms (a few syscalls), only while the edits run.
+    """
+
+    def __init__(self, log_path: Path, runtime: Path) -> None:
+        super().__init__(daemon=True)
+        self.log_path = log_path
+        self.runtime = runtime
+        self.lines: list[tuple[float, str]] = []
+        self.workers: dict[int, tuple[float, float]] = {}
+        """pid: (when the process started, when its first record was written), epoch seconds."""
+        self._done = threading.Event()
+        self._offset = log_path.stat().st_size
+        self._pending = b""
+        # /proc/PID/stat counts clock ticks since boot; this turns them into epoch seconds.
+        self._boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            now = time.time()
+            with open(self.log_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+            self._offset += len(data)
+            *complete, self._pending = (self._pending + data).split(b"\n")
+            self.lines += [(now, line.decode(errors="replace")) for line in complete]
+            try:
+                names = os.listdir(self.runtime)
+            except OSError:
+                continue
+            for name in names:
+                pid = name.removesuffix(".json")
+                if name.endswith(".json") and pid.isdigit() and int(pid) not in self.workers:
+                    try:
+                        written = os.stat(self.runtime / name).st_mtime
+                        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+                    except (OSError, ValueError, IndexError):
+                        continue
+                    self.workers[int(pid)] = (self._boot + ticks / self._tick, written)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def _line(self, pattern: str, after: float) -> float | None:
+        return next((t for t, line in self.lines if t >= after and re.search(pattern, line)), None)
+
+    def stages(self, saved: float, served: float) -> dict[str, float] | None:
+        """Seconds per stage of the reload of a save at ``saved``, first served at ``served``:
+        the settle window and scan (to the watcher's "changed" line), the check (to "check
+        passed"), to the start of the first new worker to load the app (the signal, the
+        server's loop and its fork), that worker's import (to its first record), its first
+        request (to the new body served), and from the save until every new worker serves."""
+        seen = self._line(r"wsgi_reload: \d+ files? changed", saved)
+        passed = None if seen is None else self._line(r"wsgi_reload: check passed", seen)
+        done = None if passed is None else self._line(r"wsgi_reload: reload done", passed)
+        if passed is None or done is None:
+            return None
+        new = [(written, started) for started, written in self.workers.values() if started >= passed - 0.01]
+        if not new:
+            return None
+        written, started = min(new)
+        return dict(zip(STAGES, (seen - saved, passed - seen, started - passed, written - started,
+                                 served - written, done - saved), strict=True))
+
+
+def stage_row(name: str, stages: list[dict[str, float]]) -> dict[str, str]:
+    """p50 of each stage over the edits whose every stage was seen."""
+    row = {"server": name, "reloads seen": str(len(stages))}
+    for stage in STAGES:
+        values = [s[stage] for s in stages]
+        row[f"{stage} p50 s"] = f"{statistics.median(values):.3f}" if values else "-"
+    return row
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -192,7 +268,8 @@ def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: 
             broken_seconds: float = 5.0, expect: str | None = None, ours: bool = False) -> dict[str, str]:
     """Run one server through idle time, ``edits`` reloads under load, and one broken save.
 
-    :param ours: also say where the reloads spent their time, and the memory of our processes.
+    :param ours: also say where the reloads spent their time (:data:`STAGES`), and the memory
+        of our processes.
     """
     port = free_port()
     server = start(site.app, port)
@@ -200,19 +277,28 @@ def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: 
     try:
         server.start(expect, ready_timeout=120)
         row["idle CPU-s/min"] = f"{idle_cpu_per_minute(server, idle_seconds):.3f}"
-        latencies = []
+        latencies, stages = [], []
+        timeline = Timeline(server.log_path, runtime_dir_of(site.app.resolve())) if ours else None
+        if timeline is not None:
+            timeline.start()
         with Load(port, threads=4, path=site.path) as load:
             for n in range(2, 2 + edits):
+                saved = time.time()
                 expected = site.edit(n)
-                latencies.append(wait_for_body(port, expected, timeout=60, path=site.path))
+                latencies.append(wait_for_body(port, expected, timeout=60, path=site.path, every=0.005))
                 time.sleep(1.5)  # let the reload finish before the next edit
+                seen = timeline and timeline.stages(saved, saved + latencies[-1])
+                if seen:
+                    stages.append(seen)
             ok, failures, _ = load.snapshot()
+        if timeline is not None:
+            timeline.stop()
+            row.update(stage_row(name, stages))
         row["save to served p50 s"] = f"{statistics.median(latencies):.2f}"
         row["p95 s"] = f"{percentile(latencies, 0.95):.2f}"
         row["p99 s"] = f"{percentile(latencies, 0.99):.2f}"
         row["failed, good saves"] = f"{len(failures)} of {ok + len(failures)}"
         if ours:
-            row.update(breakdown(server.log()))
             row.update(memory(server, site.app))
         with Load(port, threads=4, path=site.path) as load:
             site.break_it()

@@ -16,9 +16,10 @@ directory, and the Django view writing to ``db.sqlite3`` in ``BASE_DIR`` on ever
 Four client threads throughout. Per row: save-to-served p50/p95/p99 over ``--edits`` edits,
 failed requests during good saves and during a 5 s broken save, whether the fix is served,
 and the idle CPU of the whole process tree, also above the plain server's (the floor). Our
-rows also say where the time went (the check, and the swap from the check passing to every
-new worker serving; the rest is the settle window, the scan and the first request) and the
-resident memory of a worker, the watcher process and the warm check process.
+rows also give the resident memory of a worker, the watcher process and the warm check
+process, and a second table says where the time went, stage by stage (``_harness.Timeline``):
+the settle window and scan, the check, the time to the start of the first new worker, its
+import, its first request, and the time until every new worker serves.
 ``--write-docs`` puts the tables into docs/benchmarks.md between the compare markers.
 """
 
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _harness import Site, big_site, django_site, measure, measure_idle, table
+from _harness import STAGES, Site, big_site, django_site, measure, measure_idle, table
 from servers import BIN, HERE, Server, server_env
 
 PAGE = HERE.parent / "docs" / "benchmarks.md"
@@ -63,7 +64,10 @@ def uwsgi(*args: str, log_in_app: bool = False, **settings: str) -> Starter:
         argv = [str(BIN / "uwsgi"), "--master", "--processes", "2", "--threads", "2", "--http-socket",
                 f"127.0.0.1:{port}", "--module", "app:application", "--chdir", str(directory), "--die-on-term",
                 *logging, *args]
-        return Server(argv, port, directory, directory.parent / "server.log", server_env(**settings))
+        # With the request log in the app directory uWSGI's whole log goes there, the watcher's
+        # lines too: that file is the server's log.
+        log = directory / "uwsgi.log" if log_in_app else directory.parent / "server.log"
+        return Server(argv, port, directory, log, server_env(**settings))
 
     return start
 
@@ -106,9 +110,19 @@ def run_server(name: str, args: argparse.Namespace, modules: int) -> list[dict[s
     rows = []
     for label, start, make_site, is_ours in cases:
         rows.append(measure(label, start, make_site(), args.edits, args.idle_seconds, expect=expect, ours=is_ours))
-        print(table(rows[-1:]), flush=True)
+        print(section_tables(rows[-1:]), flush=True)
     rows.append(measure_idle("plain", plain, plain_site(), args.idle_seconds, expect=expect))
     return with_floor(rows)
+
+
+STAGE_COLUMNS = ["reloads seen", *(f"{stage} p50 s" for stage in STAGES)]
+
+
+def section_tables(rows: list[dict[str, str]]) -> str:
+    """The section's table, then where our reloads spent their time."""
+    main = [{k: v for k, v in row.items() if k not in STAGE_COLUMNS} for row in rows]
+    stages = [{k: row[k] for k in ["server", *STAGE_COLUMNS]} for row in rows if "reloads seen" in row]
+    return f"{table(main)}\n\nWhere the time goes:\n\n{table(stages)}" if stages else table(main)
 
 
 def p50(rows: list[dict[str, str]], label: str) -> float | None:
@@ -179,7 +193,7 @@ def main() -> None:
             title = {"gunicorn": f"gunicorn, {size}", "uwsgi": f"uWSGI, {size}",
                      "django": "Django example site under gunicorn"}[name]
             results[title] = run_server(name, args, modules)
-            sections.append(f"**{title}**\n\n{table(results[title])}\n")
+            sections.append(f"**{title}**\n\n{section_tables(results[title])}\n")
     sections.append(f"**Goals**\n\n{goals(results)}")
     text = "\n".join(sections)
     print("\n" + text)
