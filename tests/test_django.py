@@ -118,6 +118,11 @@ def wait_generation(server: Server, kind: str, n: int) -> None:
     if kind == "gunicorn-preload":
         server.wait_for_log(r"wsgi_reload: workers up|wsgi_reload: reload done", count=n)
         return
+    if kind.startswith("gunicorn") and n > 1:
+        # Not counted by the lines below: after a refused save, the worker started beside the
+        # check is replaced by one more that publishes, until the surplus is retired.
+        server.wait_for_log(r"wsgi_reload: reload done", count=n - 1)
+        return
     server.wait_for_log(r"wsgi_reload: worker \d+ publishes its modules", count=2 * n)
     server.wait_for_log(r"has the views loaded", count=2 * n)
 
@@ -478,7 +483,7 @@ def test_a_view_broken_after_the_check_never_reaches_the_workers(site: Path) -> 
     with running(start("gunicorn-sync", site, port), page("hello")) as server, Load(port, threads=4) as load:
         wait_generation(server, "gunicorn-sync", 1)
         greeting_view(site, "v2")
-        server.wait_for_log(r"Handling signal: ttin")
+        server.wait_for_log(r"check passed")
         original = views.read_text()
         write(views, original + "\nundefined_name\n")
         server.wait_for_log(r"not reloading, the new code does not load: .*views.py:\d+: NameError")

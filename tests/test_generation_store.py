@@ -123,6 +123,64 @@ def test_two_generations_are_kept_and_the_rest_pruned(tmp_path: Path) -> None:
     assert digests[3] in set(os.listdir(tmp_path / "store" / "objects"))
 
 
+def test_a_trial_is_offered_kept_and_ended_by_its_verdict(tmp_path: Path) -> None:
+    """A generation under check is the trial until it is published (a pass) or withdrawn (a
+    refusal); a held worker's verdict follows; a publish meanwhile does not prune it."""
+    from wsgi_reload._server.generations import await_verdict
+
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    first = store.build([str(root)])
+    store.publish(first)
+    (root / "pkg" / "mod.py").write_text('def text():\n    return "v2"\n')
+    trial = store.build([str(root)], base=first)
+    store.offer(trial)
+    assert store.trial_id() == trial.id and store.current_id() == first.id
+    assert not await_verdict(store, trial.id, 0.05)  # undecided: held until the timeout
+    assert not await_verdict(store, trial.id, 5, alive=lambda: False)  # its worker is told to stop
+    assert await_verdict(store, first.id, 0)  # the running code is served at once
+    store.prune()
+    assert trial.id in store.ids()
+    store.withdraw(trial.id + 1)  # another generation's end leaves this trial alone
+    assert store.trial_id() == trial.id
+    store.withdraw(trial.id)
+    assert store.trial_id() is None and not await_verdict(store, trial.id, 5)
+    store.offer(trial)
+    store.publish(trial)
+    assert store.trial_id() is None and store.current_id() == trial.id and await_verdict(store, trial.id, 0)
+    assert not (tmp_path / "store" / "trial").exists()
+
+
+def test_a_worker_holds_only_on_a_trial_and_serves_only_a_trial_that_passed(tmp_path: Path) -> None:
+    """``WorkerAgent.may_serve`` in a worker's interpreter: code taken as current is served even
+    once a newer generation is published; a trial refused is not served, even after a later
+    generation passed."""
+    root = project(tmp_path)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    result = run(f"""
+        import json, sys
+        sys.path.insert(0, {str(root)!r})
+        from wsgi_reload._server.agent import WorkerAgent
+        from wsgi_reload._server.generations import adopt, store_of
+        store = store_of({str(runtime_dir)!r})
+        agent = WorkerAgent({str(runtime_dir)!r}, 0)
+        store, finder = adopt({str(runtime_dir)!r}, trial=True)  # the first generation, current
+        first = finder.generation
+        store.publish(store.build([{str(root)!r}], base=store.load(first)))
+        verified = agent.may_serve(5)
+        store.offer(store.build([{str(root)!r}], base=store.load(store.current_id())))
+        store, finder = adopt({str(runtime_dir)!r}, trial=True)
+        trial = finder.generation
+        store.withdraw(trial)  # refused
+        store.publish(store.build([{str(root)!r}], base=store.load(store.current_id())))  # a later one passed
+        refused = agent.may_serve(5)
+        print(json.dumps({{"first": first, "trial": trial, "verified": verified, "refused": refused}}))
+    """, tmp_path)
+    assert result["trial"] != result["first"]
+    assert result["verified"] is True and result["refused"] is False
+
+
 def test_compiled_code_is_cached_in_the_store_and_used(tmp_path: Path) -> None:
     root = project(tmp_path)
     store = Store(str(tmp_path / "store"))

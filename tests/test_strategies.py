@@ -233,7 +233,7 @@ def test_swap_replaces_new_workers_that_all_loaded_an_older_generation() -> None
     server.generation = 2
     memory = DictMemory()
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0})
+                 "recount": 0, "trial": 0})
     assert SignalledSwap(MASTER, server, server, 1.0, wanted=lambda: 2, memory=memory)() == 2
     assert not set(old) & set(server.workers) and len(server.workers) == 2
     assert {server.generation_of[pid] for pid in server.workers} == {2}
@@ -339,7 +339,7 @@ def test_a_resumed_swap_tells_whether_a_ttin_it_had_announced_arrived() -> None:
     before = sorted(server.workers)
     server.send(MASTER, signal.SIGTTIN)  # delivered; the record still says it is about to be sent
     memory.save({"retiring": sorted(old), "count": 2, "added": 1, "retired": 0, "adding": before, "leaving": [],
-                 "recount": 0})
+                 "recount": 0, "trial": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert [name for _, name in server.sent].count("SIGTTIN") == 2
@@ -371,7 +371,7 @@ def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(mon
     server.send(MASTER, signal.SIGTTIN)
     server.send(MASTER, signal.SIGTTOU)  # delivered; the record says none was sent
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0})
+                 "recount": 0, "trial": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert len(server.workers) == 1 and second.wants_tick()
@@ -443,6 +443,47 @@ def test_a_master_that_is_stopping_is_not_sent_workers(monkeypatch: pytest.Monke
     assert server.sent[sent:] == []
 
 
+def test_a_swap_begun_beside_the_check_carries_on_once_it_passed() -> None:
+    """begin() starts one new worker while the check runs; it holds (no record) until the
+    verdict. After a pass the swap adds the rest and retires exactly the old workers."""
+    server = FakeArbiter(2)
+    old = set(server.workers)
+    server.generation = 2
+    server.new_worker = lambda pid: None
+    swap_ = SignalledSwap(MASTER, server, server, 1.0, lambda: 2)
+    swap_.begin(2)
+    assert [name for _, name in server.sent] == ["SIGTTIN"]
+    [held] = set(server.workers) - old
+    server.records[held] = True  # the check passed: the held worker serves
+    server.new_worker = lambda pid: True
+    assert swap_() == 2
+    assert not old & set(server.workers) and held in server.workers and len(server.workers) == 2
+    assert [name for _, name in server.sent if name != "SIGTERM"] == ["SIGTTIN", "SIGTTIN", "SIGTTOU", "SIGTTOU"]
+    assert not swap_.under_way()
+
+
+def test_a_swap_begun_for_code_the_check_refused_retires_no_old_worker_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held worker exits unserved and the master starts one of the running code in its
+    place. Only once that one serves is the one worker too many retired: a TTOU at once would
+    stop an old worker first (with one worker, none would serve meanwhile)."""
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    old = set(server.workers)
+    server.generation = 2
+    server.new_worker = lambda pid: None
+    swap_ = SignalledSwap(MASTER, server, server, 1.0)
+    swap_.begin(2)
+    [held] = set(server.workers) - old
+    swap_.abandon()
+    assert [name for _, name in server.sent] == ["SIGTTIN"]
+    server.generation, server.new_worker = 1, lambda pid: True
+    server.workers.remove(held)  # it exits; the master replaces it
+    server.start_worker()
+    tick_until_settled(swap_)
+    assert len(server.workers) == 2 and {server.generation_of[pid] for pid in server.workers} == {1}
+    assert [name for _, name in server.sent].count("SIGTTOU") == 1 and server.wanted_workers == 2
+
+
 def test_a_swap_whose_ttous_all_arrived_retires_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
     server = FakeArbiter(2)
@@ -461,7 +502,7 @@ def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:
     memory = DictMemory()
     server.send(MASTER, signal.SIGTTIN)  # the only TTIN that arrived; the record says two
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0})
+                 "recount": 0, "trial": 0})
     second = SignalledSwap(MASTER, server, server, 3.0, memory=memory)
     with pytest.raises(ActionFailed):  # a resumed swap looks once
         second()

@@ -206,6 +206,9 @@ def post_worker_init(worker: Any) -> None:
     imported, which tells the watcher it has loaded."""
     if _agent is None:
         return
+    timeout = 2 * (_settings or Settings()).check_timeout + 10
+    if not _agent.may_serve(timeout, heartbeat=worker.notify, alive=lambda: bool(worker.alive)):
+        sys.exit(0)  # not a boot error: gunicorn starts another worker, which loads the running code
     if _settings is not None and _settings.ready_path:
         try:
             ask_ready(worker.wsgi, _settings.ready_path)
@@ -262,14 +265,15 @@ def _load_verified(load: Callable[[], None], worker: Any, directory: str) -> Cal
             _agent.keep_watcher_running()
         # At the very first start there is no generation yet: the first worker reads one, and
         # its own import of the app is that generation's check (the watcher says if it fails).
-        adopt(directory, cover="import it in the gunicorn config, or use --preload, to load them checked")
+        adopt(directory, cover="import it in the gunicorn config, or use --preload, to load them checked", trial=True)
         try:
             load()
             return
         except Exception as exc:
-            if not wait_for_loadable_code(worker, exc):
+            code = wait_for_loadable_code(worker, exc)
+            if code is None:
                 raise
-        sys.exit(1)
+        sys.exit(code)
 
     return load_wsgi
 
@@ -313,14 +317,17 @@ def _worker_exit(server: Any, worker: Any) -> None:
     exc = sys.exc_info()[1]
     if not isinstance(exc, SystemExit) or exc.code not in (server.WORKER_BOOT_ERROR, server.APP_LOAD_ERROR):
         return
-    if wait_for_loadable_code(worker, exc.__context__ or exc):
-        raise SystemExit(1)
+    code = wait_for_loadable_code(worker, exc.__context__ or exc)
+    if code is not None:
+        raise SystemExit(code)
 
 
-def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
-    """A worker could not load the app: wait (see :meth:`WorkerAgent.wait_for_newer_code`) so that
-    the caller exits with 1 and gunicorn starts another worker. False when nothing can watch this
-    server, so gunicorn should stop as it would without us.
+def wait_for_loadable_code(worker: Any, exc: BaseException) -> int | None:
+    """A worker could not load the app: wait (see :meth:`WorkerAgent.wait_for_newer_code`), and
+    return the code for the caller to exit with, so that gunicorn starts another worker: 1, or 0
+    for code that has not passed the check (the check names what is wrong with it; 1 would log
+    an error of the worker's). None when nothing can watch this server, so gunicorn should stop
+    as it would without us.
 
     The worker says so in its record: a swap waiting for it ends at once. If no worker of the
     server serves (it was started broken), that record also keeps the watcher from retiring and
@@ -331,17 +338,17 @@ def wait_for_loadable_code(worker: Any, exc: BaseException) -> bool:
     serving = _agent.others_serve()
     start_watcher = _agent.start_watcher
     if not serving and start_watcher is None:
-        return False
+        return None
     _agent.cannot_serve(exc)  # a swap under way ends at once; with none serving, the watcher checks the app
     if start_watcher is not None and not serving:
         try:
             start_watcher()
         except Exception as error:  # the settings do not load: nothing can watch
             _log.error("wsgi_reload: cannot watch this server: %s: %s", type(error).__name__, error)
-            return False
+            return None
     # With none serving, the watcher's check says once what is broken.
     _agent.wait_for_newer_code(exc, quiet=not serving, heartbeat=worker.notify)
-    return True
+    return 0 if _agent.unverified() else 1
 
 
 def adopt_worker(worker: Any, directory: str, loaded_at_ns: int, *, start_watcher: Callable[[], bool],

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from .._core.files import describe_error
 from .._hot.transport import PatchApplier
 from . import genimport
-from .generations import RETRY_SECONDS, store_of, wait_for_newer
+from .generations import RETRY_SECONDS, await_verdict, store_of, wait_for_newer
 from .records import RecordWriter, WorkerRecords
 from .watcher_process import alive, keep_watcher_running
 
@@ -97,6 +97,36 @@ class WorkerAgent:
         if self.patches is not None:
             self.patches.maybe_apply()
 
+    # --- code under check ----------------------------------------------------------------
+
+    def may_serve(self, timeout: float, *, heartbeat: Callable[[], object] | None = None,
+                  alive: Callable[[], bool] = lambda: True) -> bool:
+        """Before this worker serves: whether it may serve the code it imported. A worker that
+        imported the generation under check (started by a swap beside the check, or by the
+        master meanwhile) holds here until the verdict; False: it must exit, unserved, and a
+        worker that loads the running code takes its place.
+
+        :param timeout: hold at most this long (the check's own timeout, and then some).
+        :param heartbeat: called meanwhile (a gunicorn worker tells its master it is alive).
+        :param alive: False once the worker is told to stop.
+        """
+        finder = genimport.installed()
+        if finder is None or not finder.trial:
+            return True  # verified code: a newer generation published since makes it no less so
+        generation = finder.generation
+        if await_verdict(store_of(self.directory), generation, timeout, heartbeat=heartbeat, alive=alive):
+            finder.trial = False  # verified now
+            return True
+        log.debug("wsgi_reload: worker %d imported generation %s, which is not to be served (the check refused "
+                  "it, or a newer one came); it exits unserved", os.getpid(), generation)
+        return False
+
+    def unverified(self) -> bool:
+        """Whether this worker imported code that has not passed the check (under check still,
+        or refused): its failure is the check's to report, and no error of the worker's."""
+        finder = genimport.installed()
+        return finder is not None and finder.trial and store_of(self.directory).current_id() != finder.generation
+
     # --- code that cannot serve here -----------------------------------------------------
 
     def cannot_serve(self, exc: BaseException) -> None:
@@ -124,8 +154,16 @@ class WorkerAgent:
         """
         finder = genimport.installed()
         generation = None if finder is None else finder.generation
+        store = store_of(self.directory)
+        if self.unverified():
+            # Code under check (or refused since) failed here: the check says what is wrong. Wait
+            # for its verdict only; the worker that replaces this one loads whatever then runs.
+            log.debug("wsgi_reload: worker %d cannot load generation %s, which was not verified (%s)", os.getpid(),
+                      generation, describe_error(exc))
+            await_verdict(store, generation, RETRY_SECONDS, heartbeat=heartbeat)
+            return
         log.log(logging.DEBUG if quiet else logging.ERROR,
                 "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "
                 "workers serve on, and another worker tries again in %g s or once newer code passes the check",
                 os.getpid(), generation, describe_error(exc), RETRY_SECONDS)
-        wait_for_newer(store_of(self.directory), generation, RETRY_SECONDS, heartbeat=heartbeat)
+        wait_for_newer(store, generation, RETRY_SECONDS, heartbeat=heartbeat)

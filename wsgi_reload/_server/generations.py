@@ -12,6 +12,8 @@ The store lives in the server's private runtime directory::
     code/<key>              compiled code objects of those files (see ``genimport.code_key``)
     <id>.json               one generation: its roots, and each file's digest and stat signature
     current                 the id of the newest verified generation
+    trial                   the id of a generation under check that new workers load early
+                            (see :meth:`Store.offer`)
 
 Project files are the ``.py`` files under the project's directories on ``sys.path``
 (not the standard library, not installed packages, not a virtual environment inside the
@@ -182,7 +184,22 @@ class Store:
         ``keep`` names generations that live processes still import from."""
         self.save(generation)
         runtime.write_atomic(self.directory, "current", str(generation.id).encode())
+        # After "current": a held worker of this trial never sees it named by neither file.
+        self.withdraw(generation.id)
         self.prune(keep={generation.id, *keep})
+
+    def offer(self, generation: Generation) -> None:
+        """Name ``generation``, under check, the trial: a worker that starts now imports it and
+        holds before serving until the check's verdict (:func:`await_verdict`), so that its
+        import runs beside the check instead of after it."""
+        self.save(generation)
+        runtime.write_atomic(self.directory, "trial", str(generation.id).encode())
+
+    def withdraw(self, generation_id: int | None = None) -> None:
+        """End the trial (of ``generation_id`` only, if given): its held workers exit."""
+        if generation_id is None or self._read_id("trial") == generation_id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, "trial"))
 
     def read(self, generation: Generation, path: str) -> bytes | None:
         """The bytes ``path`` has in ``generation``, or None if it is not one of its files."""
@@ -198,7 +215,16 @@ class Store:
             return f.read()
 
     def current_id(self) -> int | None:
-        data = runtime.read_bytes(self.directory, "current", limit=32)
+        return self._read_id("current")
+
+    def trial_id(self) -> int | None:
+        """The generation under check that new workers load early, if newer than the current one."""
+        trial = self._read_id("trial")
+        current = self.current_id()
+        return trial if trial is not None and (current is None or trial > current) else None
+
+    def _read_id(self, name: str) -> int | None:
+        data = runtime.read_bytes(self.directory, name, limit=32)
         text = "" if data is None else data.decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
 
@@ -226,6 +252,9 @@ class Store:
         current = self.current_id()
         verified = [i for i in self.ids() if current is not None and i <= current]
         kept = set(keep) | set(verified[-2:])
+        trial = self._read_id("trial")
+        if trial is not None:
+            kept.add(trial)
         live: set[str] = set()
         for generation_id in self.ids():
             if generation_id in kept:
@@ -274,7 +303,7 @@ def store_of(runtime_dir: str) -> Store:
     return Store(os.path.join(runtime_dir, STORE_DIR))
 
 
-def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, genimport.GenerationFinder]:
+def adopt(runtime_dir: str, cover: str = "", *, trial: bool = False) -> tuple[Store, genimport.GenerationFinder]:
     """In a process about to import the app: import the project's files from the server's
     newest verified generation. At the server's very first start there is none yet: the first
     process to get here reads one from the disk (the others wait for it), and its own import of
@@ -283,6 +312,8 @@ def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, genimport.Generatio
     :param cover: how to start the server so that our code runs before the app's (said once per
         server, with the project files this process imported before it got here: each new
         process reads those from the disk, unchecked).
+    :param trial: import the generation under check instead, if one is offered (see
+        :meth:`Store.offer`); the caller then serves only once :func:`await_verdict` says so.
     """
     # gunicorn's config file is the module "__config__" (gunicorn/app/base.py): the master's, not
     # imported again by a worker.
@@ -294,6 +325,7 @@ def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, genimport.Generatio
                     ", ".join(before[:3]), ", ..." if len(before) > 3 else "", "it" if len(before) == 1 else "them",
                     f"; {cover}" if cover else "")
     store = store_of(runtime_dir)
+    on_trial = None
     lock = os.open(os.path.join(store.directory, "build.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                    0o600)
     try:
@@ -304,9 +336,16 @@ def adopt(runtime_dir: str, cover: str = "") -> tuple[Store, genimport.Generatio
             modules = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
             generation = store.build(project_roots(), extra=[f for f in modules if isinstance(f, str)])
             store.publish(generation)
+        elif trial:
+            offered = store.trial_id()
+            on_trial = None if offered is None else store.load(offered)
+            generation = on_trial or generation
     finally:
         os.close(lock)
-    return store, store.install(generation)
+    finder = store.install(generation)
+    finder.trial = trial and generation is on_trial
+    finder.unchecked = tuple(before)
+    return store, finder
 
 
 _paused: set[str] = set()
@@ -350,6 +389,29 @@ def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,
                 return generation
         time.sleep(0.1)
     return None
+
+
+def await_verdict(store: Store, generation: int | None, timeout: float, *,
+                  heartbeat: Callable[[], object] | None = None, alive: Callable[[], bool] = lambda: True) -> bool:
+    """In a worker that imported ``generation``: True once it is the current generation (it
+    passed the check; at once if it already is). False if it stops being the trial without
+    becoming current (refused, or the watcher that offered it stopped), if ``timeout`` runs
+    out, or once ``alive()`` says the worker is stopping: it must not serve that code.
+
+    :param heartbeat: called meanwhile (a gunicorn worker must tell its master it is alive).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if generation is None or store.current_id() == generation:
+            return True
+        if store.trial_id() != generation and store.current_id() != generation:
+            return False  # the trial is named before current is: read current again after it
+        if time.monotonic() > deadline or not alive():
+            return False
+        if heartbeat is not None:
+            with contextlib.suppress(Exception):
+                heartbeat()
+        time.sleep(0.005)
 
 
 def is_project_file(path: str) -> bool:

@@ -70,6 +70,11 @@ class GenerationFinder(importlib.abc.MetaPathFinder):
     def __init__(self, store: str, generation: int | None = None, files: Mapping[str, str] | None = None) -> None:
         self.store = store
         self._state: tuple[int | None, Mapping[str, str]] = (generation, dict(files or {}))
+        self.unchecked: tuple[str, ...] = ()
+        """Project files this process had imported from the disk before the finder came."""
+        self.trial = False
+        """The generation was under check when this process took it (the store's trial): the
+        process serves it only once the check passed (:func:`generations.await_verdict`)."""
 
     @property
     def generation(self) -> int | None:

@@ -40,7 +40,8 @@ class RecordWriter:
             finder = genimport.installed()
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
                     "patterns": self.patterns, "app_loaded": self.app_loaded(), "failure": self.failure,
-                    "generation": None if finder is None else finder.generation}
+                    "generation": None if finder is None else finder.generation,
+                    "unchecked": [] if finder is None else list(finder.unchecked)}
             runtime.write_record(self.directory, os.path.basename(self.path), body)
 
     def publish_if_missing(self) -> None:
@@ -82,6 +83,9 @@ class WorkerRecords:
         """Why the app did not load, for each live pid that says so."""
         self.generations: set[int | None] = set()
         """The code generations the live processes run (None: one imports from the disk)."""
+        self.unchecked: set[str] = set()
+        """Project files a live process imported from the disk before its generation's finder
+        came (Django's settings with no gunicorn config): a new worker reads them there too."""
         self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
@@ -92,6 +96,7 @@ class WorkerRecords:
         generations: set[int | None] = set()
         failures: dict[int, str] = {}
         generation_of: dict[int, int | None] = {}
+        unchecked: set[str] = set()
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -113,6 +118,7 @@ class WorkerRecords:
             loaded_at = record["loaded_at_ns"]
             paths = list(record["files"])
             patterns.update(record.get("patterns", ()))
+            unchecked.update(p for p in record.get("unchecked", ()) if isinstance(p, str))
             for pattern in record.get("patterns", ()):
                 # Template and locale globs: a file newer than the worker's load is stale there too.
                 paths.extend(expand(pattern)[0])
@@ -132,6 +138,7 @@ class WorkerRecords:
         self.generation_of = generation_of
         self.generations = generations
         self.patterns = patterns
+        self.unchecked = unchecked
         self.files = files
         return files
 

@@ -228,7 +228,7 @@ class SignalledSwap(Strategy):
     under way) is swapped out as well, so that the swap ends with every worker on it.
     """
 
-    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount")
+    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount", "trial")
 
     def __init__(self, master_pid: int, signals: Signals, records: Workers, load_timeout: float,
                  wanted: Callable[[], int | None] = lambda: None, memory: Memory | None = None) -> None:
@@ -253,7 +253,12 @@ class SignalledSwap(Strategy):
         """Once a swap a killed watcher left under way was finished: how many workers the server
         had before it, to count them against once steady (0: nothing to count). Kept in the
         record too, for the watcher after the next one, and not changed by later swaps."""
+        self.trial = 0
+        """The generation under check that this swap was begun for (:meth:`begin`): its first new
+        worker holds with that code until the verdict. 0: none (begun after a pass)."""
         self._count_until = time.monotonic() + COUNT_SECONDS
+        self._surplus_expected = 0
+        """Workers :meth:`abandon` left one too many each (said at debug level when retired)."""
         self._seen: frozenset[int] | None = None
         self._short_since: float | None = None
         self._seen_at = 0.0
@@ -269,16 +274,58 @@ class SignalledSwap(Strategy):
                 time.sleep(0.02)
             self.adding = set()
 
+    def begin(self, trial: int) -> None:
+        """Start the swap's first new worker while the check still runs: it imports the code under
+        check (the store's trial, generation ``trial``) and holds before serving until the verdict. Its import then
+        overlaps the check instead of following it. After a pass, calling the swap carries it on;
+        after a refusal, :meth:`abandon` undoes it. Does nothing while a swap is under way."""
+        if self.trial:
+            # An earlier check's trial, superseded (the code changed while it ran): its held worker
+            # exits, and the master's replacement holds on this one. Nothing else changes.
+            self.trial = trial
+            self._remember()
+            return
+        if self.retiring:
+            return
+        self.records()
+        self.leaving &= self.records.live
+        self._start()
+        self.trial = trial
+        self._remember()
+        self._add_workers(upto=1)
+
+    def abandon(self) -> None:
+        """The check refused the code :meth:`begin` started a worker for. That worker exits
+        unserved and the master starts another in its place, which loads the running code: one
+        worker more than before per TTIN sent. :meth:`tick` retires as many of the oldest once
+        every worker serves, as after a swap (a TTOU now would retire an old worker before its
+        replacement serves: with one worker, none would serve meanwhile)."""
+        if not self.trial:
+            return
+        self._surplus_expected = self.added
+        if not self.recount:
+            self.recount = self.count
+        self._count_until = time.monotonic() + COUNT_SECONDS
+        self.retiring, self.added, self.retired, self.trial = set(), 0, 0, 0
+        self._remember()
+
+    def _start(self) -> None:
+        """The workers serving now (as of the last read of the records) are the ones to replace."""
+        loaded_now = self.records.serving - self.leaving
+        if not loaded_now:
+            raise ActionFailed("no worker of this server is up")
+        self.retiring, self.count, self.added, self.retired = set(loaded_now), len(loaded_now), 0, 0
+        self._remember()
+
     def __call__(self) -> int:
         """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
         have not loaded (the old ones serve on); calling again resumes the same swap."""
         self.records()
         self.leaving &= self.records.live
-        loaded_now = self.records.serving - self.leaving
         if not self.retiring:
-            if not loaded_now:
-                raise ActionFailed("no worker of this server is up")
-            self.retiring, self.count, self.added, self.retired = set(loaded_now), len(loaded_now), 0, 0
+            self._start()
+        if self.trial:
+            self.trial = 0  # the check passed: the held worker serves
             self._remember()
         # Wait for the new workers' app import only when they were just added; a resumed swap
         # looks once, so the watcher goes on seeing saves meanwhile.
@@ -393,8 +440,11 @@ class SignalledSwap(Strategy):
                 # has not yet loaded) over one that does: wait until every worker serves.
                 return
             surplus = self.signals.oldest_first(kids)[:len(kids) - self.recount]
-            log.info("wsgi_reload: the master runs %d worker(s), %d more than before the reload (it missed a "
-                     "signal); retiring the oldest", len(kids), len(surplus))
+            # Expected after a refused trial; otherwise the master missed a TTOU, worth a line.
+            log.log(logging.DEBUG if len(surplus) <= self._surplus_expected else logging.INFO,
+                    "wsgi_reload: the master runs %d worker(s), %d more than before the reload; retiring the "
+                    "oldest", len(kids), len(surplus))
+            self._surplus_expected = 0
             self.leaving |= set(surplus)
             self._remember()
             for pid in surplus:

@@ -43,6 +43,7 @@ from .signals import Target, TargetError
 from .strategies import (
     STRATEGIES,
     ProcessSignals,
+    SignalledSwap,
     SignalReload,
     Strategy,
     children,
@@ -211,14 +212,15 @@ class _ServerWatch:
         self.strategy.workers = config.get("workers")
         if isinstance(self.strategy, SignalReload):
             self.strategy.signum, self.strategy.nudge = self.signum, self.nudge
-        self.resume = self.strategy.under_way()
-        """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
                "reexec": "preload_app: the master re-executes in place, the old workers retire once the new ones load",
                "chain": "a chain: one worker at a time, the next once the new one has loaded"}.get(replace,
                                                                                                    config["signal"])
         server = f"{config['server']} ({how}; master pid {target.pid})"
         self.store = store_of(self.runtime_dir)
+        self.end_trial(left=True)
+        self.resume = self.strategy.under_way()
+        """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
         self.roots = project_roots(config["sys_path"])
         self.accept = PathFilter(self.settings.include, self.settings.exclude, base=config["cwd"])
         current = self.store.current_id()
@@ -268,10 +270,54 @@ class _ServerWatch:
         candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python],
                                      patterns=self.records.patterns)
         self.candidate = candidate
-        return check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
-                          sys_path=self.config["sys_path"], loaded_modules=self.records.files,
-                          generation=Checked(self.store.directory, candidate.id, candidate.files),
-                          server_pid=self.target.pid)
+        if not self.begin_swap(paths, candidate) and self.store.trial_id() is not None:
+            self.end_trial()  # an earlier check's trial (the code changed while it ran) that this one does not take on
+        result = None
+        try:
+            result = check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
+                                sys_path=self.config["sys_path"], loaded_modules=self.records.files,
+                                generation=Checked(self.store.directory, candidate.id, candidate.files),
+                                server_pid=self.target.pid)
+        finally:
+            if (result is None or not result.ok) and self.store.trial_id() is not None:
+                self.end_trial()
+        return result
+
+    def begin_swap(self, paths: Sequence[str], candidate: Generation) -> bool:
+        """gunicorn's swap: offer the candidate as the trial and start the first new worker now,
+        beside the check, so that its import of the app overlaps the check (it holds before
+        serving until the verdict: :meth:`SignalledSwap.begin`). Not for a config change (HUP
+        answers that), nor in patch mode, nor with no worker serving, nor while a swap after a
+        pass is under way (it carries on after this check); nor when a file changed that new
+        workers read from the disk before our finder (Django's settings with no gunicorn
+        config): broken, it would fail the worker's boot, which halts gunicorn."""
+        swap = self.strategy
+        changed = {*paths, *candidate.changed}
+        if not isinstance(swap, SignalledSwap) or self.patcher is not None or not self.records.serving \
+                or changed & {*self.config_files, *self.records.unchecked} or (swap.retiring and not swap.trial):
+            return False
+        self.store.offer(candidate)
+        try:
+            swap.begin(candidate.id)
+        except ActionFailed as exc:
+            self.store.withdraw(candidate.id)
+            log.debug("wsgi_reload: no new worker beside the check: %s", exc)
+            return False
+        return True
+
+    def end_trial(self, left: bool = False) -> None:
+        """The check refused the trial (or, with ``left``, a killed watcher left one undecided):
+        withdraw it, so its held workers exit unserved, and undo the swap begun for it. A trial
+        that passed (it is the current generation) is a swap to carry on instead."""
+        swap = self.strategy
+        if left and isinstance(swap, SignalledSwap) and swap.trial and swap.trial == self.store.current_id():
+            return
+        self.store.withdraw()
+        if isinstance(swap, SignalledSwap):
+            try:
+                swap.abandon()
+            except ActionFailed as exc:
+                log.warning("wsgi_reload: %s", exc)
 
     def publish(self) -> None:
         """Make the checked candidate what every process that loads the app imports from now on."""
@@ -438,9 +484,13 @@ class _ServerWatch:
         self.records()
         self.watcher.start(workers_pending=not self.records.live)
         seen_workers_at: float | None = None
-        while not self.target.wait_exit(timeout=2.0):
-            if self.waiting_for_code() or self.strategy.wants_tick():
-                self.watcher.monitor.wake()  # a reload wanted or under way is looked at every turn of this loop
+        counting = False
+        while not self.target.wait_exit(timeout=0.25 if counting else 2.0):
+            # The master's workers counted after a swap are looked at 4 times a second (until
+            # they match: a few seconds); a reload wanted or under way, every 2 s.
+            counting = self.strategy.wants_tick()
+            if self.waiting_for_code() or counting:
+                self.watcher.monitor.wake()
             if self.records.live:
                 seen_workers_at = time.monotonic()
             elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS \

@@ -80,7 +80,7 @@ def adopt_booting_worker() -> None:
     try:
         directory = runtime.for_server(arbiter.pid)
         # From here on (models, URLconf, views) the worker imports the newest verified generation.
-        adopt(directory, cover="start gunicorn with -c python:wsgi_reload.gunicorn to load them checked")
+        adopt(directory, cover="start gunicorn with -c python:wsgi_reload.gunicorn to load them checked", trial=True)
     except (OSError, runtime.RuntimeDirError) as exc:
         log.error("wsgi_reload: reloading is off: %s", exc)
         return
@@ -101,8 +101,9 @@ def adopt_booting_worker() -> None:
         except Exception as exc:
             # The worker waits, exits, and gunicorn starts another; the old workers serve on, or,
             # if none has served yet, the watcher checks the fix.
-            if adapter.wait_for_loadable_code(worker, exc):
-                raise SystemExit(1) from None
+            code = adapter.wait_for_loadable_code(worker, exc)
+            if code is not None:
+                raise SystemExit(code) from None
             raise
         return django_watch_patterns()
 
