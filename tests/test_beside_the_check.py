@@ -59,6 +59,18 @@ def wait_for_workers(server: Server, count: int) -> set[int]:
         time.sleep(0.2)
 
 
+def save_slowly(server: Server, app: Path, version: str, seconds: float) -> set[int]:
+    """Save greeting.py answering ``version``, its import taking ``seconds``; return once the
+    worker started beside the check is there (its pids)."""
+    before = worker_pids(server)
+    write(app / "greeting.py", greeting(version, head=SLOW.format(seconds=seconds)))
+    deadline = time.monotonic() + LIVENESS_TIMEOUT
+    while not (started := worker_pids(server) - before):
+        assert time.monotonic() < deadline, "no worker started beside the check"
+        time.sleep(0.02)
+    return started
+
+
 def test_a_good_save_is_imported_by_a_new_worker_while_it_is_checked(tmp_path: Path) -> None:
     """The first new worker boots before the check has passed, and is one of the workers that
     serve the new code once it has."""
@@ -124,12 +136,7 @@ def test_kill_9_while_a_worker_holds_the_code_under_check(tmp_path: Path, victim
     app = make_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, ["-w", "2"]), "v1") as server, Load(port, threads=4) as load:
-        before = worker_pids(server)
-        write(app / "greeting.py", greeting("v2", head=SLOW.format(seconds=2)))
-        deadline = time.monotonic() + LIVENESS_TIMEOUT
-        while not (held := worker_pids(server) - before):
-            assert time.monotonic() < deadline, "no worker started beside the check"
-            time.sleep(0.02)
+        held = save_slowly(server, app, "v2", seconds=2)
         time.sleep(0.5)  # it is importing the code under check
         if victim == "watcher":
             [watcher] = watcher_processes(app)
@@ -155,12 +162,7 @@ def test_a_save_while_a_worker_holds_the_code_under_check(tmp_path: Path, second
     app = make_app(tmp_path)
     port = free_port()
     with running(gunicorn(app, port, ["-w", "2"]), "v1") as server, Load(port, threads=4) as load:
-        before = worker_pids(server)
-        write(app / "greeting.py", greeting("v2", head=SLOW.format(seconds=1.5)))
-        deadline = time.monotonic() + LIVENESS_TIMEOUT
-        while not worker_pids(server) - before:
-            assert time.monotonic() < deadline, "no worker started beside the check"
-            time.sleep(0.02)
+        save_slowly(server, app, "v2", seconds=1.5)
         time.sleep(0.3)
         if second == "good":
             write(app / "greeting.py", greeting("v3", head=SLOW.format(seconds=0.5)))

@@ -184,7 +184,7 @@ class Store:
         ``keep`` names generations that live processes still import from."""
         self.save(generation)
         runtime.write_atomic(self.directory, "current", str(generation.id).encode())
-        # After "current": a held worker of this trial never sees it named by neither file.
+        # Only after "current" names it: a worker held on this trial always finds one file naming it.
         self.withdraw(generation.id)
         self.prune(keep={generation.id, *keep})
 

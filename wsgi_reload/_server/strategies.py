@@ -275,10 +275,11 @@ class SignalledSwap(Strategy):
             self.adding = set()
 
     def begin(self, trial: int) -> None:
-        """Start the swap's first new worker while the check still runs: it imports the code under
-        check (the store's trial, generation ``trial``) and holds before serving until the verdict. Its import then
-        overlaps the check instead of following it. After a pass, calling the swap carries it on;
-        after a refusal, :meth:`abandon` undoes it. Does nothing while a swap is under way."""
+        """Start the swap's first new worker while the check still runs: it imports the code
+        under check (the store's trial, generation ``trial``, never 0) and holds before serving
+        until the verdict, so that its import overlaps the check instead of following it. After
+        a pass, calling the swap carries it on; after a refusal, :meth:`abandon` undoes it. Does
+        nothing while a swap begun after a pass is under way."""
         if self.trial:
             # An earlier check's trial, superseded (the code changed while it ran): its held worker
             # exits, and the master's replacement holds on this one. Nothing else changes.

@@ -294,7 +294,8 @@ class _ServerWatch:
         swap = self.strategy
         changed = {*paths, *candidate.changed}
         if not isinstance(swap, SignalledSwap) or self.patcher is not None or not self.records.serving \
-                or changed & {*self.config_files, *self.records.unchecked} or (swap.retiring and not swap.trial):
+                or changed & {*self.config_files, *self.records.unchecked} or (swap.retiring and not swap.trial) \
+                or candidate.id == 0:  # (0 stands for no trial in the swap's record; only a first generation has it)
             return False
         self.store.offer(candidate)
         try:
