@@ -413,14 +413,13 @@ def remove_the_runtime_directory_under_load(server: Server, app: Path, saves: Se
 
 def every_worker_answers(port: int, path: str, expected: str, workers: int = 2, seconds: float = 3.0) -> int:
     """Under load for ``seconds``: no request fails, every body is ``expected@<pid>``, and
-    ``workers`` different workers answered, or more (after a refused save, gunicorn runs one
-    worker more for a few seconds; bodies name the pid). Returns the requests served."""
+    ``workers`` different workers answered (bodies name the pid). Returns the requests served."""
     with Load(port, threads=4, path=path) as load:
         time.sleep(seconds)
         ok, failures, bodies = load.snapshot()
     assert failures == []
     assert {b.split("@")[0] for b in bodies} == {expected}
-    assert len({b.split("@")[1] for b in bodies}) >= workers, f"every worker must have served {path}"
+    assert len({b.split("@")[1] for b in bodies}) == workers, f"every worker must have served {path}"
     return ok
 
 
@@ -460,13 +459,25 @@ def worker_pids(server: Server) -> set[int]:
     return live
 
 
+def settled_workers(server: Server, count: int) -> set[int]:
+    """Wait until the master runs exactly ``count`` workers, the same ones for a second (after
+    a refused save gunicorn runs one more for a few seconds: the worker started beside the
+    check exited unserved, and its replacement serves until the surplus is retired)."""
+    deadline = time.monotonic() + LIVENESS_TIMEOUT
+    while True:
+        pids = worker_pids(server)
+        if len(pids) == count:
+            time.sleep(1)
+            if worker_pids(server) == pids:
+                return pids
+        assert time.monotonic() < deadline, f"the master runs {len(pids)} workers, not {count}"
+        time.sleep(0.2)
+
+
 def kill_every_worker(server: Server, expected: str, path: str = "/", workers: int = 2) -> None:
     """kill -9 of every worker (the OOM killer) while a broken save is on the disk: the
     replacements load the last verified code, ``expected``, and serve it with nothing failed."""
-    killed = worker_pids(server)
-    # One more for a few seconds after a refused save under gunicorn: the worker started beside
-    # the check exited unserved, and its replacement serves until the surplus is retired.
-    assert len(killed) >= workers
+    killed = settled_workers(server, workers)
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     wait_for_body(server.port, expected, path=path)

@@ -17,15 +17,18 @@ from pathlib import Path
 
 import pytest
 from servers import (
+    BROKEN_SAVES,
     LIVENESS_TIMEOUT,
     Load,
     Server,
     free_port,
+    good_then_broken_pairs,
     greeting,
     gunicorn,
     make_app,
     running,
     runtime_dir_of,
+    settled_workers,
     wait_for_body,
     watcher_processes,
     worker_pids,
@@ -44,19 +47,6 @@ def booted_beside_the_check(log: str, verdict: str) -> list[int]:
     end = log.find(verdict, last_change)
     assert last_change >= 0 and end >= 0, log[-3000:]
     return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", log[last_change:end])]
-
-
-def wait_for_workers(server: Server, count: int) -> set[int]:
-    """The master runs exactly ``count`` workers, steadily (the count after a refusal settles)."""
-    deadline = time.monotonic() + LIVENESS_TIMEOUT
-    while True:
-        pids = worker_pids(server)
-        if len(pids) == count:
-            time.sleep(1)
-            if worker_pids(server) == pids:
-                return pids
-        assert time.monotonic() < deadline, f"the master runs {len(pids)} workers, not {count}"
-        time.sleep(0.2)
 
 
 def save_slowly(server: Server, app: Path, version: str, seconds: float) -> set[int]:
@@ -116,13 +106,13 @@ def test_a_refused_save_is_never_served_by_the_worker_started_beside_the_check(t
         server.wait_for_log(r"not reloading, the new code does not load: .*lazy.py:\d+: NameError")
         assert booted_beside_the_check(server.log(), "not reloading"), "no worker was started beside the check"
         time.sleep(2)
-        wait_for_workers(server, 2)
+        settled_workers(server, 2)
         _, failures, bodies = load.snapshot()
         assert failures == []
         assert bodies == {"v1"}
         write(app / "lazy.py", 'TEXT = "v2"\n')  # the fix
         wait_for_body(port, "v2")
-        wait_for_workers(server, 2)
+        settled_workers(server, 2)
         _, failures, _ = load.snapshot()
     assert failures == []
     assert "Traceback" not in server.log()
@@ -145,7 +135,7 @@ def test_kill_9_while_a_worker_holds_the_code_under_check(tmp_path: Path, victim
             os.kill(min(held), signal.SIGKILL)
         wait_for_body(port, "v2")
         server.wait_for_log(r"reload done")
-        wait_for_workers(server, 2)
+        settled_workers(server, 2)
         load.reset_bodies()
         time.sleep(1)
         _, failures, bodies = load.snapshot()
@@ -172,10 +162,59 @@ def test_a_save_while_a_worker_holds_the_code_under_check(tmp_path: Path, second
             write(app / "greeting.py", SLOW.format(seconds=0.5) + "undefined_name\n")
             server.wait_for_log(r"not reloading, the new code does not load: .*greeting.py:\d+: NameError")
         assert "while the check ran; checking again" in server.log()
-        wait_for_workers(server, 2)
+        settled_workers(server, 2)
         load.reset_bodies()
         time.sleep(1)
         _, failures, bodies = load.snapshot()
         assert not (runtime_dir_of(app) / "generations" / "trial").exists()
     assert failures == []
     assert bodies == ({"v3"} if second == "good" else {"v1"})
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_rapid_refused_saves_leave_the_server_at_its_worker_count(tmp_path: Path, worker_class: str) -> None:
+    """Each refused save leaves one worker too many for a moment (the worker started beside the
+    check exits unserved, and the master replaces it). Good and broken saves faster than that
+    settles must not add up: every swap replaces the 2 workers the server runs, no older
+    version is served after the final one, and the server ends with 2 workers."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2", "-k", worker_class]), "v1") as server:
+
+        def save_good(name: str) -> str:
+            write(app / "greeting.py", greeting(name))
+            return name
+
+        good_then_broken_pairs(port, save_good, lambda: write(app / "greeting.py", BROKEN_SAVES["name_error"]))
+        server.wait_for_log(r"reload done")
+        settled_workers(server, 2)
+        swaps = [int(n) for n in re.findall(r"reload done: (\d+) new worker", server.log())]
+        assert swaps and set(swaps) == {2}, swaps
+        # A worker that imported a refused save beside the check is no new worker of a swap.
+        assert "cannot serve the code that passed the check" not in server.log()
+
+
+def test_a_worker_booting_when_a_swap_begins_never_serves_the_older_code(tmp_path: Path) -> None:
+    """A worker that the master started before a save (it replaced one killed by the OOM
+    killer) is still importing the older code when the swap for the save begins, so that swap
+    does not count it among the workers to replace, and ends before it has loaded. Once loaded,
+    it sees the newer generation and exits unserved, and its replacement loads the new code."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server:
+        write(app / "greeting.py", greeting("v2", head=SLOW.format(seconds=4)))  # slow to import
+        wait_for_body(port, "v2", timeout=LIVENESS_TIMEOUT)
+        server.wait_for_log(r"reload done")
+        killed = settled_workers(server, 2)
+        # Before the load starts: a request in flight to a killed worker fails, by the kill.
+        os.kill(min(killed), signal.SIGKILL)  # its replacement imports v2 for 4 s
+        time.sleep(0.5)
+        write(app / "greeting.py", greeting("v3"))
+        with Load(port, threads=4) as load:
+            wait_for_body(port, "v3")
+            load.reset_bodies()
+            time.sleep(6)  # the replacement has long finished importing v2
+            _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v3"}
+        settled_workers(server, 2)

@@ -34,6 +34,7 @@ from servers import (
     refused_under_load,
     running,
     server_env,
+    settled_workers,
     uwsgi,
     wait_for_body,
     wait_for_prefix,
@@ -256,6 +257,7 @@ def test_a_lazy_view_module_saved_broken_while_one_worker_never_imported_it(site
         time.sleep(2.5)  # that worker publishes it (every 2 s), so the check imports it
         write(lazy, 'undefined_name\n\n\ndef text():\n    return "broken"\n')
         server.wait_for_log(rf"not reloading, the new code does not load: {lazy}:1: NameError")
+        settled_workers(server, 2)
         every_worker_answers(port, "/lazy/", "lazy-1")
         write(lazy, 'def text():\n    return "lazy-3"\n')
         wait_for_prefix(port, "/lazy/", "lazy-3", timeout=LIVENESS)
@@ -282,6 +284,7 @@ def test_a_template_saved_broken_that_one_worker_never_rendered(site: Path, kind
         assert (status, body.split("@")[0]) == (200, "other-1")
         write(template, "{% if %}{% endif %}other-broken@{{ pid }}")
         server.wait_for_log(rf"not reloading, the new template does not compile: {template}")
+        settled_workers(server, 2)
         every_worker_answers(port, "/other/", "other-1")
         write(template, "other-3@{{ pid }}")
         wait_for_prefix(port, "/other/", "other-3", timeout=LIVENESS)

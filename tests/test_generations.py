@@ -33,6 +33,7 @@ from servers import (
     remove_the_runtime_directory_under_load,
     running,
     server_env,
+    settled_workers,
     uwsgi,
     wait_for_body,
     wait_for_prefix,
@@ -110,6 +111,7 @@ def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path:
         assert (status, body.split("@")[0]) == (200, "lazy-1")
         write(app / "lazy_part.py", LAZY_BROKEN)
         server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
+        settled_workers(server, 2)
         assert every_worker_answers(port, "/lazy", "lazy-1") > 20
         write(app / "lazy_part.py", 'def text():\n    return "lazy-3"\n')
         wait_for_prefix(port, "/lazy", "lazy-3", timeout=30)

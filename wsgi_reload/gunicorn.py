@@ -217,6 +217,13 @@ def post_worker_init(worker: Any) -> None:
             _agent.wait_for_newer_code(exc, heartbeat=worker.notify)
             sys.exit(1)  # exit code 1: gunicorn starts another worker; the swap retires the new ones
     _agent.publish()
+    if not worker.cfg.preload_app and _agent.superseded():
+        # Not a boot error: gunicorn starts another worker, which loads the newest generation.
+        # (A preloading master's workers run the master's code; its re-execution replaces them.)
+        _log.debug("wsgi_reload: worker %d loaded code older than the newest verified; it exits unserved",
+                   os.getpid())
+        _agent.remove_record()
+        sys.exit(0)
     _agent.keep_watcher_running()
 
 

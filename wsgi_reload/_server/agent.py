@@ -121,6 +121,18 @@ class WorkerAgent:
                   "it, or a newer one came); it exits unserved", os.getpid(), generation)
         return False
 
+    def superseded(self) -> bool:
+        """Whether this worker loaded verified code that is no longer the newest: a newer
+        generation was published while it imported. Asked after the worker's record is
+        written: either the watcher's swap, which reads the records after it publishes, counts
+        this worker among those to replace, or this worker sees the newer generation here and
+        exits unserved. So no worker that was booting when a swap began serves older code after it."""
+        finder = genimport.installed()
+        if finder is None or finder.trial or finder.generation is None:
+            return False
+        current = store_of(self.directory).current_id()
+        return current is not None and current != finder.generation
+
     def unverified(self) -> bool:
         """Whether this worker imported code that has not passed the check (under check still,
         or refused): its failure is the check's to report, and no error of the worker's."""

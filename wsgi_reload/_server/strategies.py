@@ -311,10 +311,16 @@ class SignalledSwap(Strategy):
         self._remember()
 
     def _start(self) -> None:
-        """The workers serving now (as of the last read of the records) are the ones to replace."""
+        """The workers serving now (as of the last read of the records) are the ones to replace.
+        More of them than the server ran before the last swap or refused trial (saves that come
+        faster than :meth:`tick` finds the workers steady): the oldest extra ones retire now,
+        so that each refused save adds no worker to the next swap."""
         loaded_now = self.records.serving - self.leaving
         if not loaded_now:
             raise ActionFailed("no worker of this server is up")
+        if self.recount and len(loaded_now) > self.recount:
+            self._retire(self.signals.oldest_first(frozenset(loaded_now))[:len(loaded_now) - self.recount])
+            loaded_now -= self.leaving
         self.retiring, self.count, self.added, self.retired = set(loaded_now), len(loaded_now), 0, 0
         self._remember()
 
@@ -351,7 +357,7 @@ class SignalledSwap(Strategy):
                 if stale or len(fresh) >= self.count:
                     break
                 # The swap resumes once new workers load, on a retry or after the next good save.
-                _fail_if_a_new_worker_cannot_serve(self.records, new)
+                _fail_if_a_new_worker_cannot_serve(self.records, new, wanted)
                 if time.monotonic() >= deadline:
                     raise ActionFailed(f"{len(fresh)} of {self.count} new workers have loaded the app; the old "
                                        "ones serve until all have")
@@ -446,11 +452,7 @@ class SignalledSwap(Strategy):
                     "wsgi_reload: the master runs %d worker(s), %d more than before the reload; retiring the "
                     "oldest", len(kids), len(surplus))
             self._surplus_expected = 0
-            self.leaving |= set(surplus)
-            self._remember()
-            for pid in surplus:
-                self._send(signal.SIGTTOU)
-                self._stop(pid)
+            self._retire(surplus)
         else:
             log.info("wsgi_reload: the master runs %d worker(s), %d fewer than before the reload; adding them",
                      len(kids), self.recount - len(kids))
@@ -491,6 +493,15 @@ class SignalledSwap(Strategy):
             if before is not None and self.signals.children(self.master_pid) != before:
                 self.signals.handled(self.master_pid, signal.SIGTTIN)  # it forked: the next TTIN goes at once
 
+    def _retire(self, pids: Sequence[int]) -> None:
+        """One TTOU per worker (the master runs one worker fewer each), and each of them stopped
+        as well, in case a TTOU is lost or the master picks an older one that is leaving anyway."""
+        self.leaving |= set(pids)
+        self._remember()
+        for pid in pids:
+            self._send(signal.SIGTTOU)
+            self._stop(pid)
+
     def _old_left(self) -> int:
         return len(self.retiring & (self.signals.children(self.master_pid) or frozenset()))
 
@@ -507,10 +518,13 @@ class SignalledSwap(Strategy):
             raise ActionFailed(str(exc)) from None
 
 
-def _fail_if_a_new_worker_cannot_serve(records: Workers, new: set[int]) -> None:
+def _fail_if_a_new_worker_cannot_serve(records: Workers, new: set[int], wanted: int | None = None) -> None:
     """A new worker says it cannot load the checked code, and why (``ready_path`` answered 500
-    there, say): the replacement ends now, not at its timeout, and the old workers serve on."""
-    failed = new & records.app_failed
+    there, say): the replacement ends now, not at its timeout, and the old workers serve on.
+    A worker that failed on another generation (a save the check refused, imported beside the
+    check) is not one: it exits unserved, and the master starts another."""
+    failed = {pid for pid in new & records.app_failed
+              if wanted is None or records.generation_of.get(pid) in (None, wanted)}
     if failed:
         raise ActionFailed(f"a new worker cannot serve the code that passed the check "
                            f"({records.failures.get(min(failed)) or 'see its log'}); the old ones serve until new "
