@@ -27,6 +27,7 @@ from servers import (
     make_app,
     processes,
     running,
+    runtime_dir_of,
     server_env,
     uwsgi,
     wait_for_body,
@@ -37,6 +38,8 @@ from servers import (
 
 from wsgi_reload._check.check import CHECK_TITLE
 from wsgi_reload._check.warm import WARM_TITLE
+from wsgi_reload._core.files import PathFilter
+from wsgi_reload._server.generations import store_of
 
 pytestmark = pytest.mark.slow
 
@@ -241,6 +244,35 @@ WATCHER_MODES = {
     "uwsgi": lambda app, port: uwsgi(app, port),
     "uwsgi-lazy-apps": lambda app, port: uwsgi(app, port, lazy=True),
 }
+
+
+@pytest.mark.parametrize("mode", sorted(WATCHER_MODES))
+def test_a_watcher_killed_between_publishing_a_generation_and_reloading(tmp_path: Path, mode: str) -> None:
+    """The watcher published a verified generation and was killed before its reload began (no
+    replacement under way in its record): the code on the disk is that generation's, so the
+    next watcher sees no change, but finds the workers on older code than the newest verified
+    generation, and reloads them. (The test publishes with the store's own code, as the killed
+    watcher did, while the watcher is stopped.)"""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(WATCHER_MODES[mode](app, port), "v1") as server:
+        runtime = str(runtime_dir_of(app.resolve()))
+        [watcher] = watcher_processes(app)
+        os.kill(watcher, signal.SIGSTOP)
+        try:
+            write(app / "greeting.py", greeting("v2"))
+            store = store_of(runtime)
+            current = store.current_id()
+            assert current is not None
+            base = store.load(current)
+            store.publish(store.build(base.roots, base=base, accept=PathFilter(base=str(app))))
+        finally:
+            os.kill(watcher, signal.SIGKILL)
+        wait_for_body(port, "v2")
+        server.wait_for_log(r"reload done")
+        assert "older code than generation" in server.log()
+        time.sleep(1)  # the old workers finish their last requests
+        assert {get(port)[1] for _ in range(10)} == {"v2"}
 
 
 @pytest.mark.parametrize("mode", sorted(WATCHER_MODES))

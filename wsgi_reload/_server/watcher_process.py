@@ -221,6 +221,8 @@ class _ServerWatch:
         self.end_trial(left=True)
         self.resume = self.strategy.under_way()
         """A watcher killed mid-replacement left one under way: carry it on at the first turn."""
+        self.looked_behind = False
+        """Whether the first turn has looked for workers on an older generation than the newest."""
         self.roots = project_roots(config["sys_path"])
         self.accept = PathFilter(self.settings.include, self.settings.exclude, base=config["cwd"])
         current = self.store.current_id()
@@ -429,6 +431,9 @@ class _ServerWatch:
             self.resume = False
             log.warning("wsgi_reload: the last watcher stopped while it replaced the workers; carrying that on")
             self.watcher.gate.reload_now()
+        elif not self.looked_behind and self.current is not None:
+            self.looked_behind = True
+            self.reload_workers_behind(self.current.id)
         if self.unchecked:
             batch, self.unchecked = self.unchecked, []
             self.watcher.gate(batch)
@@ -448,6 +453,19 @@ class _ServerWatch:
             except ActionFailed as exc:
                 log.warning("wsgi_reload: %s", exc)
         self.announce_workers()
+
+    def reload_workers_behind(self, newest: int) -> None:
+        """Workers serving a generation older than the newest verified one, with no replacement
+        under way: the last watcher stopped between publishing a generation and replacing the
+        workers (or while that replacement waited to be retried). Replace them now. (In patch
+        mode the workers took the newest in place, under their older generation's id.)"""
+        behind = sorted(pid for pid in self.records.serving
+                        if (generation := self.records.generation_of.get(pid)) is not None and generation < newest)
+        if behind and self.patcher is None:
+            log.warning("wsgi_reload: worker%s %s run%s older code than generation %d, the newest verified (the last "
+                        "watcher stopped before it reloaded them); reloading", "" if len(behind) == 1 else "s",
+                        ", ".join(map(str, behind)), "s" if len(behind) == 1 else "", newest)
+            self.watcher.gate.reload_now()
 
     def waiting_for_code(self) -> set[int]:
         """Workers whose app did not load while none serves (the server started broken), not yet
