@@ -176,7 +176,9 @@ def _cwd(pid: int) -> str | None:
         return None
 
 
-STAGES = ("settle and scan", "check", "to the new worker", "its import", "first request", "all new serving")
+STAGES = ("change seen", "check passed", "new worker forked", "new worker ready", "new body served",
+          "all new serving")
+"""The moments of one reload, each in seconds after the save (see :meth:`Timeline.stages`)."""
 
 
 class Timeline(threading.Thread):
@@ -232,30 +234,32 @@ class Timeline(threading.Thread):
         return next((t for t, line in self.lines if t >= after and re.search(pattern, line)), None)
 
     def stages(self, saved: float, served: float) -> dict[str, float] | None:
-        """Seconds per stage of the reload of a save at ``saved``, first served at ``served``:
-        the settle window and scan (to the watcher's "changed" line), the check (to "check
-        passed"), to the start of the first new worker to load the app (the signal, the
-        server's loop and its fork), that worker's import (to its first record), its first
-        request (to the new body served), and from the save until every new worker serves."""
+        """When each moment of the reload of a save at ``saved`` (first served at ``served``)
+        came, in seconds after the save: the watcher's "changed" line (the settle window and
+        the scan), "check passed", the start of the first new worker process (the first to write
+        a record after the change was seen; under gunicorn it may start beside the check), its
+        first record (its app loaded, and the verdict it waited for, if any), the new body
+        served, and the watcher's "reload done" (every new worker serves). Moments, not
+        durations: with the first new worker started beside the check, two stages overlap."""
         seen = self._line(r"wsgi_reload: \d+ files? changed", saved)
         passed = None if seen is None else self._line(r"wsgi_reload: check passed", seen)
         done = None if passed is None else self._line(r"wsgi_reload: reload done", passed)
-        if passed is None or done is None:
+        if seen is None or passed is None or done is None:
             return None
-        new = [(written, started) for started, written in self.workers.values() if started >= passed - 0.01]
+        new = [(written, started) for started, written in self.workers.values() if started >= seen - 0.01]
         if not new:
             return None
         written, started = min(new)
-        return dict(zip(STAGES, (seen - saved, passed - seen, started - passed, written - started,
-                                 served - written, done - saved), strict=True))
+        moments = (seen, passed, started, written, served, done)
+        return dict(zip(STAGES, (moment - saved for moment in moments), strict=True))
 
 
 def stage_row(name: str, stages: list[dict[str, float]]) -> dict[str, str]:
-    """p50 of each stage over the edits whose every stage was seen."""
+    """p50 of each moment over the edits whose every moment was seen."""
     row = {"server": name, "reloads seen": str(len(stages))}
     for stage in STAGES:
         values = [s[stage] for s in stages]
-        row[f"{stage} p50 s"] = f"{statistics.median(values):.3f}" if values else "-"
+        row[stage] = f"{statistics.median(values):.3f}" if values else "-"
     return row
 
 
@@ -277,7 +281,7 @@ def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: 
     try:
         server.start(expect, ready_timeout=120)
         row["idle CPU-s/min"] = f"{idle_cpu_per_minute(server, idle_seconds):.3f}"
-        latencies, stages = [], []
+        latencies, saves = [], []
         timeline = Timeline(server.log_path, runtime_dir_of(site.app.resolve())) if ours else None
         if timeline is not None:
             timeline.start()
@@ -286,13 +290,17 @@ def measure(name: str, start: Callable[[Path, int], Server], site: Site, edits: 
                 saved = time.time()
                 expected = site.edit(n)
                 latencies.append(wait_for_body(port, expected, timeout=60, path=site.path, every=0.005))
+                saves.append((saved, saved + latencies[-1]))
                 time.sleep(1.5)  # let the reload finish before the next edit
-                seen = timeline and timeline.stages(saved, saved + latencies[-1])
-                if seen:
-                    stages.append(seen)
             ok, failures, _ = load.snapshot()
         if timeline is not None:
+            # A swap can end after the next save (each new Django worker imports the framework):
+            # its "reload done" line comes later. Read on until the last one has come.
+            deadline = time.monotonic() + 30
+            while timeline.stages(*saves[-1]) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
             timeline.stop()
+            stages = [moments for moments in (timeline.stages(*save) for save in saves) if moments]
             row.update(stage_row(name, stages))
         row["save to served p50 s"] = f"{statistics.median(latencies):.2f}"
         row["p95 s"] = f"{percentile(latencies, 0.95):.2f}"

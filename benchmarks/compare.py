@@ -17,9 +17,9 @@ Four client threads throughout. Per row: save-to-served p50/p95/p99 over ``--edi
 failed requests during good saves and during a 5 s broken save, whether the fix is served,
 and the idle CPU of the whole process tree, also above the plain server's (the floor). Our
 rows also give the resident memory of a worker, the watcher process and the warm check
-process, and a second table says where the time went, stage by stage (``_harness.Timeline``):
-the settle window and scan, the check, the time to the start of the first new worker, its
-import, its first request, and the time until every new worker serves.
+process, and a second table says where the time went (``_harness.Timeline``): when, after
+the save, the watcher saw the change, the check passed, the first new worker started, it was
+ready to serve, the new body was served, and every new worker served.
 ``--write-docs`` puts the tables into docs/benchmarks.md between the compare markers.
 """
 
@@ -115,14 +115,16 @@ def run_server(name: str, args: argparse.Namespace, modules: int) -> list[dict[s
     return with_floor(rows)
 
 
-STAGE_COLUMNS = ["reloads seen", *(f"{stage} p50 s" for stage in STAGES)]
+STAGE_COLUMNS = ["reloads seen", *STAGES]
 
 
 def section_tables(rows: list[dict[str, str]]) -> str:
     """The section's table, then where our reloads spent their time."""
     main = [{k: v for k, v in row.items() if k not in STAGE_COLUMNS} for row in rows]
     stages = [{k: row[k] for k in ["server", *STAGE_COLUMNS]} for row in rows if "reloads seen" in row]
-    return f"{table(main)}\n\nWhere the time goes:\n\n{table(stages)}" if stages else table(main)
+    if not stages:
+        return table(main)
+    return f"{table(main)}\n\nWhere the time goes (seconds after the save, p50 of each moment):\n\n{table(stages)}"
 
 
 def p50(rows: list[dict[str, str]], label: str) -> float | None:
