@@ -299,8 +299,9 @@ class SignalledSwap(Strategy):
         """The check refused the code :meth:`begin` started a worker for. That worker exits
         unserved and the master starts another in its place, which loads the running code: one
         worker more than before per TTIN sent. :meth:`tick` retires as many of the oldest once
-        every worker serves, as after a swap (a TTOU now would retire an old worker before its
-        replacement serves: with one worker, none would serve meanwhile)."""
+        every worker serves, as after a swap, or the next swap's start does if it comes first
+        (a TTOU now would retire an old worker before its replacement serves: with one worker,
+        none would serve meanwhile)."""
         if not self.trial:
             return
         self._surplus_expected = self.added

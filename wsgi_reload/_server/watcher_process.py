@@ -459,9 +459,11 @@ class _ServerWatch:
         under way: the last watcher stopped between publishing a generation and replacing the
         workers (or while that replacement waited to be retried). Replace them now. (In patch
         mode the workers took the newest in place, under their older generation's id.)"""
+        if self.patcher is not None:
+            return
         behind = sorted(pid for pid in self.records.serving
                         if (generation := self.records.generation_of.get(pid)) is not None and generation < newest)
-        if behind and self.patcher is None:
+        if behind:
             log.warning("wsgi_reload: worker%s %s run%s older code than generation %d, the newest verified (the last "
                         "watcher stopped before it reloaded them); reloading", "" if len(behind) == 1 else "s",
                         ", ".join(map(str, behind)), "s" if len(behind) == 1 else "", newest)
