@@ -331,6 +331,9 @@ class _ServerWatch:
         self.current = self.candidate
 
     def reload(self, batch: Sequence[Change]) -> None:
+        # A reload replaces the workers with the newest generation: none is left behind it to look
+        # for (the old workers still publishing while they retire are not behind).
+        self.looked_behind = True
         self.publish()
         self.strategy.saved_at = saved_at(batch) or self.strategy.saved_at
         if self.replace == "swap" and not self.records.serving:
