@@ -230,10 +230,8 @@ class _Connection:
     def has_unread_bytes(self) -> bool:
         try:
             return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing buffered (EAGAIN), or reset by the client: nothing to answer
             return False
-        except OSError:
-            return False  # reset by the client: nothing to answer
 
 
 class _Connections(threading.Condition):
