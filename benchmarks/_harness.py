@@ -38,6 +38,7 @@ from servers import (  # noqa: E402
 )
 
 from wsgi_reload._check.warm import WARM_TITLE as WARM_PROCESS  # noqa: E402
+from wsgi_reload._server.signals import start_time  # noqa: E402
 
 BIG_APP_MODULES = 1500
 
@@ -220,11 +221,11 @@ class Timeline(threading.Thread):
                 if name.endswith(".json") and pid.isdigit() and int(pid) not in self.workers:
                     try:
                         written = os.stat(self.runtime / name).st_mtime
-                        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-                    except (OSError, ValueError, IndexError):
+                    except OSError:
                         continue
-                    self.workers[int(pid)] = (self._boot + ticks / self._tick, written)
+                    ticks = start_time(int(pid))
+                    if ticks is not None:
+                        self.workers[int(pid)] = (self._boot + ticks / self._tick, written)
 
     def stop(self) -> None:
         self._done.set()
