@@ -205,13 +205,20 @@ def test_a_worker_booting_when_a_swap_begins_never_serves_the_older_code(tmp_pat
         write(app / "greeting.py", greeting("v2", head=SLOW.format(seconds=4)))  # slow to import
         wait_for_body(port, "v2", timeout=LIVENESS_TIMEOUT)
         server.wait_for_log(r"reload done")
-        killed = settled_workers(server, 2)
+        serving = settled_workers(server, 2)
+        killed = min(serving)
         # Before the load starts: a request in flight to a killed worker fails, by the kill.
-        os.kill(min(killed), signal.SIGKILL)  # its replacement imports v2 for 4 s
+        os.kill(killed, signal.SIGKILL)  # its replacement imports v2 for 4 s
         time.sleep(0.5)
         write(app / "greeting.py", greeting("v3"))
         with Load(port, threads=4) as load:
             wait_for_body(port, "v3")
+            server.wait_for_log(r"reload done", count=2)
+            # The swap's old worker serves v2 until the master has retired it, as in any swap.
+            deadline = time.monotonic() + LIVENESS_TIMEOUT
+            while (serving - {killed}) & worker_pids(server):
+                assert time.monotonic() < deadline, "the swap's old worker never retired"
+                time.sleep(0.05)
             load.reset_bodies()
             time.sleep(6)  # the replacement has long finished importing v2
             _, failures, bodies = load.snapshot()
