@@ -135,7 +135,7 @@ def start_warm(settings: Settings, loaded_modules: Iterable[str]) -> None:
     if settings.check != "import" or not settings.app:
         return
     cwd, child_sys_path, child_env = _child_context(None, None, None)
-    warm.probe_for(cwd, child_sys_path, child_env, (), loaded_modules, _PROBE_SOURCE)
+    warm.probe_for(cwd, child_sys_path, child_env, (), loaded_modules, _PROBE_SOURCE, _FINDER_FILE)
 
 
 def import_app(
@@ -191,7 +191,8 @@ def import_app(
                                  "files": dict(generation.files)}
     warm_probe = None
     if warm_from is not None:
-        warm_probe = warm.probe_for(cwd, child_sys_path, child_env, changed, warm_from, _PROBE_SOURCE)
+        warm_probe = warm.probe_for(cwd, child_sys_path, child_env, changed, warm_from, _PROBE_SOURCE,
+                                     _FINDER_FILE)
     with spawn.data_file(json.dumps(payload).encode()) as stdin, spawn.data_file() as records, \
             spawn.data_file() as stderr:
         forked = warm_probe.run(stdin, records, stderr, timeout) if warm_probe is not None else None

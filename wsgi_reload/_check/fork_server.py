@@ -2,11 +2,12 @@
 
 :mod:`wsgi_reload._check.warm` runs this file's source with ``python -I -B -c``; like ``probe.py``
 it must not import ``wsgi_reload``. Its payload (JSON on standard input) names the
-directory, ``sys.path``, the library directories, the modules to import first and the
-probe's source. While those load, importing any file of the project's own raises
-ImportError, so no project code (a
-settings module a package reads at import, say) is ever cached here: each check's child
-imports the project afresh, exactly as a cold check would.
+directory, ``sys.path``, the library directories, the modules to import first, the
+probe's source and the generation finder's file. While the modules load, importing any file
+of the project's own raises ImportError, so no project code (a settings module a package
+reads at import, say) is ever cached here: each check's child imports the project afresh,
+exactly as a cold check would. Then it runs the probe's source once (its imports and
+definitions, and the finder), and each check's child calls the probe's ``main()``.
 
 Over the socket on fd 3 (SOCK_SEQPACKET) it answers ``{"ready": ...}`` once, then for each
 request carrying three descriptors (payload, records, stderr) forks a child that leads its
@@ -77,8 +78,18 @@ def preload(names: list[str], library_dirs: tuple[str, ...]) -> None:
     gc.freeze()  # the children's garbage collector then leaves these objects (and their pages) alone
 
 
-def serve(control: socket.socket, probe: str) -> None:
-    code = compile(probe, "<wsgi_reload probe>", "exec")
+def load_probe(source: str, finder: str | None) -> dict[str, Any]:
+    """Run the probe's source once here, as a module rather than as ``__main__``, so that its
+    imports, its definitions and the generation finder it loads are in place before any check
+    forks: a check then spends its time on the project's code alone."""
+    probe: dict[str, Any] = {"__name__": "wsgi_reload_probe"}
+    exec(compile(source, "<wsgi_reload probe>", "exec"), probe)
+    if finder:
+        probe["load_finder"](finder)
+    return probe
+
+
+def serve(control: socket.socket, probe: dict[str, Any]) -> None:
     while True:
         try:
             _, fds, _, _ = socket.recv_fds(control, 64, 3)
@@ -94,7 +105,7 @@ def serve(control: socket.socket, probe: str) -> None:
                 for fd, target in zip(fds, (0, 3, 2), strict=True):
                     os.dup2(fd, target)
                 sys.stdin = open(0, closefd=False)  # noqa: SIM115 - this process's stdin until it exits
-                exec(code, {"__name__": "__main__"})
+                probe["main"]()
             finally:
                 os._exit(70)
         for fd in fds:
@@ -110,11 +121,13 @@ def main() -> None:
     sys.path[:] = payload["sys_path"]
     control = socket.socket(fileno=CONTROL_FD)
     preload(payload["preload"], tuple(payload["library_dirs"]))
+    probe = load_probe(payload["probe"], payload.get("finder"))
+    gc.freeze()
     if threading.active_count() > 1:
         control.send(json.dumps({"ready": False, "why": "a preloaded package started a thread"}).encode())
         return
     control.send(json.dumps({"ready": True, "modules": len(sys.modules)}).encode())
-    serve(control, payload["probe"])
+    serve(control, probe)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,17 @@ that a crash, an ``os._exit`` or a hang still tells which file was loading, then
 from __future__ import annotations
 
 import ast
+import ctypes
+import errno
 import importlib
 import importlib.abc
+import importlib.util
+import io
 import json
 import os
 import runpy
+import signal
+import socket
 import sys
 import traceback
 from typing import Any
@@ -124,7 +130,7 @@ def ask_ready(app: Any, target: str) -> None:
     environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
                "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
                "HTTP_HOST": "127.0.0.1", "REMOTE_ADDR": "127.0.0.1", "wsgi.version": (1, 0),
-               "wsgi.url_scheme": "http", "wsgi.input": __import__("io").BytesIO(b""), "wsgi.errors": sys.stderr,
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr,
                "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False}
     statuses: list[str] = []
 
@@ -199,7 +205,6 @@ def check_django_files(paths: list[str]) -> None:
             continue
         if path.endswith(".mo"):
             import gettext
-            import io
 
             catalog = _generation_bytes(path)
             try:
@@ -231,7 +236,7 @@ def check_django_files(paths: list[str]) -> None:
 
 def _generation_bytes(path: str) -> bytes | None:
     """The bytes of ``path`` in the generation being checked, if it has them."""
-    module: Any = sys.modules.get("_wsgi_reload_genimport")
+    module: Any = sys.modules.get(FINDER_MODULE)
     finder = None if module is None else module.installed()
     if finder is None:
         return None
@@ -279,16 +284,26 @@ def _location(exc: BaseException) -> tuple[str | None, int | None, str]:
     return None, None, str(exc)
 
 
-def install_generation(generation: dict[str, Any]) -> None:
-    """Import the project's files from the generation being checked, as the workers will."""
-    import importlib.util
+FINDER_MODULE = "_wsgi_reload_genimport"
 
-    spec = importlib.util.spec_from_file_location("_wsgi_reload_genimport", generation["finder"])
+
+def load_finder(path: str) -> Any:
+    """The generation finder (``genimport.py``, loaded by its path), once per process: a warm check
+    process loads it before it forks, so that no check compiles it and its imports again."""
+    module = sys.modules.get(FINDER_MODULE)
+    if module is not None and getattr(module, "__file__", None) == path:
+        return module
+    spec = importlib.util.spec_from_file_location(FINDER_MODULE, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and typing look a module up by name
     spec.loader.exec_module(module)
-    module.install(generation["store"], generation["id"], generation["files"])
+    return module
+
+
+def install_generation(generation: dict[str, Any]) -> None:
+    """Import the project's files from the generation being checked, as the workers will."""
+    load_finder(generation["finder"]).install(generation["store"], generation["id"], generation["files"])
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -299,8 +314,6 @@ def _become_subreaper() -> None:
     """Make every process the app starts, a ``setsid()`` daemon that left our process group
     included, come back to this process when its parent exits, so that it can be killed."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
@@ -316,7 +329,7 @@ def _children() -> list[int]:
         return found
     for task in tasks:
         try:
-            with open(f"/proc/{os.getpid()}/task/{task}/children", encoding="ascii") as f:
+            with open(f"/proc/{os.getpid()}/task/{task}/children", "rb") as f:
                 found.extend(int(pid) for pid in f.read().split())
         except (OSError, ValueError):
             continue
@@ -326,8 +339,6 @@ def _children() -> list[int]:
 def _kill_leftovers(rounds: int = 20) -> None:
     """Kill what the app left running. Each child killed hands its own children to us (we are
     their subreaper), so go round until none is left."""
-    import signal
-
     for _ in range(rounds):
         children = _children()
         if not children:
@@ -394,9 +405,6 @@ def _bind_aside_of(server_pid: int) -> None:
     """A port the running server already holds (a metrics port its ``--preload`` master opened at
     import) makes the app's bind fail here with EADDRINUSE, though no worker binds it again: in
     the check, such a bind takes a free port of the same address, with one note on stderr."""
-    import errno
-    import socket
-
     bind = socket.socket.bind
 
     def bind_aside(self: socket.socket, address: Any) -> None:

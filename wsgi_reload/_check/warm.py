@@ -56,10 +56,10 @@ class WarmProbe:
     """One warm probe process for one (directory, sys.path, environment)."""
 
     def __init__(self, *, cwd: str, sys_path: Sequence[str], env: Mapping[str, str], probe: str,
-                 preload: Sequence[str]) -> None:
+                 finder: str, preload: Sequence[str]) -> None:
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         payload = {"cwd": cwd, "sys_path": list(sys_path), "preload": list(preload), "probe": probe,
-                   "library_dirs": list(LIBRARY_DIRS)}
+                   "finder": finder, "library_dirs": list(LIBRARY_DIRS)}
         try:
             with spawn.data_file(json.dumps(payload).encode()) as stdin:
                 argv, environ = spawn.python_source(WARM_TITLE, _SOURCE, env)
@@ -148,9 +148,13 @@ _said_why: set[str] = set()
 
 
 def probe_for(cwd: str, sys_path: Sequence[str], env: Mapping[str, str], changed: Iterable[str],
-              loaded_modules: Iterable[str], probe_source: str) -> WarmProbe | None:
+              loaded_modules: Iterable[str], probe_source: str, finder: str) -> WarmProbe | None:
     """The warm probe process for this check when it is ready; else None (check cold), after
-    starting one for the next check. A changed installed-package file retires it."""
+    starting one for the next check. A changed installed-package file retires it.
+
+    :param probe_source: the probe's source, which the warm process runs once.
+    :param finder: the generation finder's file, which it loads once.
+    """
     key = (cwd, tuple(sys_path), tuple(sorted(env.items())))
     probe = _probes.get(key)
     if probe is not None and any(path.startswith(LIBRARY_DIRS) for path in changed):
@@ -173,7 +177,8 @@ def probe_for(cwd: str, sys_path: Sequence[str], env: Mapping[str, str], changed
     preload = preload_names(loaded_modules, sys_path)
     if preload:
         try:
-            _probes[key] = WarmProbe(cwd=cwd, sys_path=sys_path, env=env, probe=probe_source, preload=preload)
+            _probes[key] = WarmProbe(cwd=cwd, sys_path=sys_path, env=env, probe=probe_source, finder=finder,
+                                     preload=preload)
         except OSError as exc:
             log.debug("wsgi_reload: no warm check process: %s", exc)
     return None
