@@ -527,6 +527,95 @@ def test_an_action_that_fails_is_retried_until_it_works_or_a_newer_batch_comes()
     assert len(attempts) == 3
 
 
+class _Recorded:
+    """A watcher over one real file whose check records when it ran and what it read."""
+
+    def __init__(self, tmp_path: Path, settle: float) -> None:
+        from wsgi_reload import CheckResult
+        from wsgi_reload._core.watcher import Watcher
+
+        self.path = tmp_path / "greeting.py"
+        self.path.write_text("GREETING = 'v1'\n")
+        self.checks: list[tuple[float, str]] = []
+        self.acted: list[float] = []
+
+        def check(paths: object) -> CheckResult:
+            source = self.path.read_text()
+            self.checks.append((time.monotonic(), source))
+            try:
+                compile(source, str(self.path), "exec")
+            except SyntaxError as exc:
+                return CheckResult(False, "import", exc.msg, str(self.path), exc.lineno)
+            return CheckResult(True)
+
+        self.watcher = Watcher(Settings(settle=settle, backend="events"), lambda batch: self.acted.append(
+            time.monotonic()), server="a test", sources=[lambda: {str(self.path)}], check=check)
+
+    def wait_for_action(self) -> None:
+        deadline = time.monotonic() + 15
+        while not self.acted:
+            assert time.monotonic() < deadline, f"no reload; checks: {self.checks}"
+            time.sleep(0.01)
+
+
+def test_the_check_runs_while_the_save_settles_and_its_verdict_waits_for_the_window(tmp_path: Path) -> None:
+    """The check begins as soon as the change is seen, not once the settle window has closed;
+    the reload still waits for the window, and a save that settles with the bytes the check
+    read is checked once."""
+    watched = _Recorded(tmp_path, settle=2.0)
+    watched.watcher.start(announce=False)
+    try:
+        saved = time.monotonic()
+        watched.path.write_text("GREETING = 'v2'\n")
+        watched.wait_for_action()
+    finally:
+        watched.watcher.stop()
+    assert [source for _, source in watched.checks] == ["GREETING = 'v2'\n"]
+    assert watched.checks[0][0] < saved + 2.0  # the check ran inside the window
+    assert watched.acted[0] >= saved + 2.0  # the window still held the reload back
+
+
+def test_a_save_written_again_inside_the_settle_window_is_checked_as_it_settled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An editor writes half a file, then the rest: the check that began on the half is
+    thrown away without a word, and the settled file is checked and reloaded."""
+    watched = _Recorded(tmp_path, settle=1.0)
+    watched.watcher.start(announce=False)
+    with caplog.at_level(logging.INFO, logger="wsgi_reload"):
+        try:
+            watched.path.write_text("GREETING = (\n")
+            deadline = time.monotonic() + 15
+            while not watched.checks:  # the check of the half-written file has begun
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            watched.path.write_text("GREETING = 'v2'\n")
+            watched.wait_for_action()
+        finally:
+            watched.watcher.stop()
+    assert [source for _, source in watched.checks] == ["GREETING = (\n", "GREETING = 'v2'\n"]
+    assert len(watched.acted) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or "checking again" in r.getMessage()]
+
+
+def test_the_early_check_waits_for_a_file_still_open_for_writing(tmp_path: Path) -> None:
+    """A writer that truncated the file and holds it open (half written) is waited for: the
+    check reads the file once it is closed, never the half."""
+    watched = _Recorded(tmp_path, settle=0.2)
+    watched.watcher.start(announce=False)
+    try:
+        with open(watched.path, "w") as f:
+            f.write("GREETING = (\n")
+            f.flush()
+            time.sleep(0.5)  # far beyond the time the monitor takes to see the change
+            f.seek(0)
+            f.truncate()
+            f.write("GREETING = 'v2'\n")
+        watched.wait_for_action()
+    finally:
+        watched.watcher.stop()
+    assert [source for _, source in watched.checks] == ["GREETING = 'v2'\n"]
+
+
 # --- the monitor ---------------------------------------------------------------------------
 
 

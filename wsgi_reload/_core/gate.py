@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from .._check.check import CheckResult, check_code
 from .files import failed_imports
@@ -17,6 +18,17 @@ MAX_RECHECKS = 5
 """Files still changing after this many checks in a row: give up on this batch, the next scan brings them."""
 
 
+class Settler(Protocol):
+    """What settles a batch for the gate (the watcher's :class:`~wsgi_reload._core.monitor.Monitor`)."""
+
+    def written(self, batch: Sequence[Change]) -> None:
+        """Wait until no file of ``batch`` is open for writing."""
+
+    def settle(self, batch: list[Change], since: float | None = None) -> tuple[list[Change], list[Change]]:
+        """Wait until the batch's files are quiet (measured from ``since``, a ``time.monotonic()``),
+        and return the whole batch and the changes found meanwhile."""
+
+
 class ActionFailed(Exception):
     """The reload could not be carried out now (the target is gone, a pidfile is missing); try again."""
 
@@ -24,8 +36,12 @@ class ActionFailed(Exception):
 class ReloadGate:
     """Turns a batch of changes into at most one call of ``action``, and only for good code.
 
-    - The check runs on the batch; if files changed while it ran (``rescan`` finds more), its
-      result is stale: the new changes join the batch and the check runs again.
+    - The check runs on the batch as soon as it comes, while its settle window runs
+      (``settler``), rather than after it: a save that settles with the bytes the check read has
+      its verdict when the window closes. If the files changed again meanwhile (an editor's
+      second write), the result is stale: the settled batch is checked.
+    - If files changed while that check ran (``rescan`` finds more), its result is stale too:
+      the new changes join the batch and the check runs again.
     - On a failed check nothing happens: the error is logged once per distinct error, the
       broken file stays watched, and the next batch whose check passes acts.
     - An ``action`` that raises :class:`ActionFailed` stays pending and is retried by
@@ -40,6 +56,7 @@ class ReloadGate:
         server: str = "server",
         check: Callable[[Sequence[str]], CheckResult] | None = None,
         rescan: Callable[[], Sequence[Change]] | None = None,
+        settler: Settler | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.settings = settings
@@ -48,6 +65,8 @@ class ReloadGate:
         # By default the check imports with this process's sys.path, environment and directory.
         self.check = check if check is not None else (lambda paths: check_code(paths, settings))
         self.rescan = rescan
+        self.settler = settler
+        """None: batches come settled."""
         self.log = logger if logger is not None else log
         self.broken: CheckResult | None = None
         self.pending: Sequence[Change] | None = None
@@ -65,13 +84,13 @@ class ReloadGate:
             return False
         self.pending = None  # a newer batch replaces an action that could not be carried out
         detected = time.monotonic()
+        fresh = self.unsettled is None
         if self.unsettled is None:
             self.log.info("wsgi_reload: %s", describe(batch))
         else:  # files kept changing last time: check what they are now, with these changes
-            known = {c.path for c in batch}
-            batch = sorted([c for c in self.unsettled if c.path not in known] + list(batch))
+            batch = _merged(self.unsettled, batch)
             self.unsettled = None
-        batch, result = self._check_until_current(list(batch))
+        batch, result = self._check_until_current(list(batch), detected if fresh else None)
         if result.stage in ("stale", "paused"):
             # No verdict on the code: fast saves (an editor, a deploy still copying), or no room to
             # store the new code (a full disk). The batch is checked again on the next turn.
@@ -92,7 +111,7 @@ class ReloadGate:
         failed_imports.clear()
         stage = f"{result.stage}, warm" if result.warm else result.stage
         self.log.info("wsgi_reload: check passed (%s, %.0f ms); reloading %s",
-                      stage, 1000 * (time.monotonic() - detected), self.server)
+                      stage, 1000 * (result.seconds or time.monotonic() - detected), self.server)
         return self._act(batch)
 
     def _checked(self, batch: list[Change]) -> CheckResult:
@@ -102,15 +121,31 @@ class ReloadGate:
             return CheckResult(False, "paused", f"the new code cannot be stored or checked: {exc.strerror or exc}"
                                + (f" ({exc.filename})" if exc.filename else ""))
 
-    def _check_until_current(self, batch: list[Change]) -> tuple[list[Change], CheckResult]:
+    def _check_until_current(self, batch: list[Change], detected: float | None) -> tuple[list[Change], CheckResult]:
+        """Check ``batch`` until no file changed while the check ran. A fresh batch (``detected``:
+        when it was found) is checked at once, once its files are written, and settles meanwhile;
+        one that would not settle last time is not (its files were still being written a turn
+        ago: checking them early would only start and throw away a check on every turn of a
+        long deploy)."""
+        settler = self.settler if detected is not None else None
+        if settler is not None:
+            settler.written(batch)  # an editor that truncated a file may not have written it yet
+            batch = _merged(batch, self.rescan() if self.rescan is not None else [])
         result = self._checked(batch)
+        if settler is not None and detected is not None:
+            outlasted = time.monotonic() - detected > self.settings.settle
+            batch, more = settler.settle(batch, detected)
+            if not more:
+                return batch, result  # settled with the bytes the check read
+            if outlasted:  # (within the window it is the save itself settling: no news)
+                self.log.info("wsgi_reload: %s while the check ran; checking again", describe(more))
+            result = self._checked(batch)
         for _ in range(MAX_RECHECKS):
             more = list(self.rescan()) if self.rescan is not None else []
             if not more:
                 return batch, result
             self.log.info("wsgi_reload: %s while the check ran; checking again", describe(more))
-            known = {c.path for c in more}
-            batch = sorted([c for c in batch if c.path not in known] + more)
+            batch = _merged(batch, more)
             result = self._checked(batch)
         return batch, CheckResult(False, "stale", "files kept changing while the code was checked; "
                                   "waiting for them to settle", started_ns=result.started_ns)
@@ -187,6 +222,12 @@ class ReloadGate:
                            "Saving a fix reloads.", result)
         if result.details:
             self.log.debug("wsgi_reload: check traceback:\n%s", result.details)
+
+
+def _merged(batch: Sequence[Change], more: Sequence[Change]) -> list[Change]:
+    """``batch`` with the newer changes ``more`` (a file in both: its newer change)."""
+    known = {c.path for c in more}
+    return sorted([c for c in batch if c.path not in known] + list(more))
 
 
 def what_failed(result: CheckResult) -> str:

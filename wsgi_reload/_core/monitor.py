@@ -32,6 +32,10 @@ MAX_RESTARTS = 5
 WRITER_POLL_SECONDS = 0.05
 """How often a file still open for writing is looked at again when no settle window is set."""
 
+WRITTEN_POLL_SECONDS = 0.005
+"""How often :meth:`Monitor.written` looks again at a file still open for writing (a save is
+usually one write and a close, well under this)."""
+
 MAX_SETTLE_SECONDS = 3.0
 """A file that never stops changing (a log under a glob) must not hold a batch back forever."""
 
@@ -120,6 +124,7 @@ def settle(
     quiet_seconds: float,
     sleep: Callable[[float], object] = time.sleep,
     last_event: Callable[[], float] | None = None,
+    since: float | None = None,
 ) -> list[Change]:
     """Keep scanning until the files have been quiet for ``quiet_seconds`` and none of them is
     still open for writing; returns the whole batch.
@@ -128,11 +133,12 @@ def settle(
     that may even import; the kernel knows it is still open for writing (see
     :func:`open_for_writing`). With ``last_event`` (the monotonic time of the latest file
     event in any watched directory) quiet is measured from that event, which every write
-    moves; without it, from the last scan that found nothing new. ``sleep`` returning True
-    (a stop event's ``wait``) ends the wait early.
+    moves; without it, from the last scan that found nothing new. ``since`` is when the batch
+    was found (``time.monotonic()``; default: now). ``sleep`` returning True (a stop event's
+    ``wait``) ends the wait early.
     """
     batch = {c.path: c for c in changes}
-    found = time.monotonic()
+    found = time.monotonic() if since is None else since
     deadline = found + max(MAX_SETTLE_SECONDS, 10 * quiet_seconds)
 
     def quiet_for() -> float:
@@ -195,7 +201,12 @@ def open_for_writing(path: str) -> bool:
 
 
 class Monitor:
-    """Calls ``on_batch(changes)`` once per settled batch, from a daemon thread."""
+    """Calls ``on_batch(changes)`` once per settled batch, from a daemon thread.
+
+    With ``settles`` False it calls ``on_batch`` as soon as a scan finds changes, and the
+    handler settles the batch itself through :meth:`settle` (the gate checks the code
+    meanwhile).
+    """
 
     def __init__(
         self,
@@ -206,10 +217,12 @@ class Monitor:
         name: str = "wsgi_reload-monitor",
         on_tick: Callable[[], object] | None = None,
         tick_pending: Callable[[], bool] = lambda: False,
+        settles: bool = True,
     ) -> None:
         self.scanner = scanner
         self.settings = scanner.settings
         self.on_batch = on_batch
+        self._settles = settles
         self.backend = "poll"
         self._wake_dirs = tuple(wake_dirs)
         self._name = name
@@ -320,13 +333,33 @@ class Monitor:
 
     def _report(self, changes: list[Change]) -> None:
         try:
-            self.on_batch(self._settle(changes))
+            self.on_batch(self.settle(changes)[0] if self._settles else changes)
         except Exception:
             log.exception("wsgi_reload: handling a change failed")
 
-    def _settle(self, changes: list[Change]) -> list[Change]:
+    def written(self, changes: Sequence[Change]) -> None:
+        """Wait until no file of ``changes`` is open for writing (:func:`open_for_writing`), for at
+        most the settle window's cap."""
+        deadline = time.monotonic() + MAX_SETTLE_SECONDS
+        while any(open_for_writing(c.path) for c in changes if c.kind != "deleted") and time.monotonic() < deadline:
+            if self._stop.wait(WRITTEN_POLL_SECONDS):
+                return
+
+    def settle(self, changes: list[Change], since: float | None = None) -> tuple[list[Change], list[Change]]:
+        """Wait until the files of ``changes`` have settled (:func:`settle`, by this monitor's
+        backend and settings) and return the whole batch and what changed meanwhile.
+
+        :param since: when the batch was found (``time.monotonic()``; default: now).
+        """
+        more: list[Change] = []
+
+        def scan() -> list[Change]:
+            found = self._safe_scan()
+            more.extend(found)
+            return found
+
         clock = None if self._events is None else self._events.clock
-        return settle(self._safe_scan, changes, self.settings.settle, self._stop.wait, clock)
+        return settle(scan, changes, self.settings.settle, self._stop.wait, clock, since), more
 
     def _dirs_to_watch(self) -> set[str]:
         """The directories to hear events from, resolved (inotify watches what a path pointed

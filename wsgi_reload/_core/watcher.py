@@ -52,7 +52,9 @@ class Watcher:
         self.gate = ReloadGate(settings, action, server=server, check=check, rescan=self.scanner.scan)
         self.monitor = Monitor(self.scanner, on_batch or self.gate, wake_dirs=wake_dirs, name=name,
                                on_tick=on_tick or self.gate.retry_pending,
-                               tick_pending=self.gate.has_pending)
+                               tick_pending=self.gate.has_pending, settles=on_batch is not None)
+        if on_batch is None:
+            self.gate.settler = self.monitor  # the gate checks while the batch settles
 
     def start(self, announce: bool = True, workers_pending: bool = False) -> Watcher:
         """Record the baseline and start watching.
