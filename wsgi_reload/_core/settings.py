@@ -47,8 +47,9 @@ class Settings:
     check_timeout: float = 30.0
     """Seconds the import check may take before it counts as failed."""
     settle: float = 0.05
-    """Seconds the files must be quiet before a batch of changes is reported (with inotify: no
-    event in any watched directory for that long, which every write resets)."""
+    """Seconds the files must be quiet before a batch of changes acts (with inotify: no event
+    for a watched file for that long, which every write to one resets). A watcher's check
+    runs meanwhile; a ``Monitor`` of its own reports the batch then."""
     app: str | None = None
     """The entry point the import check loads (``module:callable``); adapters fill it in."""
     mode: str = "restart"
