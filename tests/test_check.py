@@ -641,6 +641,51 @@ def test_the_settle_window_turns_a_burst_into_one_batch(tmp_path: Path) -> None:
     assert batches == [[Change(str(tmp_path / "watched.txt"), "modified")]]
 
 
+def test_files_written_in_the_runtime_directory_wake_the_monitor_but_do_not_hold_a_save(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The runtime directory (``wake_dirs``) changes while a batch settles: the workers write
+    their records there, the watcher its store and swap. Those events wake the monitor, and
+    must not hold the settle window open, or every save under traffic would wait for the cap."""
+    import threading
+
+    from wsgi_reload._core import inotify
+
+    if inotify.unavailable():
+        pytest.skip(inotify.unavailable() or "")
+    target = tmp_path / "app" / "watched.py"
+    target.parent.mkdir()
+    target.write_text("0")
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    batches: list[tuple[float, list[Change]]] = []
+    settings = Settings(extra_files=(str(target),), backend="events", settle=0.3)
+    monitor = Monitor(Scanner(settings, watch_modules=False), lambda b: batches.append((time.monotonic(), list(b))),
+                      wake_dirs=[str(runtime)])
+    stop = threading.Event()
+
+    def records() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            (runtime / "worker-1.json").write_text(str(n))
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=records, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="wsgi_reload"), monitor:
+        writer.start()
+        try:
+            target.write_text("1")
+            deadline = time.monotonic() + 10
+            while not batches and time.monotonic() < deadline:
+                time.sleep(0.01)
+            writing = writer.is_alive()
+        finally:
+            stop.set()
+            writer.join(5)
+    assert writing and [b for _, b in batches] == [[Change(str(target), "modified")]]
+    assert not [r for r in caplog.records if "still changing" in r.getMessage()]
+
+
 @pytest.fixture(params=["inotify", "watchfiles"])
 def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each event test runs on both sources of events, with the safety rescan off, so that

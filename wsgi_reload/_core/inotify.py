@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterable
 
 log = logging.getLogger("wsgi_reload.inotify")
 
+IGNORED, WAKES, HOLDS = 0, 1, 2
+"""What the ``relevant(directory, name)`` of :class:`DirectoryWatcher` says of an event: nothing;
+wake the monitor (a worker's record in the runtime directory); wake it and hold its settle
+window open (a write to a watched file)."""
+
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
@@ -90,7 +95,7 @@ class DirectoryWatcher:
     event, so the rescan only guards against what no event covers."""
 
     def __init__(self, on_change: Callable[[], object], name: str = "wsgi_reload-inotify",
-                 relevant: Callable[[str, str], bool] = lambda directory, name: True) -> None:
+                 relevant: Callable[[str, str], int] = lambda directory, name: HOLDS) -> None:
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -110,10 +115,11 @@ class DirectoryWatcher:
         self._last_event = 0.0
 
     def last_event(self) -> float:
-        """The :func:`time.monotonic` time the latest relevant event was read (0.0 before any):
-        the monitor measures its settle window from it, since every write to a watched file
-        moves it. An event ``relevant(directory, name)`` rejects (a request log, a database
-        file beside the code) neither moves it nor wakes anyone."""
+        """The :func:`time.monotonic` time the latest event that ``relevant(directory, name)``
+        says :data:`HOLDS` was read (0.0 before any): the monitor measures its settle window
+        from it, since every write to a watched file moves it. An event it rejects (a request
+        log, a database file beside the code) neither moves it nor wakes anyone; one that only
+        :data:`WAKES` (a worker's record in the runtime directory) wakes the monitor."""
         return self._last_event
 
     @property
@@ -177,17 +183,19 @@ class DirectoryWatcher:
             ready = {fd for fd, _ in poller.poll()}  # no timeout: asleep until the kernel has news
             if self._stop_read in ready:
                 return
-            if not self._drain():
+            relevance = self._drain()
+            if not relevance:
                 continue
-            self._last_event = time.monotonic()
+            if relevance == HOLDS:
+                self._last_event = time.monotonic()
             try:
                 self._on_change()
             except Exception:
                 log.exception("wsgi_reload: handling a file event failed")
 
-    def _drain(self) -> bool:
-        """Read every queued event; True when one of them is relevant."""
-        relevant = False
+    def _drain(self) -> int:
+        """Read every queued event; the most any of them matters (:data:`HOLDS` first)."""
+        relevant = IGNORED
         while True:
             try:
                 data = os.read(self._fd, 65536)
@@ -204,15 +212,17 @@ class DirectoryWatcher:
                 offset += EVENT_HEADER.size + length
                 if mask & IN_Q_OVERFLOW:
                     log.info("wsgi_reload: the inotify event queue overflowed; a full scan follows")
-                    relevant = True
+                    relevant = HOLDS
                 elif mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
                     self._forget(wd, moved=bool(mask & IN_MOVE_SELF))
-                    relevant = True
-                elif not relevant:
+                    relevant = HOLDS
+                elif relevant != HOLDS:
                     name = os.fsdecode(raw.rstrip(b"\0"))
                     directory = self._paths.get(wd)
-                    relevant = directory is None or not name or bool(mask & IN_ISDIR) or \
-                        self._relevant(directory, name)
+                    said = HOLDS if directory is None or not name else self._relevant(directory, name)
+                    if mask & IN_ISDIR and said != WAKES:
+                        said = HOLDS  # a new package directory, say: it must be watched
+                    relevant = max(relevant, said)
 
     def _forget(self, wd: int, moved: bool) -> None:
         """A watched directory was deleted or moved away: the path may come back as another

@@ -79,12 +79,13 @@ class EventsFailed(Exception):
     tries no other backend, which would meet the same limit."""
 
 
-EventOpener = Callable[[set[str], Callable[[], object], str, Callable[[str, str], bool]], EventSource]
-"""Opens a backend on (directories, wake, thread name, relevant(directory, name))."""
+EventOpener = Callable[[set[str], Callable[[], object], str, Callable[[str, str], int]], EventSource]
+"""Opens a backend on (directories, wake, thread name, relevant(directory, name): see
+:data:`wsgi_reload._core.inotify.HOLDS`)."""
 
 
 def _open_inotify(dirs: set[str], wake: Callable[[], object], name: str,
-                  relevant: Callable[[str, str], bool]) -> EventSource:
+                  relevant: Callable[[str, str], int]) -> EventSource:
     reason = inotify.unavailable()
     if reason is not None:
         raise Unavailable(reason)
@@ -101,7 +102,7 @@ def _open_inotify(dirs: set[str], wake: Callable[[], object], name: str,
 
 
 def _open_watchfiles(dirs: set[str], wake: Callable[[], object], name: str,
-                     relevant: Callable[[str, str], bool]) -> EventSource:
+                     relevant: Callable[[str, str], int]) -> EventSource:
     try:
         import watchfiles  # noqa: F401
     except ImportError:
@@ -233,7 +234,8 @@ class Monitor:
         self._rescan_seconds = EVENTS_RESCAN_SECONDS
         self._first: list[Change] = []
         self._on_tick = on_tick
-        self._relevance: tuple[frozenset[tuple[str, str]], frozenset[str]] = (frozenset(), frozenset())
+        self._relevance: tuple[frozenset[tuple[str, str]], frozenset[str], frozenset[str]] = \
+            (frozenset(), frozenset(), frozenset())
         self._on_tick_pending = tick_pending
 
     def start(self) -> Monitor:
@@ -370,7 +372,10 @@ class Monitor:
         It also records which events matter (:meth:`_relevant`): in a directory that holds
         watched files only those files' events do, so a request log, a SQLite database or
         uploads beside the code neither wake the monitor nor hold its settle window open; in a
-        directory of a glob, of the runtime directory or on a symlink's way, every event does."""
+        directory of a glob or on a symlink's way, every event does. An event in the runtime
+        directory (``wake_dirs``: a worker's record, the swap's own files) wakes the monitor but
+        does not hold the window: it is no save in progress, and the watcher writes there itself
+        while a batch settles."""
         # Listed afresh, not taken from the last scan: a tick may have added a file since (the
         # file a failed check names), and its directory must be watched from this turn on.
         names: set[tuple[str, str]] = set()
@@ -380,7 +385,8 @@ class Monitor:
             by_dir.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
         for directory in (*self._wake_dirs, *self.scanner.growing_dirs()):
             by_dir.setdefault(directory, [])
-            every.add(os.path.realpath(directory))
+        every.update(os.path.realpath(d) for d in self.scanner.growing_dirs())
+        wakes = frozenset(os.path.realpath(d) for d in self._wake_dirs)
         watched: set[str] = set()
         for directory, files in by_dir.items():
             # A watched file whose directory does not exist yet (an extra file still to come):
@@ -396,12 +402,14 @@ class Monitor:
             parents = symlink_parents(nearest)
             watched.update(parents)
             every.update(parents)
-        self._relevance = (frozenset(names), frozenset(every))
+        self._relevance = (frozenset(names), frozenset(every), wakes)
         return watched
 
-    def _relevant(self, directory: str, name: str) -> bool:
-        names, every = self._relevance
-        return directory in every or (directory, name) in names
+    def _relevant(self, directory: str, name: str) -> int:
+        names, every, wakes = self._relevance
+        if directory in every or (directory, name) in names:
+            return inotify.HOLDS
+        return inotify.WAKES if directory in wakes else inotify.IGNORED
 
     def _start_events(self) -> None:
         dirs = self._dirs_to_watch()
