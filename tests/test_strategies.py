@@ -172,9 +172,11 @@ def test_swap_adds_a_worker_per_worker_then_retires_the_old_ones() -> None:
     assert not set(old) & set(server.workers) and len(server.workers) == 2
 
 
-def test_swap_retires_nothing_while_the_new_workers_load_and_resumes_once_they_have() -> None:
-    """One new worker first; the rest once it serves (alone it loads sooner on a busy machine)."""
+def test_swap_retires_an_old_worker_as_each_new_one_serves_and_resumes_once_they_have() -> None:
+    """One new worker first; the rest once it serves (alone it loads sooner on a busy machine).
+    Nothing retires while a new worker loads; each that serves retires the oldest old one."""
     server = FakeServer(2, new_worker=lambda pid: None)
+    old = list(server.workers)
     swap = SignalledSwap(MASTER, server, server, load_timeout=0.1)
     with pytest.raises(ActionFailed, match="0 of 2 new workers have loaded"):
         swap()
@@ -182,8 +184,9 @@ def test_swap_retires_nothing_while_the_new_workers_load_and_resumes_once_they_h
     server.say(server.workers[2], True)
     with pytest.raises(ActionFailed, match="1 of 2 new workers have loaded"):
         swap()
-    assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN"]
-    server.say(server.workers[3], True)
+    assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN", "SIGTTOU"]
+    assert old[0] not in server.workers and old[1] in server.workers
+    server.say(server.workers[2], True)
     assert swap() == 2
     assert [name for _, name in server.sent] == ["SIGTTIN", "SIGTTIN", "SIGTTOU", "SIGTTOU"]  # no TTIN again
 

@@ -355,7 +355,16 @@ class SignalledSwap(Strategy):
                 wanted = self.wanted()
                 stale = {pid for pid in fresh
                          if wanted is not None and self.records.generation_of.get(pid) not in (None, wanted)}
-                if stale or len(fresh) >= self.count:
+                if stale:
+                    break
+                # Each new worker that serves retires an old one at once (TTOU: the master retires
+                # its oldest), rather than all of them at the end: more of the requests reach the
+                # new code sooner, and the server never runs two full sets of workers.
+                while self.retired < min(len(fresh), self.added):
+                    self._send(signal.SIGTTOU)
+                    self.retired += 1
+                    self._remember()
+                if len(fresh) >= self.count:
                     break
                 # The swap resumes once new workers load, on a retry or after the next good save.
                 _fail_if_a_new_worker_cannot_serve(self.records, new, wanted)
