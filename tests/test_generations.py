@@ -118,6 +118,26 @@ def test_a_lazy_module_saved_broken_while_one_worker_never_imported_it(tmp_path:
         assert "loaded before wsgi_reload" not in server.log()  # the README's commands cover the whole app
 
 
+@pytest.mark.parametrize("kind", ["sync", "uwsgi-prefork"])
+def test_a_lazy_module_a_worker_first_imports_while_its_broken_save_is_checked_is_checked_too(
+        tmp_path: Path, kind: str) -> None:
+    """No worker had imported lazy_part when it was saved broken, so the check does not import
+    it. While the (slow) check runs, a request makes a worker import it, from the verified
+    bytes. Once the save has settled, the verdict no longer covers what the workers run: the
+    watcher checks again, with lazy_part, and refuses the save."""
+    app = lazy_app(tmp_path)
+    write(app / "greeting.py", greeting("v1", head="import time\ntime.sleep(1.5)\n\n"))  # a slow check
+    port = free_port()
+    with running(serve(kind, app, port), "v1") as server:
+        write(app / "lazy_part.py", LAZY_BROKEN)
+        server.wait_for_log(r"1 file changed: .*lazy_part\.py")
+        status, body = get(port, "/lazy")  # a worker imports lazy_part now, while the check runs
+        assert (status, body.split("@")[0]) == (200, "lazy-1")
+        server.wait_for_log(rf"not reloading, the new code does not load: {app / 'lazy_part.py'}:1: NameError")
+        settled_workers(server, 2)
+        assert every_worker_answers(port, "/lazy", "lazy-1") > 20
+
+
 def test_good_then_broken_saves_never_serve_an_older_version_after_the_final_one(
         tmp_path: Path, kind: str) -> None:
     app = make_app(tmp_path)

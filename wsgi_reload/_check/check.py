@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,10 @@ class CheckResult:
     """The check interpreter was killed with SIGKILL by someone else (the OOM killer, a person)."""
     watch_for: tuple[str, ...] = ()
     """Files that do not exist yet and would fix the error (a missing module's candidates)."""
+    holds: Callable[[], bool] = dataclasses.field(default=lambda: True, compare=False, repr=False)
+    """Whether the verdict still covers what the workers run, asked once the batch has settled:
+    False when a worker has since loaded a changed module the check did not import (a lazy
+    import whose record came after the check began). The gate then checks again."""
 
     def __str__(self) -> str:
         if self.ok:

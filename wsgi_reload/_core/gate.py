@@ -91,6 +91,13 @@ class ReloadGate:
             batch = _merged(self.unsettled, batch)
             self.unsettled = None
         batch, result = self._check_until_current(list(batch), detected if fresh else None)
+        if result.ok and not result.holds():
+            # A worker loaded a changed module after the check began (say, a lazy import whose
+            # record came late): the check did not import it. Check with it now.
+            batch, result = self._check_until_current(batch, None)
+            if result.ok and not result.holds():
+                result = CheckResult(False, "stale", "the workers' modules kept changing while the code was checked",
+                                     started_ns=result.started_ns)
         if result.stage in ("stale", "paused"):
             # No verdict on the code: fast saves (an editor, a deploy still copying), or no room to
             # store the new code (a full disk). The batch is checked again on the next turn.

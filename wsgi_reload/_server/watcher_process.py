@@ -17,6 +17,7 @@ standard error it was given, which is the server's log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -275,15 +276,23 @@ class _ServerWatch:
         if not self.begin_swap(paths, candidate) and self.store.trial_id() is not None:
             self.end_trial()  # an earlier check's trial (the code changed while it ran) that this one does not take on
         result = None
+        changed = sorted({*paths, *candidate.changed})
+        loaded = set(self.records.files)
         try:
-            result = check_code(sorted({*paths, *candidate.changed}), self.settings, cwd=self.config["cwd"],
-                                sys_path=self.config["sys_path"], loaded_modules=self.records.files,
+            result = check_code(changed, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
+                                loaded_modules=loaded,
                                 generation=Checked(self.store.directory, candidate.id, candidate.files),
                                 server_pid=self.target.pid)
         finally:
             if (result is None or not result.ok) and self.store.trial_id() is not None:
                 self.end_trial()
-        return result
+        unchecked = {path for path in changed if path.endswith(".py")} - loaded
+
+        def holds() -> bool:
+            self.records()
+            return not unchecked & set(self.records.files)
+
+        return dataclasses.replace(result, holds=holds)
 
     def begin_swap(self, paths: Sequence[str], candidate: Generation) -> bool:
         """gunicorn's swap: offer the candidate as the trial and start the first new worker now,
