@@ -52,6 +52,8 @@ class FakeServer:
         self.master_listens = True
         """False: the master closed its listeners (gunicorn's stop does that first)."""
         self.linger = False
+        self.stuck: set[int] = set()
+        """Workers whose graceful stop (SIGHUP) never ends."""
 
     def spawn(self) -> int:
         self.next_pid += 1
@@ -84,6 +86,13 @@ class FakeServer:
                 self.lingering |= set(old)
             for _ in old:
                 self.start_worker()
+        elif signum == signal.SIGHUP and pid in self.stuck:
+            return
+        elif signum == signal.SIGKILL and pid in self.workers:  # the master starts another in its place
+            self.stuck.discard(pid)
+            self.workers.remove(pid)
+            self.records.pop(pid, None)
+            self.start_worker()
         elif signum == signal.SIGHUP and pid in self.lingering:  # a worker the reload forgot: it stops now
             self.lingering.discard(pid)
         elif signum == signal.SIGHUP:
@@ -287,6 +296,21 @@ def test_chain_stops_at_a_worker_whose_replacement_has_not_loaded() -> None:
     server.new_worker = lambda pid: True
     assert chain() == 2
     assert server.sent == [(first, "SIGHUP"), (second, "SIGHUP")]
+
+
+def test_chain_kills_a_worker_whose_graceful_stop_outlasts_the_mercy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uWSGI does not time a worker stopped from outside its master: a graceful stop that never
+    ends would hold the chain for good. After the mercy the chain kills that worker; the master
+    starts its replacement and the chain goes on."""
+    import wsgi_reload._server.strategies as strategies
+
+    monkeypatch.setattr(strategies, "CHAIN_MERCY_SECONDS", 0.2)
+    server = FakeServer(2)
+    first, second = server.workers
+    server.stuck.add(first)
+    assert WorkerChain(server, server, load_timeout=5.0)() == 2
+    assert server.sent == [(first, "SIGHUP"), (first, "SIGKILL"), (second, "SIGHUP")]
+    assert not {first, second} & set(server.workers) and len(server.workers) == 2
 
 
 class DictMemory:

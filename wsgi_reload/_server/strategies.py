@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -595,6 +596,13 @@ def wait_until_delivered(pid: int, signum: int, timeout: float = 1.0) -> None:
         time.sleep(0.005)
 
 
+CHAIN_MERCY_SECONDS = 60.0
+"""A worker the chain stopped gracefully that has not exited after this long is killed. uWSGI
+gives the workers of its own reloads the same mercy (``--worker-reload-mercy``, 60 s by
+default), but it does not time a worker signalled from outside the master: a graceful stop
+that never ends (a worker stuck in a request, or in its own exit) would hold the chain for good."""
+
+
 class WorkerChain(Strategy):
     """uWSGI ``--lazy-apps``: replace the workers one at a time, each only once the one before has
     loaded the app, as ``uwsgi.chain_reload()`` does from inside the master (core/master_checks.c,
@@ -621,6 +629,8 @@ class WorkerChain(Strategy):
         self.known: set[int] = set()
         self.signalled: set[int] = set()
         self.memory = memory
+        self._signalled_at: dict[int, float] = {}
+        """When each worker was stopped (by this watcher: a resumed chain counts from its start)."""
         self._recall()
 
     def __call__(self) -> int:
@@ -645,6 +655,7 @@ class WorkerChain(Strategy):
                 self._remember()
             deadline = time.monotonic() + wait
             while not (fresh := self._loaded() - self.known):
+                self._no_mercy_after(old)
                 if time.monotonic() >= deadline:
                     raise ActionFailed(f"the new worker replacing {old} has not loaded the app; the other workers "
                                        "serve until it has")
@@ -656,6 +667,18 @@ class WorkerChain(Strategy):
                 count += len(self.retiring)
             self._remember(done=not self.retiring)
         return count
+
+    def _no_mercy_after(self, old: int) -> None:
+        """Kill ``old`` if its graceful stop has lasted :data:`CHAIN_MERCY_SECONDS`; the master
+        then starts its replacement, which loads the app."""
+        since = self._signalled_at.setdefault(old, time.monotonic())
+        if time.monotonic() - since < CHAIN_MERCY_SECONDS or self.signals.exited(old):
+            return
+        log.warning("wsgi_reload: worker %d has not stopped %.0f s after its graceful stop; killing it (SIGKILL), "
+                    "as uWSGI's own reloads do", old, CHAIN_MERCY_SECONDS)
+        self._signalled_at[old] = math.inf  # once
+        with contextlib.suppress(TargetError):
+            self.signals.send(old, signal.SIGKILL)
 
     def _stale(self) -> list[int]:
         """Live workers that loaded an older generation than the one wanted now."""
