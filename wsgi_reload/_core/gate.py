@@ -84,13 +84,12 @@ class ReloadGate:
             return False
         self.pending = None  # a newer batch replaces an action that could not be carried out
         detected = time.monotonic()
-        fresh = self.unsettled is None
-        if self.unsettled is None:
+        unsettled, self.unsettled = self.unsettled, None
+        if unsettled is None:
             self.log.info("wsgi_reload: %s", describe(batch))
         else:  # files kept changing last time: check what they are now, with these changes
-            batch = _merged(self.unsettled, batch)
-            self.unsettled = None
-        batch, result = self._check_until_current(list(batch), detected if fresh else None)
+            batch = _merged(unsettled, batch)
+        batch, result = self._check_until_current(list(batch), detected if unsettled is None else None)
         if result.ok and not result.holds():
             # A worker loaded a changed module after the check began (say, a lazy import whose
             # record came late): the check did not import it. Check with it now.

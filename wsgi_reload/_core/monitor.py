@@ -383,9 +383,10 @@ class Monitor:
         by_dir: dict[str, list[str]] = {}
         for path in self.scanner.watched_files():
             by_dir.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
-        for directory in (*self._wake_dirs, *self.scanner.growing_dirs()):
+        growing = self.scanner.growing_dirs()
+        for directory in (*self._wake_dirs, *growing):
             by_dir.setdefault(directory, [])
-        every.update(os.path.realpath(d) for d in self.scanner.growing_dirs())
+        every.update(os.path.realpath(d) for d in growing)
         wakes = frozenset(os.path.realpath(d) for d in self._wake_dirs)
         watched: set[str] = set()
         for directory, files in by_dir.items():
