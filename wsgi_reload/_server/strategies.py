@@ -360,7 +360,7 @@ class SignalledSwap(Strategy):
                     break
                 # Each new worker that serves retires an old one at once (TTOU: the master retires
                 # its oldest), rather than all of them at the end: more of the requests reach the
-                # new code sooner, and the server never runs two full sets of workers.
+                # new code sooner, and fewer workers run at once.
                 while self.retired < min(len(fresh), self.added):
                     self._send(signal.SIGTTOU)
                     self.retired += 1
