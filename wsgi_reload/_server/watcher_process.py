@@ -290,7 +290,7 @@ class _ServerWatch:
 
         def holds() -> bool:
             self.records()
-            return not unchecked & set(self.records.files)
+            return unchecked.isdisjoint(self.records.files)
 
         return dataclasses.replace(result, holds=holds)
 
