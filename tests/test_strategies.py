@@ -466,8 +466,25 @@ def test_a_master_that_is_stopping_is_not_sent_workers(monkeypatch: pytest.Monke
     server.master_listens = False
     server.records.pop(server.workers.pop(0))  # one worker done stopping, one still finishing
     sent = len(server.sent)
-    tick_until_settled(swap_)
+    for _ in range(20):  # 0.4 s: the steady time eight times over
+        swap_.tick()
+        time.sleep(0.02)
     assert server.sent[sent:] == []
+
+
+def test_a_master_that_seemed_not_to_listen_once_is_counted_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reading of the master's listeners that finds none while it serves (the master is not
+    stopping) does not end the counting: the worker too many is still retired."""
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    server.generation = 2
+    server.lose_ttou = [False, True]
+    swap_ = SignalledSwap(MASTER, server, server, 1.0)
+    assert swap_() == 2 and len(server.workers) == 3
+    readings = iter([False])
+    server.listening = lambda pid: next(readings, True)  # type: ignore[method-assign]
+    tick_until_settled(swap_)
+    assert len(server.workers) == 2
 
 
 def test_a_swap_begun_beside_the_check_carries_on_once_it_passed() -> None:

@@ -443,10 +443,8 @@ class SignalledSwap(Strategy):
         self._seen = None
         if len(kids) != self.recount and not self.signals.listening(self.master_pid):
             # gunicorn's stop closes the listeners first, then waits for its workers: they are
-            # not missing, the server is going.
-            log.debug("wsgi_reload: the master is stopping; not counting its workers")
-            self.recount = 0
-            self._remember()
+            # not missing, the server is going (and this watcher with it). Looked at again on
+            # the next turn rather than given up: one wrong reading must not end the counting.
             return
         if len(kids) == self.recount:
             self.recount = 0
