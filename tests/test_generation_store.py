@@ -333,3 +333,24 @@ def test_looking_for_the_watcher_does_not_wake_it(tmp_path: Path) -> None:
         assert woken
     finally:
         watcher.stop()
+
+
+def test_a_record_rewritten_within_one_clock_tick_at_the_same_size_is_read_anew(tmp_path: Path) -> None:
+    """A worker's record says ``"app_loaded": null`` and then ``true`` (the same length) within one
+    tick of the file system's clock: the watcher's cached reading must not keep the first."""
+    from wsgi_reload._server.records import WorkerRecords
+    from wsgi_reload._server.runtime import write_record
+
+    directory = str(tmp_path)
+    body = {"pid": 4242, "loaded_at_ns": 1, "files": [], "patterns": [], "app_loaded": None}
+    write_record(directory, "4242.json", body)
+    path = tmp_path / "4242.json"
+    stamp = path.stat().st_mtime_ns
+    records = WorkerRecords(directory)
+    records()
+    assert records.serving == set()
+    write_record(directory, "4242.json", {**body, "app_loaded": True})
+    os.utime(path, ns=(stamp, stamp))  # the same tick
+    assert path.stat().st_size == len(json.dumps(body).encode())
+    records()
+    assert records.serving == {4242}

@@ -86,7 +86,7 @@ class WorkerRecords:
         self.unchecked: set[str] = set()
         """Project files a live process imported from the disk before its generation's finder
         came (Django's settings with no gunicorn config): a new worker reads them there too."""
-        self._cache: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
         files: dict[str, int | None] = {}
@@ -151,14 +151,18 @@ class WorkerRecords:
             st = os.lstat(os.path.join(self.directory, name))
         except OSError:
             return None
+        # Records are replaced by a rename, so each write is a new inode: with it in the key, two
+        # writes of one size within one tick of the file system's clock are not taken for one
+        # ("app_loaded": null and true are the same length).
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(name)
-        if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
+        if cached is not None and cached[0] == key:
             return cached[1]
         record = runtime.read_record(self.directory, name)
         if record is None or not isinstance(record.get("files"), list) \
                 or not isinstance(record.get("loaded_at_ns"), int):
             return None
-        self._cache[name] = ((st.st_mtime_ns, st.st_size), record)
+        self._cache[name] = (key, record)
         return record
 
 
