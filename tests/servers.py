@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -376,17 +377,22 @@ def kill_the_watcher_under_load(server: Server, cwd: Path, save: Callable[[], st
     assert "had stopped; worker" in server.log()
 
 
-def runtime_dir_of(app: Path) -> Path:
-    """The private runtime directory of the server running ``app``: the one whose generations
-    name a file of it."""
+def _runtime_bases() -> set[Path]:
+    """Where runtime directories are made: the temporary directory, and $XDG_RUNTIME_DIR if set."""
     import tempfile
 
-    deadline = time.monotonic() + LIVENESS_TIMEOUT
     bases = {Path(tempfile.gettempdir())}
     if os.environ.get("XDG_RUNTIME_DIR"):
         bases.add(Path(os.environ["XDG_RUNTIME_DIR"]))
+    return bases
+
+
+def runtime_dir_of(app: Path) -> Path:
+    """The private runtime directory of the server running ``app``: the one whose generations
+    name a file of it."""
+    deadline = time.monotonic() + LIVENESS_TIMEOUT
     while time.monotonic() < deadline:
-        for base in bases:
+        for base in _runtime_bases():
             for candidate in base.glob("wsgi-reload-*"):
                 try:
                     if any(str(app) in r.read_text() for r in (candidate / "generations").glob("*.json")):
@@ -395,6 +401,25 @@ def runtime_dir_of(app: Path) -> Path:
                     continue
         time.sleep(0.1)
     raise AssertionError(f"no runtime directory names {app}")
+
+
+def watcher_state(app: Path) -> str:
+    """For a failure message: the replacement under way (``replacing.json``) and what each worker's
+    record says, from the runtime directory of the server running ``app`` (looked for once)."""
+    for candidate in (c for base in _runtime_bases() for c in base.glob("wsgi-reload-*")):
+        try:
+            if not any(str(app) in r.read_text() for r in (candidate / "generations").glob("*.json")):
+                continue
+            replacing = candidate / "replacing.json"
+            state = [f"replacing: {replacing.read_text() if replacing.exists() else 'none'}"]
+            for record in sorted(candidate.glob("[0-9]*.json")):
+                body = json.loads(record.read_text())
+                state.append(f"{record.stem}: app_loaded={body.get('app_loaded')} "
+                             f"generation={body.get('generation')}")
+            return "; ".join(state)
+        except (OSError, ValueError):
+            continue
+    return "no runtime directory found"
 
 
 def remove_the_runtime_directory_under_load(server: Server, app: Path, saves: Sequence[Callable[[], str]],
@@ -473,7 +498,8 @@ def settled_workers(server: Server, count: int) -> set[int]:
             time.sleep(1)
             if worker_pids(server) == pids:
                 return pids
-        assert time.monotonic() < deadline, f"the master runs {len(pids)} workers, not {count}"
+        assert time.monotonic() < deadline, \
+            f"the master runs {len(pids)} workers, not {count}; the watcher's state: {watcher_state(server.cwd)}"
         time.sleep(0.2)
 
 
