@@ -225,3 +225,28 @@ def test_a_worker_booting_when_a_swap_begins_never_serves_the_older_code(tmp_pat
         assert failures == []
         assert bodies == {"v3"}
         settled_workers(server, 2)
+
+
+IMPORTED_BY = "import os\nwith open({marker!r}, 'a') as _f:\n    _f.write(f'{{os.getpid()}}\\n')\n\n"
+"""The head of a save that notes the pid of each process that imports it."""
+
+
+def test_a_save_the_new_worker_imported_is_not_imported_again_by_the_check(tmp_path: Path) -> None:
+    """The app is imported once per reload, by the workers: the new worker started beside the
+    check imports the save, and its import is the verdict. Every process that imported the save
+    is a gunicorn worker (a check process would note its pid too), and the log says which proof
+    it was. A lazy module is still the check's to import (the refusal tests above)."""
+    app = make_app(tmp_path)
+    marker = tmp_path / "imported_by"
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), "v1") as server, Load(port, threads=4) as load:
+        write(app / "greeting.py", greeting("v2", head=IMPORTED_BY.format(marker=str(marker))))
+        wait_for_body(port, "v2")
+        server.wait_for_log(r"reload done")
+        settled_workers(server, 2)
+        _, failures, _ = load.snapshot()
+        importers = {int(pid) for pid in marker.read_text().split()}
+        booted = {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", server.log())}
+    assert failures == []
+    assert importers and importers <= booted, (importers - booted, server.log()[-3000:])
+    assert server.count(r"check passed \(import by a new worker") == 1

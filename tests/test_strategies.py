@@ -9,6 +9,7 @@ these strategies in tests/test_django.py and tests/test_uwsgi.py.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -504,6 +505,25 @@ def test_a_swap_begun_beside_the_check_carries_on_once_it_passed() -> None:
     assert not old & set(server.workers) and held in server.workers and len(server.workers) == 2
     assert [name for _, name in server.sent if name != "SIGTERM"] == ["SIGTTIN", "SIGTTIN", "SIGTTOU", "SIGTTOU"]
     assert not swap_.under_way()
+
+
+def test_a_one_worker_swap_waits_for_the_held_worker_to_see_the_verdict() -> None:
+    """With one worker, the held worker is the whole swap: it serves a few ms after the pass
+    (once it has seen the verdict). The swap waits for that, rather than look once, fail, and
+    log "cannot reload yet" until a retry."""
+    server = FakeArbiter(1)
+    server.generation = 2
+    server.new_worker = lambda pid: None
+    swap_ = SignalledSwap(MASTER, server, server, 5.0, lambda: 2)
+    swap_.begin(2)
+    [held] = set(server.workers) - {min(server.workers)}
+    timer = threading.Timer(0.2, lambda: server.records.__setitem__(held, True))  # it saw the verdict
+    timer.start()
+    try:
+        assert swap_() == 1
+    finally:
+        timer.cancel()
+    assert server.workers == [held]
 
 
 def test_a_swap_begun_for_code_the_check_refused_retires_no_old_worker_early(monkeypatch: pytest.MonkeyPatch) -> None:

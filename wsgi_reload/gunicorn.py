@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._check.check import checking
-from ._check.probe import ask_ready
+from ._check.probe import ask_ready, load_django_urls
 from ._core.logs import forward_to
 from ._core.settings import Settings, SettingsError, missing_extra_files
 from ._server import preload, runtime
@@ -207,7 +207,8 @@ def post_worker_init(worker: Any) -> None:
     if _agent is None:
         return
     timeout = 2 * (_settings or Settings()).check_timeout + 10
-    if not _agent.may_serve(timeout, heartbeat=worker.notify, alive=lambda: bool(worker.alive)):
+    if not _agent.may_serve(timeout, heartbeat=worker.notify, alive=lambda: bool(worker.alive),
+                            prove=load_django_urls):
         sys.exit(0)  # not a boot error: gunicorn starts another worker, which loads the running code
     if _settings is not None and _settings.ready_path:
         try:

@@ -51,7 +51,8 @@ class CheckResult:
 
     ok: bool
     stage: str = "import"
-    """``compile``, ``import``, ``timeout`` or ``off``."""
+    """``compile``, ``import``, ``timeout`` or ``off``; ``import by a new worker`` when a new worker's
+    own import of the code was the proof (gunicorn's swap begun beside the check)."""
     message: str = ""
     file: str | None = None
     line: int | None = None

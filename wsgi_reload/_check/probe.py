@@ -119,7 +119,7 @@ def load_application(target: str) -> object:
                 app = _attribute(app, part, target, file)
     if not callable(app):
         raise AppNotFound(f"{target} is not callable", None)
-    _load_django_urls()
+    load_django_urls()
     return app
 
 
@@ -159,7 +159,7 @@ def _attribute(obj: object, name: str, target: str, file: str | None) -> Any:
                           file) from None
 
 
-def _load_django_urls() -> None:
+def load_django_urls() -> None:
     """Django imports views lazily from the URLconf: import it now so a broken view shows."""
     if "django.conf" not in sys.modules:
         return

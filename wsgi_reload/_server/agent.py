@@ -100,7 +100,7 @@ class WorkerAgent:
     # --- code under check ----------------------------------------------------------------
 
     def may_serve(self, timeout: float, *, heartbeat: Callable[[], object] | None = None,
-                  alive: Callable[[], bool] = lambda: True) -> bool:
+                  alive: Callable[[], bool] = lambda: True, prove: Callable[[], object] | None = None) -> bool:
         """Before this worker serves: whether it may serve the code it imported. A worker that
         imported the generation under check (started by a swap beside the check, or by the
         master meanwhile) holds here until the verdict; False: it must exit, unserved, and a
@@ -109,14 +109,29 @@ class WorkerAgent:
         :param timeout: hold at most this long (the check's own timeout, and then some).
         :param heartbeat: called meanwhile (a gunicorn worker tells its master it is alive).
         :param alive: False once the worker is told to stop.
+        :param prove: in a worker that holds, what else the check would load before the verdict
+            (Django's URLconf); an exception means the import did not succeed here.
         """
         finder = genimport.installed()
         if finder is None or not finder.trial:
             return True  # verified code: a newer generation published since makes it no less so
         generation = finder.generation
+        # Said in the record, with the files it took: the watcher can take a real worker's
+        # import for the verdict, rather than import the app a second time in its check.
+        try:
+            if prove is not None:
+                prove()
+            loaded = True
+        except Exception as exc:
+            log.debug("wsgi_reload: worker %d cannot load generation %s, under check: %s", os.getpid(), generation,
+                      describe_error(exc))
+            loaded = False
+        with contextlib.suppress(OSError):
+            self.record.publish(held=loaded)
         if await_verdict(store_of(self.directory), generation, timeout, heartbeat=heartbeat, alive=alive):
             finder.trial = False  # verified now
             return True
+        self.remove_record()
         log.debug("wsgi_reload: worker %d imported generation %s, which is not to be served (the check refused "
                   "it, or a newer one came); it exits unserved", os.getpid(), generation)
         return False

@@ -11,10 +11,20 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._core.files import ModuleFiles, expand
 from . import genimport, runtime
+
+
+class Held(NamedTuple):
+    """What a worker holding with the generation under check says of it."""
+
+    generation: int | None
+    loaded: bool
+    """Its import of the app (and of the URLconf, for Django) succeeded."""
+    files: frozenset[str]
+    """The files it imported."""
 
 
 class RecordWriter:
@@ -33,15 +43,21 @@ class RecordWriter:
         self.files = ModuleFiles()
         self._lock = threading.Lock()  # gthread workers finish requests on several threads
 
-    def publish(self) -> None:
-        """Write the record now."""
+    def publish(self, held: bool | None = None) -> None:
+        """Write the record now.
+
+        :param held: this process imported the generation under check and holds before serving
+            until its verdict; the record says only whether that import succeeded (True) or
+            not, and with which files (:attr:`WorkerRecords.held`). The record written once the
+            process may serve replaces it.
+        """
         with self._lock:
             self.published_count = len(sys.modules)
             finder = genimport.installed()
             body = {"pid": os.getpid(), "loaded_at_ns": self.loaded_at_ns, "files": sorted(self.files()),
-                    "patterns": self.patterns, "app_loaded": self.app_loaded(), "failure": self.failure,
-                    "generation": None if finder is None else finder.generation,
-                    "unchecked": [] if finder is None else list(finder.unchecked)}
+                    "patterns": self.patterns, "app_loaded": self.app_loaded() if held is None else held,
+                    "failure": self.failure, "generation": None if finder is None else finder.generation,
+                    "unchecked": [] if finder is None else list(finder.unchecked), "held": held is not None}
             runtime.write_record(self.directory, os.path.basename(self.path), body)
 
     def publish_if_missing(self) -> None:
@@ -86,6 +102,9 @@ class WorkerRecords:
         self.unchecked: set[str] = set()
         """Project files a live process imported from the disk before its generation's finder
         came (Django's settings with no gunicorn config): a new worker reads them there too."""
+        self.held: dict[int, Held] = {}
+        """Workers holding with the generation under check, which they imported. Counted nowhere
+        else: they serve nothing yet."""
         self._cache: dict[str, tuple[tuple[int, int, int], Mapping[str, Any]]] = {}
 
     def __call__(self) -> dict[str, int | None]:
@@ -97,6 +116,7 @@ class WorkerRecords:
         failures: dict[int, str] = {}
         generation_of: dict[int, int | None] = {}
         unchecked: set[str] = set()
+        held: dict[int, Held] = {}
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -110,9 +130,14 @@ class WorkerRecords:
             record = self._read(name)
             if record is None:
                 continue
+            generation = record.get("generation")
+            if record.get("held") is True:
+                held[int(stem)] = Held(generation if isinstance(generation, int) else None,
+                                       record.get("app_loaded") is True,
+                                       frozenset(p for p in record["files"] if isinstance(p, str)))
+                continue
             live.add(int(stem))
             loaded[int(stem)] = record.get("app_loaded")
-            generation = record.get("generation")
             generations.add(generation)
             generation_of[int(stem)] = generation if isinstance(generation, int) else None
             loaded_at = record["loaded_at_ns"]
@@ -139,6 +164,7 @@ class WorkerRecords:
         self.generations = generations
         self.patterns = patterns
         self.unchecked = unchecked
+        self.held = held
         self.files = files
         return files
 

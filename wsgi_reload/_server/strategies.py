@@ -333,12 +333,14 @@ class SignalledSwap(Strategy):
         self.leaving &= self.records.live
         if not self.retiring:
             self._start()
-        if self.trial:
+        held = bool(self.trial)
+        if held:
             self.trial = 0  # the check passed: the held worker serves
             self._remember()
-        # Wait for the new workers' app import only when they were just added; a resumed swap
-        # looks once, so the watcher goes on seeing saves meanwhile.
-        wait = self.load_timeout if self.added < len(self.retiring) else 0.0
+        # Wait for the new workers' app import only when they were just added, or for the held
+        # worker, which serves once it sees the verdict (in a few ms); a resumed swap looks once,
+        # so the watcher goes on seeing saves meanwhile.
+        wait = self.load_timeout if self.added < len(self.retiring) or held else 0.0
         while True:
             # One new worker first, the rest once it serves: alone it imports the app sooner than
             # beside the others (on a busy machine they share the cores with the old workers), so

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._check import spawn
-from .._check.check import Checked, CheckResult, check_code
+from .._check.check import Checked, CheckResult, check_code, compile_files
 from .._core.files import PathFilter
 from .._core.gate import ActionFailed
 from .._core.scanner import Change, Source
@@ -273,16 +273,19 @@ class _ServerWatch:
         candidate = self.store.build(self.roots, base=base, accept=self.accept, extra=[*paths, *python],
                                      patterns=self.records.patterns)
         self.candidate = candidate
-        if not self.begin_swap(paths, candidate) and self.store.trial_id() is not None:
+        began = self.begin_swap(paths, candidate)
+        if not began and self.store.trial_id() is not None:
             self.end_trial()  # an earlier check's trial (the code changed while it ran) that this one does not take on
         result = None
         changed = sorted({*paths, *candidate.changed})
         loaded = set(self.records.files)
+        generation = Checked(self.store.directory, candidate.id, candidate.files)
         try:
-            result = check_code(changed, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
-                                loaded_modules=loaded,
-                                generation=Checked(self.store.directory, candidate.id, candidate.files),
-                                server_pid=self.target.pid)
+            if began:
+                result = self.proven_by_a_new_worker(changed, generation)
+            if result is None:
+                result = check_code(changed, self.settings, cwd=self.config["cwd"], sys_path=self.config["sys_path"],
+                                    loaded_modules=loaded, generation=generation, server_pid=self.target.pid)
         finally:
             if (result is None or not result.ok) and self.store.trial_id() is not None:
                 self.end_trial()
@@ -293,6 +296,36 @@ class _ServerWatch:
             return unchecked.isdisjoint(self.records.files)
 
         return dataclasses.replace(result, holds=holds)
+
+    def proven_by_a_new_worker(self, changed: Sequence[str], generation: Checked) -> CheckResult | None:
+        """The verdict of the new worker :meth:`begin_swap` started, when its import is all the
+        check would prove: it imported the app from the candidate, every changed file among what
+        it imported (and, for Django, the URLconf), and it holds until the verdict. That is the
+        check's import, done once, by a real worker, rather than twice on the same cores. None
+        (the check runs) when there is more to prove: a changed file it did not import (a module
+        the workers import lazily, a template), a ``ready_path``, an import that failed there
+        (the check names the error), or no such worker within the check's timeout."""
+        settings = self.settings
+        if settings.check != "import" or not settings.app or settings.ready_path \
+                or not all(path.endswith(".py") for path in changed):
+            return None
+        started = time.monotonic()
+        compiled = compile_files(changed, generation)
+        if not compiled.ok:
+            return compiled  # its line and message at once, as the check would
+        deadline = started + settings.check_timeout
+        while time.monotonic() < deadline:
+            self.records()
+            for held in self.records.held.values():
+                if held.generation == generation.id:
+                    if not held.loaded or not held.files.issuperset(changed):
+                        return None
+                    return CheckResult(True, "import by a new worker", started_ns=compiled.started_ns,
+                                       seconds=time.monotonic() - started)
+            if any(self.records.generation_of.get(pid) == generation.id for pid in self.records.app_failed):
+                return None
+            time.sleep(0.005)
+        return None
 
     def begin_swap(self, paths: Sequence[str], candidate: Generation) -> bool:
         """gunicorn's swap: offer the candidate as the trial and start the first new worker now,
