@@ -193,6 +193,11 @@ class _RecordMemory:
             runtime.write_record(self.directory, self.NAME, state)
 
 
+NO_WORKER_SECONDS = 2.0
+"""How long the check waits for the new worker begun beside it to exist (gunicorn forks one within
+milliseconds of a TTIN) before it imports the code itself."""
+
+
 class _ServerWatch:
     """The watcher of one server, fed by its workers' records."""
 
@@ -304,7 +309,9 @@ class _ServerWatch:
         check's import, done once, by a real worker, rather than twice on the same cores. None
         (the check runs) when there is more to prove: a changed file it did not import (a module
         the workers import lazily, a template), a ``ready_path``, an import that failed there
-        (the check names the error), or no such worker within the check's timeout."""
+        (the check names the error); or when no such worker will say so: a new worker that took
+        other code, none started within :data:`NO_WORKER_SECONDS`, the runtime directory gone
+        (a temp-file cleaner), or ``check_timeout`` spent."""
         settings = self.settings
         if settings.check != "import" or not settings.app or settings.ready_path \
                 or not all(path.endswith(".py") for path in changed):
@@ -313,16 +320,28 @@ class _ServerWatch:
         compiled = compile_files(changed, generation)
         if not compiled.ok:
             return compiled  # its line and message at once, as the check would
-        deadline = started + settings.check_timeout
-        while time.monotonic() < deadline:
+        swap = self.strategy
+        if not isinstance(swap, SignalledSwap):
+            return None
+        before = set(self.records.live)
+        none_since: float | None = None
+        while (now := time.monotonic()) < started + settings.check_timeout:
             self.records()
             for held in self.records.held.values():
                 if held.generation == generation.id:
                     if not held.loaded or not held.files.issuperset(changed):
                         return None
                     return CheckResult(True, "import by a new worker", started_ns=compiled.started_ns,
-                                       seconds=time.monotonic() - started)
-            if any(self.records.generation_of.get(pid) == generation.id for pid in self.records.app_failed):
+                                       seconds=now - started)
+            if any(self.records.generation_of.get(pid) == generation.id for pid in self.records.app_failed) \
+                    or self.records.live - before or not os.path.isdir(self.runtime_dir):
+                return None
+            kids = swap.signals.children(self.target.pid)  # (its workers: not an orphan it adopted as PID 1)
+            if kids is None or kids - before:
+                none_since = None
+            elif none_since is None:
+                none_since = now
+            elif now - none_since > NO_WORKER_SECONDS:
                 return None
             time.sleep(0.005)
         return None
