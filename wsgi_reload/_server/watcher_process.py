@@ -312,17 +312,14 @@ class _ServerWatch:
         (the check names the error); or when no such worker will say so: a new worker that took
         other code, none started within :data:`NO_WORKER_SECONDS`, the runtime directory gone
         (a temp-file cleaner), or ``check_timeout`` spent."""
-        settings = self.settings
+        settings, swap = self.settings, self.strategy
         if settings.check != "import" or not settings.app or settings.ready_path \
-                or not all(path.endswith(".py") for path in changed):
+                or not all(path.endswith(".py") for path in changed) or not isinstance(swap, SignalledSwap):
             return None
         started = time.monotonic()
         compiled = compile_files(changed, generation)
         if not compiled.ok:
             return compiled  # its line and message at once, as the check would
-        swap = self.strategy
-        if not isinstance(swap, SignalledSwap):
-            return None
         before = set(self.records.live)
         none_since: float | None = None
         while (now := time.monotonic()) < started + settings.check_timeout:
