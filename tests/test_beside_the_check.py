@@ -29,8 +29,8 @@ from servers import (
     running,
     runtime_dir_of,
     settled_workers,
+    the_watcher,
     wait_for_body,
-    watcher_processes,
     worker_pids,
     write,
 )
@@ -129,7 +129,7 @@ def test_kill_9_while_a_worker_holds_the_code_under_check(tmp_path: Path, victim
         held = save_slowly(server, app, "v2", seconds=2)
         time.sleep(0.5)  # it is importing the code under check
         if victim == "watcher":
-            [watcher] = watcher_processes(app)
+            watcher = the_watcher(app)
             os.kill(watcher, signal.SIGKILL)
         else:
             os.kill(min(held), signal.SIGKILL)

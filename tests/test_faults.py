@@ -29,6 +29,7 @@ from servers import (
     running,
     runtime_dir_of,
     server_env,
+    the_watcher,
     uwsgi,
     wait_for_body,
     watcher_processes,
@@ -164,11 +165,7 @@ def test_the_watcher_stopped_for_10_s_loses_no_save(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     port = free_port()
     with running(uwsgi(app, port), "v1") as server, Load(port, threads=4) as load:
-        deadline = time.monotonic() + 30
-        while not watcher_processes(app):
-            assert time.monotonic() < deadline, "no watcher process"
-            time.sleep(0.05)
-        [watcher] = watcher_processes(app)
+        watcher = the_watcher(app)
         reloads = server.count(RELOADS)
         os.kill(watcher, signal.SIGSTOP)
         try:
@@ -277,7 +274,7 @@ def test_a_watcher_killed_between_publishing_a_generation_and_reloading(tmp_path
     port = free_port()
     with running(WATCHER_MODES[mode](app, port), "v1") as server:
         runtime = str(runtime_dir_of(app.resolve()))
-        [watcher] = watcher_processes(app)
+        watcher = the_watcher(app)
         os.kill(watcher, signal.SIGSTOP)
         try:
             write(app / "greeting.py", greeting("v2"))
@@ -321,7 +318,7 @@ def test_the_watcher_killed_at_random_through_ten_reloads(tmp_path: Path, mode: 
             steady = steady + 1 if len(worker_pids(server)) == workers else 0
             time.sleep(0.2)
         _, failures, _ = load.snapshot()
-        assert len(watcher_processes(app)) == 1
+        the_watcher(app)  # exactly one
         assert {get(port)[1] for _ in range(10)} == {"v11"}  # no old worker left
         assert len(worker_pids(server)) == workers
     assert failures == []
