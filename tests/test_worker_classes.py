@@ -103,7 +103,13 @@ def test_every_worker_class(tmp_path: Path, worker_class: str, preload: bool) ->
         _, failures, _ = load.snapshot()
         assert len(failures) == failed_before, failures[failed_before:]
     log = server.log()
-    assert "Worker failed to boot" not in log and "Traceback" not in log
+    assert "Worker failed to boot" not in log
+    # stop() sends SIGTERM to the whole group, as systemd does, and the master sends its own.
+    # An asyncio worker's loop closes its self-pipe before it removes its signal handlers
+    # (CPython's _UnixSelectorEventLoop.close), so the second SIGTERM can land in between and
+    # print this one harmless traceback at shutdown. Any other traceback fails the test.
+    shutdown_race = log.count("Exception ignored when trying to write to the signal wakeup fd")
+    assert log.count("Traceback") == shutdown_race, log
     if worker_class == "gevent-patched":  # the first master image, and the ones re-executed in place
         assert log.count("the config patched: True") == 3, log
 
