@@ -103,6 +103,9 @@ class FakeServer:
             self.records.pop(pid, None)
             self.start_worker()
 
+    def wake(self, pid: int, signum: int) -> None:
+        self.sent.append((pid, signal.Signals(signum).name))
+
     def start_worker(self) -> None:
         pid = self.spawn()
         self.generation_of[pid] = self.generation
@@ -686,6 +689,57 @@ def test_signal_reload_stops_the_workers_of_a_master_that_never_reloads(monkeypa
     assert server.sent == [*signalled, (old[0], "SIGHUP"), (old[1], "SIGHUP")]
     reload.tick()
     assert {server.generation_of[pid] for pid in server.workers} == {2}
+
+
+class ReapingMaster:
+    """A uWSGI master in a graceful reload whose old workers have died: each nudge that reaches it
+    in its sleep reaps them; a nudge that lands between its waitpid() and its sleep is spent."""
+
+    def __init__(self, workers: set[int], spent: int) -> None:
+        self.zombies = set(workers)
+        self.spent = spent
+        """How many nudges in a row land outside the master's sleep."""
+        self.nudges = 0
+
+    def send(self, pid: int, signum: int) -> None:
+        raise AssertionError("a nudge goes by wake(): no gap between equal ones")
+
+    def wake(self, pid: int, signum: int) -> None:
+        assert (pid, signum) == (MASTER, signal.SIGWINCH)
+        self.nudges += 1
+        if self.nudges > self.spent:
+            self.zombies.clear()
+
+    def children(self, pid: int) -> frozenset[int] | None:
+        return frozenset(self.zombies) | {9000}  # a process the reload keeps (uWSGI's --http router)
+
+    def exited(self, pid: int) -> bool:
+        return pid in self.zombies
+
+    def oldest_first(self, pids: frozenset[int]) -> list[int]:
+        return sorted(pids)
+
+    def handled(self, pid: int, signum: int) -> None:
+        pass
+
+    def listening(self, pid: int) -> bool:
+        return True
+
+
+def test_the_master_is_nudged_again_while_a_dead_worker_lies_unreaped() -> None:
+    """A nudge that lands outside the master's sleep is spent and the master would sleep a whole
+    second: it goes again until the master has reaped every old worker, then stops."""
+    master = ReapingMaster({101, 102}, spent=3)
+    strategies.nudge_as_workers_exit(master, MASTER, frozenset({101, 102}), signal.SIGWINCH, timeout=5.0)
+    assert master.nudges == 4 and not master.zombies
+
+
+def test_no_nudge_before_an_old_worker_has_exited() -> None:
+    master = ReapingMaster(set(), spent=0)
+    alive = {101, 102}
+    master.children = lambda pid: frozenset(alive)  # type: ignore[method-assign]
+    strategies.nudge_as_workers_exit(master, MASTER, frozenset(alive), signal.SIGWINCH, timeout=0.1)
+    assert master.nudges == 0
 
 
 def test_signal_reload_tells_a_worker_the_reload_forgot_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
