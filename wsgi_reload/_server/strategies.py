@@ -572,7 +572,8 @@ NUDGE_EVERY = 0.01
 def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[int], nudge: int,
                           timeout: float) -> None:
     """Wake the master with ``nudge`` while one of ``workers`` has exited and the master has not
-    reaped it, until it has reaped them all (or ``timeout``).
+    reaped it, until it has reaped them all, or has started a process that is none of them
+    (its new workers, once it has re-executed itself), or ``timeout``.
 
     A uWSGI master reaps a dead worker on its next loop turn, and between turns it sleeps in
     ``event_queue_wait`` for ``check_interval``, one second (core/master.c,
@@ -590,6 +591,10 @@ def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[
         children = signals.children(master_pid)
         if children is None:
             return  # the master is gone
+        if children - workers:
+            # Started after the reload signal: its new workers. Past the reaping, whatever of
+            # ``workers`` the reload keeps (uWSGI's --http router) and never ends.
+            return
         pending &= children
         if any(signals.exited(pid) for pid in pending):
             try:
