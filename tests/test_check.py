@@ -8,6 +8,7 @@ import email.message
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -1050,3 +1051,32 @@ def test_a_check_interpreter_has_a_short_honest_command_line(tmp_path: Path) -> 
         assert spawn.SOURCE_ENV not in out.read_text()
     finally:
         spawn.kill_group(pid)  # and reaps it
+
+
+def test_a_helper_inherits_no_descriptor_of_the_process_that_starts_it(tmp_path: Path) -> None:
+    """A server keeps its listening sockets inheritable (for its own re-exec); a helper started
+    from it (the watcher, a check) gets only its standard streams and the one descriptor it is
+    handed, so it never holds the server's port."""
+    from wsgi_reload._check import spawn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.set_inheritable(True)
+    handed = spawn.data_file(b"for the child")
+    out = tmp_path / "fds.txt"
+    source = (f"import json, os\nfds = sorted(int(n) for n in os.listdir('/proc/self/fd'))\n"
+              f"open({str(out)!r}, 'w').write(json.dumps(fds))\n")
+    argv, env = spawn.python_source("fd test", source, os.environ)
+    try:
+        assert listener.fileno() in spawn.inheritable_fds()
+        pid = spawn.spawn(argv, env=env, extra_fd=handed.fileno())
+        exited, code = spawn.wait_exit(pid, 30)
+        spawn.kill_group(pid)
+        assert exited and code == 0
+        fds = json.loads(out.read_text())
+        # 0-2, the handed one as 3, and the listing's own descriptor.
+        assert fds[:4] == [0, 1, 2, 3] and len(fds) == 5, fds
+    finally:
+        listener.close()
+        handed.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -24,10 +25,13 @@ from servers import (
     running,
     runtime_dir_of,
     server_env,
+    the_watcher,
     wait_for_body,
     worker_pids,
     write,
 )
+
+from wsgi_reload._check.spawn import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +56,33 @@ def test_an_edit_is_served(tmp_path: Path, mode: list[str]) -> None:
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(port, "v2", timeout=10)
         server.wait_for_log(RELOADED)
+
+
+def sockets_of(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:"):
+                found.add(link)
+    return found
+
+
+def test_no_helper_process_holds_a_socket_of_the_server(tmp_path: Path, mode: list[str]) -> None:
+    """gunicorn keeps its listening sockets inheritable (for USR2); the watcher and the check
+    processes it starts must not hold a copy, or the port stays bound after the server stops.
+    Two of them: the first is fd 3, which the watcher's own lock descriptor happens to replace."""
+    app = make_app(tmp_path)
+    port = free_port()
+    with running(gunicorn(app, port, [*mode, "-b", f"127.0.0.1:{free_port()}"]), "v1") as server:
+        write(app / "greeting.py", greeting("v2"))
+        wait_for_body(port, "v2")
+        server.wait_for_log(RELOADED)
+        assert server.proc is not None
+        master = sockets_of(server.proc.pid)
+        watcher = the_watcher(app)
+        for pid in (watcher, *descendants(watcher)):
+            assert not sockets_of(pid) & master, f"process {pid} holds the server's sockets"
 
 
 def test_ten_reloads_under_load_fail_no_request(tmp_path: Path, mode: list[str]) -> None:

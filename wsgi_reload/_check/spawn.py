@@ -11,6 +11,8 @@ unlinked temporary files, which nobody waits on.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import select
 import shutil
@@ -56,22 +58,57 @@ def spawn(
     extra_fd: int | None = None,
     new_session: bool = True,
 ) -> int:
-    """Start ``argv`` and return its pid; ``extra_fd`` appears as fd 3 in the child.
+    """Start ``argv`` and return its pid; ``extra_fd`` appears as fd 3 in the child, which
+    inherits no other descriptor besides 0, 1 and 2 (see :func:`inheritable_fds`).
 
     ``stdout``/``stderr`` are files or descriptors (None: /dev/null). With ``new_session`` the
     child leads its own process group, so :func:`kill_group` reaches what it starts in turn.
     """
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        actions: list[tuple[int, int, int]] = []
+        actions: list[tuple[int, ...]] = []
         for target, source in ((0, stdin), (1, stdout), (2, stderr)):
             fd = devnull if source is None else source if isinstance(source, int) else source.fileno()
             actions.append((os.POSIX_SPAWN_DUP2, fd, target))
         if extra_fd is not None:
             actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 3))
-        return os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions, setsid=new_session)
+        keep = {0, 1, 2} | ({3} if extra_fd is not None else set())
+        for attempt in range(3):
+            closes = [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds() if fd not in keep]
+            try:
+                return os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions + closes,
+                                      setsid=new_session)
+            except OSError as exc:
+                # Another thread closed one of those descriptors in between: list them again.
+                if exc.errno != errno.EBADF or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
     finally:
         os.close(devnull)
+
+
+def inheritable_fds() -> list[int]:
+    """This process's descriptors that a program it starts would inherit (no close-on-exec flag).
+
+    Python opens its own with the flag; these are the host server's: uWSGI and gunicorn keep
+    their listening sockets inheritable for their own re-exec. A helper that kept one would
+    hold the port after the server stops, and would make a uWSGI master that re-executes
+    itself fail to bind its ``--http`` router's port again (EADDRINUSE: the server is gone).
+    Linux (``/proc/self/fd``); elsewhere none are listed.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        fd = int(name)
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.append(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    return found
 
 
 SOURCE_ENV = "_WSGI_RELOAD_SOURCE"
