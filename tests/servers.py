@@ -302,7 +302,8 @@ def uwsgi(
             *(["--req-logger", f"file:{request_log}"] if request_log else ["--disable-logging"]),
             *(["--lazy-apps"] if lazy else []), *(["--import", "wsgi_reload.uwsgi"] if enable == "import" else []),
             *args]
-    server = Server(argv, port if socket_option == "--http-socket" else -port, app_dir, app_dir.parent / "server.log",
+    http = socket_option in ("--http-socket", "--http")  # --http: uWSGI's router process speaks HTTP
+    server = Server(argv, port if http else -port, app_dir, app_dir.parent / "server.log",
                     env or server_env())
     if lazy:
         server.ready_pattern, server.ready_count = r"WSGI app 0 \(mountpoint=''\) ready", processes

@@ -702,7 +702,7 @@ class ReapingMaster:
         self.nudges = 0
         self.looked = 0
         self.kept = {9000}
-        """A process the reload keeps (uWSGI's --http router): it never exits."""
+        """A child the reload does not stop: it never exits."""
         self.new_workers: set[int] = set()
 
     def send(self, pid: int, signum: int) -> None:
@@ -738,7 +738,7 @@ def test_the_master_is_nudged_again_while_a_dead_worker_lies_unreaped() -> None:
     master = ReapingMaster({101, 102}, spent=3)
     strategies.nudge_as_workers_exit(master, MASTER, frozenset({101, 102, 9000}), signal.SIGWINCH, timeout=60.0)
     assert master.nudges == 4 and not master.zombies
-    # Done once the new workers are there, not when the kept router exits (it never does).
+    # Done once the new workers are there, not when the kept child exits (it never does).
     assert master.looked == 5
 
 

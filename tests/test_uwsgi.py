@@ -24,6 +24,7 @@ from servers import (
     make_app,
     running,
     server_env,
+    the_watcher,
     uwsgi,
     wait_for_body,
     write,
@@ -263,6 +264,49 @@ def test_uwsgi_protocol_socket(tmp_path: Path) -> None:
         server.wait_for_log(INSTANCE_READY)
         write(app / "greeting.py", greeting("v2"))
         wait_for_body(server.port, "v2")
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU time a process has used (user and system), in clock ticks."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])
+def test_the_http_router_setup_reloads_each_save(tmp_path: Path, lazy: bool) -> None:
+    """``--http``: uWSGI's router process binds the port and forwards to the workers. A prefork
+    reload kills the router and the re-executed master binds its port again, which failed
+    (EADDRINUSE, and the server was gone) while the watcher held an inherited copy of the
+    socket. Each save is served; with --lazy-apps (the router stays) no request fails, while a
+    prefork server says at start that requests in flight through the router fail at each
+    reload (uWSGI kills it). After the reloads the watcher spends no CPU."""
+    app = make_app(tmp_path)
+    port = free_port()
+    variant = {"lazy": lazy}
+    with running(uwsgi(app, port, socket_option="--http", lazy=lazy), "v1") as server, \
+            Load(port, threads=4) as load:
+        for n in (2, 3):
+            write(app / "greeting.py", greeting(f"v{n}"))
+            wait_for_body(port, f"v{n}")
+            wait_for_instance(server, n, variant)
+        watcher = the_watcher(app)
+        time.sleep(1)
+        before = cpu_ticks(watcher)
+        time.sleep(5)
+        used = cpu_ticks(watcher) - before
+        assert get(port)[1] == "v3"
+        _, failures, _ = load.snapshot()
+    killed_router = "requests in flight through it fail at each reload"
+    if lazy:
+        assert failures == []
+        assert killed_router not in server.log()
+    else:
+        assert all(f.startswith(("ConnectionResetError", "RemoteDisconnected", "ConnectionRefusedError"))
+                   for f in failures), failures
+        assert server.count(killed_router) == 1
+    assert "Address already in use" not in server.log()
+    assert used <= 5, f"the idle watcher used {used} clock ticks of CPU in 5 s"
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["prefork", "lazy"])

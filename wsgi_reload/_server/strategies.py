@@ -592,8 +592,9 @@ def nudge_as_workers_exit(signals: Signals, master_pid: int, workers: frozenset[
         if children is None:
             return  # the master is gone
         if children - workers:
-            # Started after the reload signal: its new workers. Past the reaping, whatever of
-            # ``workers`` the reload keeps (uWSGI's --http router) and never ends.
+            # Started after the reload signal: its new workers. Past the reaping, a child the
+            # reload does not stop (none is in uWSGI 2.0's own set: it stops its routers,
+            # spoolers, mules and plain daemons) must not keep this loop going.
             return
         pending &= children
         if any(signals.exited(pid) for pid in pending):
@@ -897,7 +898,8 @@ class SignalReload(Strategy):
         self.unanswered = self.unanswered + 1 if generations == self.signalled_generations else 1
         self.signalled_generations = generations
         # The workers by their records (read just now), not the master's children: those can
-        # include processes a reload keeps (uWSGI's --http router), which would hold it "under way".
+        # include processes that are no workers (uWSGI's --http router), which would hold it
+        # "under way".
         self.signalled, self.signalled_at, self.hurried = set(live), time.monotonic(), False
         if self.nudge is not None and workers:
             threading.Thread(target=nudge_as_workers_exit, name="wsgi_reload-nudge", daemon=True,

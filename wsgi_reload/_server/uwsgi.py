@@ -284,6 +284,9 @@ def _chain_hook(uwsgi: Any, name: str, hook: Callable[[], None]) -> None:
 
 _started: Publisher | None = None
 
+_ROUTERS = ("http", "https", "fastrouter", "rawrouter", "sslrouter")
+"""uWSGI's gateway options: each runs a router process of the master's."""
+
 
 def start(settings: Settings | None = None,
           prepare: Callable[[], Iterable[str] | None] | None = None) -> Publisher | None:
@@ -345,6 +348,14 @@ def start(settings: Settings | None = None,
                       "workers on uWSGI's one-second master loop turns instead of at once")
         for path in missing_extra_files(settings):
             _log.warning("wsgi_reload: extra file %s does not exist; watching for it to appear", path)
+        routers = [name for name in _ROUTERS if uwsgi.opt.get(name)]
+        if routers and not lazy:
+            # core/master_utils.c uwsgi_destroy_processes(): a reload SIGKILLs every gateway, and
+            # the master starts them again once it has re-executed itself.
+            _log.warning("wsgi_reload: uWSGI's graceful reload kills its %s router, so requests in flight "
+                         "through it fail at each reload; add --lazy-apps (the workers are replaced one at "
+                         "a time and the router stays), or use --http-socket behind your proxy",
+                         "/".join(f"--{name}" for name in routers))
         if _threads(uwsgi.opt) < 2:
             # core/uwsgi.c gracefully_kill(): a single-threaded worker not inside a request exits at
             # once, so a connection it accepted in that instant is reset; a plugin cannot change that.
