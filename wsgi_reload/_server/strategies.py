@@ -179,8 +179,11 @@ class ProcessSignals:
         self.master = master
         self._last: dict[tuple[int, int], float] = {}
 
+    def _target(self, pid: int) -> Target:
+        return self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
+
     def send(self, pid: int, signum: int) -> None:
-        target = self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
+        target = self._target(pid)
         # The gap comes before, not after: the caller records a signal as sent the moment it is
         # delivered, so a watcher killed in between leaves the least doubt for the next one.
         # Only an equal signal to the same process needs it: the first of a reload goes at once.
@@ -192,8 +195,7 @@ class ProcessSignals:
         self._last[(pid, signum)] = time.monotonic()
 
     def wake(self, pid: int, signum: int) -> None:
-        target = self.master if pid == self.master.pid else Target(pid, f"worker {pid}")
-        target.send(signum)
+        self._target(pid).send(signum)
 
     def exited(self, pid: int) -> bool:
         return exited(pid)
