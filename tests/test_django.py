@@ -662,6 +662,41 @@ def test_runserver_uses_the_wsgi_reload_reloader(site: Path) -> None:
     assert done.stdout.strip() == "WsgiReloadReloader", done.stderr
 
 
+def test_a_worker_old_or_new_imports_nothing_of_the_watchers_side(site: Path) -> None:
+    """A new worker's boot is on the path from a save to the first request served with it: the
+    scanner, the gate, the swap, the patching code and runserver's reloader stay out of every
+    worker, the first ones and those a reload starts."""
+    from test_layout import WATCHER_SIDE
+
+    write(site / "shop" / "modules.py",
+          "import os, sys\nfrom django.http import HttpResponse\n\n\ndef modules(request):\n"
+          f"    found = sorted(m for m in sys.modules if m.startswith({WATCHER_SIDE!r}))\n"
+          "    return HttpResponse(f'{os.getpid()} {found}')\n")
+    urls = site / "mysite" / "urls.py"
+    write(urls, urls.read_text().replace("urlpatterns = [", "from shop.modules import modules\n\n"
+                                         "urlpatterns = [\n    path('modules/', modules),"))
+
+    def answers(pids: set[int]) -> set[int]:
+        seen: set[int] = set()
+        deadline = time.monotonic() + LIVENESS
+        while len(seen - pids) < 2:
+            assert time.monotonic() < deadline, f"two workers never answered; saw {seen}"
+            status, body = get(port, "/modules/")
+            pid, found = body.split(" ", 1)
+            assert status == 200 and found == "[]", body
+            seen.add(int(pid))
+        return seen
+
+    port = free_port()
+    with running(start("gunicorn-sync", site, port), page("hello")) as server:
+        wait_generation(server, "gunicorn-sync", 1)
+        first = answers(set())
+        greeting_view(site, "again")
+        wait_for_body(port, page("again"), timeout=LIVENESS)
+        server.wait_for_log(r"reload done")
+        assert answers(first) - first
+
+
 # --- settings and hosts --------------------------------------------------------------------
 
 

@@ -354,3 +354,34 @@ def test_a_record_rewritten_within_one_clock_tick_at_the_same_size_is_read_anew(
     assert path.stat().st_size == len(json.dumps(body).encode())
     records()
     assert records.serving == {4242}
+
+
+def test_the_records_merge_to_the_earliest_load_of_each_file_and_patterns_see_new_files(tmp_path: Path) -> None:
+    """The union the scanner watches: each file with the earliest load among the records naming
+    it, pattern matches too; a file made later that matches a pattern is in the next read even
+    though no record changed, and a replaced record is merged anew. ``refresh`` leaves ``files``."""
+    from wsgi_reload._server.records import WorkerRecords
+    from wsgi_reload._server.runtime import write_record
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "a.html").write_text("a")
+    pattern = str(templates / "*.html")
+    write_record(str(directory), "10.json", {"pid": 10, "loaded_at_ns": 5, "files": ["/x.py", "/y.py"],
+                                             "patterns": [pattern], "app_loaded": True})
+    write_record(str(directory), "11.json", {"pid": 11, "loaded_at_ns": 3, "files": ["/y.py"],
+                                             "patterns": [pattern], "app_loaded": True})
+    records = WorkerRecords(str(directory))
+    assert records() == {"/x.py": 5, "/y.py": 3, str(templates / "a.html"): 3}
+    (templates / "b.html").write_text("b")
+    assert records()[str(templates / "b.html")] == 3
+    write_record(str(directory), "11.json", {"pid": 11, "loaded_at_ns": 7, "files": ["/y.py", "/z.py"],
+                                             "patterns": [], "app_loaded": True})
+    records.refresh()
+    assert "/z.py" not in records.files and records.live == {10, 11}
+    assert records() == {"/x.py": 5, "/y.py": 5, "/z.py": 7, str(templates / "a.html"): 5,
+                         str(templates / "b.html"): 5}
+    os.unlink(directory / "10.json")
+    assert records() == {"/y.py": 7, "/z.py": 7}

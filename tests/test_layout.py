@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "wsgi_reload"
@@ -71,3 +73,31 @@ def test_one_package_per_stage() -> None:
     to the workers (_server), or patch it in place (_hot)."""
     stages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name.startswith("_") and p.name != "__pycache__"}
     assert stages == {"_core", "_check", "_server", "_hot"}
+
+
+WATCHER_SIDE = ("wsgi_reload._server.watcher_process", "wsgi_reload._server.strategies", "wsgi_reload._core.watcher",
+                "wsgi_reload._core.monitor", "wsgi_reload._core.gate", "wsgi_reload._core.scanner",
+                "wsgi_reload._core.inotify", "wsgi_reload._hot", "wsgi_reload.hot", "wsgi_reload.django._runserver")
+
+
+def test_a_worker_imports_nothing_of_the_watchers_side() -> None:
+    """A new worker's boot is on the path from a save to the first request served with it: what
+    the workers import (the adapters, and the Django app) leaves the scanner, the gate, the swap
+    and the patching code to the watcher process."""
+    worker_side = ["wsgi_reload.gunicorn", "wsgi_reload._server.uwsgi", "wsgi_reload.django.apps",
+                   "wsgi_reload.django._gunicorn", "wsgi_reload.django._generation", "wsgi_reload._server.agent"]
+    script = (f"import sys\nfor name in {worker_side!r}:\n    __import__(name)\n"
+              f"print(sorted(m for m in sys.modules if m.startswith({WATCHER_SIDE!r})))")
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"
+
+
+def test_the_packages_public_names_are_there_when_asked_for() -> None:
+    """``import wsgi_reload`` loads no module of its own; each public name loads on first use."""
+    script = ("import sys, wsgi_reload\nprint(sorted(m for m in sys.modules if m.startswith('wsgi_reload.')))\n"
+              "print(all(getattr(wsgi_reload, name) is not None for name in wsgi_reload.__all__))\n"
+              "print(set(wsgi_reload.__all__) <= set(dir(wsgi_reload)))")
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.split("\n")[:3] == ["[]", "True", "True"]

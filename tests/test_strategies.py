@@ -130,13 +130,12 @@ class FakeServer:
 
     # Workers
 
-    def __call__(self) -> object:
+    def refresh(self) -> None:
         self.live = set(self.records)
         self.serving = {pid for pid, r in self.records.items() if r is True}
         self.app_failed = {pid for pid, r in self.records.items() if isinstance(r, str)}
         self.failures = {pid: r for pid, r in self.records.items() if isinstance(r, str)}
         self.generations = {self.generation_of.get(pid) for pid in self.records}
-        return self.records
 
     def say(self, pid: int, record: bool | str) -> None:
         self.records[pid] = record

@@ -39,9 +39,9 @@ from ._core.settings import Settings, SettingsError, missing_extra_files
 from ._server import preload, runtime
 from ._server.agent import WorkerAgent
 from ._server.generations import adopt
+from ._server.launch import ensure_watcher
 from ._server.preload import OLD_WORKERS_ENV, gunicorn_emitter, reexec_in_place
 from ._server.records import record_path
-from ._server.watcher_process import ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.gunicorn")
 

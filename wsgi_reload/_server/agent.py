@@ -16,13 +16,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .._core.files import describe_error
-from .._hot.transport import PatchApplier
 from . import genimport
 from .generations import RETRY_SECONDS, await_verdict, store_of, wait_for_newer
+from .launch import keep_watcher_running
 from .records import RecordWriter, WorkerRecords
-from .watcher_process import alive, keep_watcher_running
+from .signals import alive
+
+if TYPE_CHECKING:
+    from .._hot.transport import PatchApplier
 
 log = logging.getLogger("wsgi_reload.agent")
 
@@ -49,7 +53,12 @@ class WorkerAgent:
         """This worker said it cannot serve the code it loaded."""
         self.patterns: list[str] = []
         """Extra globs this worker's app watches (Django's templates and catalogs)."""
-        self.patches = PatchApplier(directory) if patch else None
+        self.patches: PatchApplier | None = None
+        if patch:
+            # Only in patch mode: the patching code (ast and all) is no part of a worker's boot.
+            from .._hot.transport import PatchApplier
+
+            self.patches = PatchApplier(directory)
         self._record: RecordWriter | None = None
 
     # --- the record ----------------------------------------------------------------------

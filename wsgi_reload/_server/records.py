@@ -76,9 +76,9 @@ class WorkerRecords:
 
     ``accept(pid)`` says which records still count (live workers); a file in several
     records keeps the earliest load time, and so do the files a record's extra patterns
-    match. After each call, ``files`` holds that union, ``live`` the accepted pids, ``loaded``
-    what each says of its app, ``serving`` the pids whose app loaded, and ``app_failed`` every pid
-    whose app did not load.
+    match. After each call, ``files`` holds that union; after each call or :meth:`refresh`,
+    ``live`` the accepted pids, ``loaded`` what each says of its app, ``serving`` the pids whose
+    app loaded, and ``app_failed`` every pid whose app did not load.
     """
 
     def __init__(self, directory: str, accept: Callable[[int], bool] = lambda pid: True) -> None:
@@ -106,9 +106,13 @@ class WorkerRecords:
         """Workers holding with the generation under check, which they imported. Counted nowhere
         else: they serve nothing yet."""
         self._cache: dict[str, tuple[tuple[int, int, int], Mapping[str, Any]]] = {}
+        self._live_records: list[tuple[str, tuple[int, int, int], Mapping[str, Any]]] = []
+        self._merged_key: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
+        self._named: dict[str, int | None] = {}
 
-    def __call__(self) -> dict[str, int | None]:
-        files: dict[str, int | None] = {}
+    def refresh(self) -> None:
+        """Read the directory again: every attribute but ``files``. Cheap enough to poll: a record
+        is parsed again only once it was replaced, and the files are not merged."""
         live: set[int] = set()
         loaded: dict[int, bool | None] = {}
         patterns: set[str] = set()
@@ -117,39 +121,34 @@ class WorkerRecords:
         generation_of: dict[int, int | None] = {}
         unchecked: set[str] = set()
         held: dict[int, Held] = {}
+        merged: list[tuple[str, tuple[int, int, int], Mapping[str, Any]]] = []
         try:
             names = os.listdir(self.directory)
         except OSError:
             names = []
         seen = set()
-        for name in names:
+        for name in sorted(names):
             stem, _, ext = name.partition(".")
             if ext != "json" or not stem.isdigit() or not self.accept(int(stem)):
                 continue
             seen.add(name)
-            record = self._read(name)
-            if record is None:
+            read = self._read(name)
+            if read is None:
                 continue
+            key, record = read
             generation = record.get("generation")
             if record.get("held") is True:
                 held[int(stem)] = Held(generation if isinstance(generation, int) else None,
                                        record.get("app_loaded") is True,
                                        frozenset(p for p in record["files"] if isinstance(p, str)))
                 continue
+            merged.append((name, key, record))
             live.add(int(stem))
             loaded[int(stem)] = record.get("app_loaded")
             generations.add(generation)
             generation_of[int(stem)] = generation if isinstance(generation, int) else None
-            loaded_at = record["loaded_at_ns"]
-            paths = list(record["files"])
             patterns.update(record.get("patterns", ()))
             unchecked.update(p for p in record.get("unchecked", ()) if isinstance(p, str))
-            for pattern in record.get("patterns", ()):
-                # Template and locale globs: a file newer than the worker's load is stale there too.
-                paths.extend(expand(pattern)[0])
-            for path in paths:
-                earlier = files.get(path)
-                files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
             if record.get("app_loaded") is False:
                 self.app_failed.add(int(stem))
                 if isinstance(record.get("failure"), str):
@@ -165,14 +164,44 @@ class WorkerRecords:
         self.patterns = patterns
         self.unchecked = unchecked
         self.held = held
+        self._live_records = merged
+
+    def __call__(self) -> dict[str, int | None]:
+        """Read again (:meth:`refresh`) and return ``files``: each file a live record names, or an
+        extra pattern of one matches, with the earliest load time among those records."""
+        self.refresh()
+        key = tuple((name, stat) for name, stat, _ in self._live_records)
+        if key != self._merged_key:
+            # Only when a record was replaced: a few thousand paths each, and scans and the
+            # swap's waits call this often while nothing changed.
+            named: dict[str, int | None] = {}
+            for _, _, record in self._live_records:
+                loaded_at = record["loaded_at_ns"]
+                for path in record["files"]:
+                    earlier = named.get(path)
+                    named[path] = loaded_at if earlier is None else min(earlier, loaded_at)
+            self._merged_key, self._named = key, named
+        files = dict(self._named)
+        # Template and locale globs, expanded afresh (a file made since is a change too), each
+        # once with the earliest load of the records that name it: a file newer than a worker's
+        # load is stale there.
+        earliest: dict[str, int] = {}
+        for _, _, record in self._live_records:
+            for pattern in record.get("patterns", ()):
+                earliest[pattern] = min(earliest.get(pattern, record["loaded_at_ns"]), record["loaded_at_ns"])
+        for pattern, loaded_at in earliest.items():
+            for path in expand(pattern)[0]:
+                earlier = files.get(path)
+                files[path] = loaded_at if earlier is None else min(earlier, loaded_at)
         self.files = files
         return files
 
     def read(self, pid: int) -> Mapping[str, Any] | None:
         """The record of ``pid``, or None while it has none."""
-        return self._read(f"{pid}.json")
+        read = self._read(f"{pid}.json")
+        return None if read is None else read[1]
 
-    def _read(self, name: str) -> Mapping[str, Any] | None:
+    def _read(self, name: str) -> tuple[tuple[int, int, int], Mapping[str, Any]] | None:
         try:
             st = os.lstat(os.path.join(self.directory, name))
         except OSError:
@@ -183,13 +212,13 @@ class WorkerRecords:
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(name)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached
         record = runtime.read_record(self.directory, name)
         if record is None or not isinstance(record.get("files"), list) \
                 or not isinstance(record.get("loaded_at_ns"), int):
             return None
         self._cache[name] = (key, record)
-        return record
+        return key, record
 
 
 def record_path(directory: str, pid: int) -> str:

@@ -192,6 +192,22 @@ def process_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def exited(pid: int) -> bool:
+    """True once ``pid`` has exited: gone, or a zombie its parent has not reaped yet (Linux)."""
+    return process_state(pid) in (None, "Z", "X")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a process of another user counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not exited(pid)
+
+
 def process_owner(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}").st_uid

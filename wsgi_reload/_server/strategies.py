@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from .._core.gate import ActionFailed
 from .._core.scanner import Change
-from .signals import Target, TargetError, holds_listener, process_state, start_time
+from .signals import Target, TargetError, exited, holds_listener, start_time
 
 log = logging.getLogger("wsgi_reload.watcher_process")
 
@@ -70,8 +70,8 @@ class Signals(Protocol):
 
 
 class Workers(Protocol):
-    """What the workers say of themselves (:class:`wsgi_reload._server.records.WorkerRecords`): call
-    it to read again; then ``live`` are the workers that have a record, ``serving`` those whose
+    """What the workers say of themselves (:class:`wsgi_reload._server.records.WorkerRecords`):
+    :meth:`refresh` reads again; then ``live`` are the workers that have a record, ``serving`` those whose
     app loaded, ``app_failed`` and ``failures`` those that say it did not load, and why,
     ``generation_of`` the generation each runs."""
 
@@ -93,7 +93,7 @@ class Workers(Protocol):
     @property
     def generations(self) -> set[int | None]: ...
 
-    def __call__(self) -> object: ...
+    def refresh(self) -> None: ...
 
 
 class Memory(Protocol):
@@ -300,7 +300,7 @@ class SignalledSwap(Strategy):
             return
         if self.retiring:
             return
-        self.records()
+        self.records.refresh()
         self.leaving &= self.records.live
         self._start()
         self.trial = trial
@@ -340,7 +340,7 @@ class SignalledSwap(Strategy):
     def __call__(self) -> int:
         """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
         have not loaded (the old ones serve on); calling again resumes the same swap."""
-        self.records()
+        self.records.refresh()
         self.leaving &= self.records.live
         if not self.retiring:
             self._start()
@@ -361,7 +361,7 @@ class SignalledSwap(Strategy):
             deadline = time.monotonic() + wait
             while True:
                 self._make_up_for_a_lost_ttin()
-                self.records()
+                self.records.refresh()
                 new = self.records.live - self.retiring
                 fresh = new & self.records.serving
                 if fresh and self.added < len(self.retiring):
@@ -463,7 +463,7 @@ class SignalledSwap(Strategy):
             self.recount = 0
             self._remember()
         elif len(kids) > self.recount:
-            self.records()
+            self.records.refresh()
             if kids - self.records.serving:
                 # gunicorn retires the oldest, which would keep a worker that cannot serve (or
                 # has not yet loaded) over one that does: wait until every worker serves.
@@ -560,11 +560,6 @@ def children(pid: int) -> frozenset[int] | None:
             return frozenset(int(p) for p in f.read().split())
     except (OSError, ValueError):
         return None
-
-
-def exited(pid: int) -> bool:
-    """True once ``pid`` has exited: gone, or a zombie its parent has not reaped yet (Linux)."""
-    return process_state(pid) in (None, "Z", "X")
 
 
 NUDGE_EVERY = 0.01
@@ -664,7 +659,7 @@ class WorkerChain(Strategy):
     def __call__(self) -> int:
         """Replace every worker; returns how many. :class:`ActionFailed` while one has not loaded."""
         if not self.retiring:
-            self.records()
+            self.records.refresh()
             if not self.records.live:
                 raise ActionFailed("no worker of this server is up")
             # Every worker, loaded or not: after a start with broken code none has the app.
@@ -717,7 +712,7 @@ class WorkerChain(Strategy):
                       if self.records.generation_of.get(pid) not in (None, wanted))
 
     def _loaded(self) -> set[int]:
-        self.records()
+        self.records.refresh()
         return set(self.records.serving)
 
 
@@ -758,7 +753,7 @@ class InPlaceReexec(Strategy):
         resumes."""
         wait = 0.0
         if not self.old:
-            self.records()
+            self.records.refresh()
             self.leaving = {pid for pid in self.leaving if not exited(pid)}
             loaded = self.records.serving - self.leaving
             if not loaded:
@@ -776,7 +771,7 @@ class InPlaceReexec(Strategy):
             wait = self.load_timeout
         deadline = time.monotonic() + wait
         while True:
-            self.records()
+            self.records.refresh()
             new = self.records.live - self.old
             fresh = new & self.records.serving
             if len(fresh) >= self.count:
@@ -864,7 +859,7 @@ class SignalReload(Strategy):
         wanted = self.wanted()
         if wanted is None:
             return
-        self.records()  # a worker may have published since the last scan
+        self.records.refresh()  # a worker may have published since the last scan
         live = self.records.live
         if not live:
             return  # between two generations: the next workers load the current one

@@ -26,7 +26,7 @@ from .._core.settings import Settings, SettingsError, missing_extra_files
 from . import runtime
 from .agent import WorkerAgent
 from .generations import adopt
-from .watcher_process import UWSGI_LOG_FORMAT, ensure_watcher
+from .launch import UWSGI_LOG_FORMAT, ensure_watcher
 
 _log = logging.getLogger("wsgi_reload.uwsgi")
 

@@ -28,7 +28,7 @@ from .._core.logs import forward_to
 from .._core.settings import Settings, SettingsError
 from .._server import runtime
 from .._server.generations import adopt
-from .._server.watcher_process import ensure_watcher
+from .._server.launch import ensure_watcher
 from ._site import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")

@@ -26,13 +26,19 @@ class WsgiReloadConfig(AppConfig):  # type: ignore[misc]
 
     def ready(self) -> None:
         checks.register(check_settings)
-        from . import _generation, _runserver
+        host = detect_host()
+        if host is None:
+            # runserver, a command, a test or the check: runserver's reloader is the only one to
+            # replace. A gunicorn or uWSGI worker imports none of it: its boot is on the path
+            # from a save to the first request served with it.
+            from . import _runserver
 
-        _runserver.install()
+            _runserver.install()
         if checking():
             return
+        from . import _generation
+
         _generation.serve_from_generation()
-        host = detect_host()
         try:
             reload_settings()
         except SettingsError as exc:
