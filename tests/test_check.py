@@ -686,6 +686,60 @@ def test_files_written_in_the_runtime_directory_wake_the_monitor_but_do_not_hold
     assert not [r for r in caplog.records if "still changing" in r.getMessage()]
 
 
+def test_only_a_record_in_the_runtime_directory_wakes_the_monitor_and_it_resolves_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a reload the watcher writes its own files in the runtime directory a dozen times (the
+    swap's state, the store) and the workers their records: each wake is a scan, so only a
+    record wakes the monitor; and a record cannot change where a directory leads, so the
+    directories are resolved again only after a file event that holds a batch."""
+    import wsgi_reload._core.monitor as monitor_module
+    from wsgi_reload._core import inotify
+    from wsgi_reload._server.records import is_record_name
+
+    if inotify.unavailable():
+        pytest.skip(inotify.unavailable() or "")
+    resolved: list[str] = []
+    real_symlink_parents = monitor_module.symlink_parents
+    monkeypatch.setattr(monitor_module, "symlink_parents",
+                        lambda path: resolved.append(path) or real_symlink_parents(path))
+    scans: list[float] = []
+
+    class CountingScanner(Scanner):
+        def scan(self) -> list[Change]:
+            scans.append(time.monotonic())
+            return super().scan()
+
+    target = tmp_path / "app" / "watched.py"
+    target.parent.mkdir()
+    target.write_text("0")
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    batches: list[list[Change]] = []
+    settings = Settings(extra_files=(str(target),), backend="events", settle=0.05)
+    monitor = Monitor(CountingScanner(settings, watch_modules=False), lambda b: batches.append(list(b)),
+                      wake_dirs=[str(runtime)], wakes_on=is_record_name)
+    with monitor:
+        time.sleep(0.5)  # the first turn looks once by itself
+        scanned, resolving = len(scans), len(resolved)
+        for n in range(20):
+            (runtime / "replacing.json").write_text(str(n))
+            (runtime / ".4242.json.4243.tmp").write_text(str(n))
+        time.sleep(0.5)
+        assert len(scans) == scanned
+        (runtime / "4242.json").write_text("{}")
+        deadline = time.monotonic() + 10
+        while len(scans) == scanned and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert len(scans) > scanned and len(resolved) == resolving
+        target.write_text("1")
+        while not batches and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+    assert batches == [[Change(str(target), "modified")]]
+    assert len(resolved) > resolving
+
+
 @pytest.fixture(params=["inotify", "watchfiles"])
 def event_source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each event test runs on both sources of events, with the safety rescan off, so that

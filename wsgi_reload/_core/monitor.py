@@ -215,6 +215,7 @@ class Monitor:
         on_batch: BatchHandler,
         *,
         wake_dirs: Iterable[str] = (),
+        wakes_on: Callable[[str], bool] = lambda name: True,
         name: str = "wsgi_reload-monitor",
         on_tick: Callable[[], object] | None = None,
         tick_pending: Callable[[], bool] = lambda: False,
@@ -226,6 +227,7 @@ class Monitor:
         self._settles = settles
         self.backend = "poll"
         self._wake_dirs = tuple(wake_dirs)
+        self._wakes_on = wakes_on
         self._name = name
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -237,6 +239,10 @@ class Monitor:
         self._relevance: tuple[frozenset[tuple[str, str]], frozenset[str], frozenset[str]] = \
             (frozenset(), frozenset(), frozenset())
         self._on_tick_pending = tick_pending
+        self._resolved: dict[str, tuple[str, frozenset[str]]] = {}
+        """Each watched directory's resolved path and the symlink parents on its way, kept until
+        a file event that matters (see :meth:`_resolve`)."""
+        self._resolved_at: float | None = None
 
     def start(self) -> Monitor:
         """Record the baseline and choose the backend, then watch in a daemon thread.
@@ -300,7 +306,8 @@ class Monitor:
             timeout = self._rescan_seconds if self._events is not None else self.settings.interval
             if self._on_tick is not None and self._on_tick_pending():
                 timeout = min(timeout, self.settings.interval)
-            self._wake.wait(timeout)
+            if not self._wake.wait(timeout):
+                self._resolved.clear()  # the safety rescan resolves every directory afresh too
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -373,9 +380,10 @@ class Monitor:
         watched files only those files' events do, so a request log, a SQLite database or
         uploads beside the code neither wake the monitor nor hold its settle window open; in a
         directory of a glob or on a symlink's way, every event does. An event in the runtime
-        directory (``wake_dirs``: a worker's record, the swap's own files) wakes the monitor but
-        does not hold the window: it is no save in progress, and the watcher writes there itself
-        while a batch settles."""
+        directory (``wake_dirs``: a worker's record) wakes the monitor but does not hold the
+        window: it is no save in progress. Only the names ``wakes_on`` accepts wake it: each wake
+        is a scan, and the watcher's own files there (the swap's state, the store) change many
+        times in every reload."""
         # Listed afresh, not taken from the last scan: a tick may have added a file since (the
         # file a failed check names), and its directory must be watched from this turn on.
         names: set[tuple[str, str]] = set()
@@ -386,8 +394,13 @@ class Monitor:
         growing = self.scanner.growing_dirs()
         for directory in (*self._wake_dirs, *growing):
             by_dir.setdefault(directory, [])
-        every.update(os.path.realpath(d) for d in growing)
-        wakes = frozenset(os.path.realpath(d) for d in self._wake_dirs)
+        clock = None if self._events is None else self._events.clock
+        stamp = None if clock is None else clock()
+        if stamp is None or stamp != self._resolved_at:
+            self._resolved.clear()
+            self._resolved_at = stamp
+        every.update(self._resolve(d)[0] for d in growing)
+        wakes = frozenset(self._resolve(d)[0] for d in self._wake_dirs)
         watched: set[str] = set()
         for directory, files in by_dir.items():
             # A watched file whose directory does not exist yet (an extra file still to come):
@@ -395,22 +408,35 @@ class Monitor:
             nearest = directory
             while not os.path.isdir(nearest) and os.path.dirname(nearest) != nearest:
                 nearest = os.path.dirname(nearest)
-            resolved = os.path.realpath(nearest)
+            resolved, parents = self._resolve(nearest)
             watched.add(resolved)
             if nearest != directory:
                 every.add(resolved)
             names.update((resolved, name) for name in files)
-            parents = symlink_parents(nearest)
             watched.update(parents)
             every.update(parents)
         self._relevance = (frozenset(names), frozenset(every), wakes)
         return watched
 
+    def _resolve(self, directory: str) -> tuple[str, frozenset[str]]:
+        """``directory`` resolved, and the directories of the symlinks on its way.
+
+        Kept until the next file event that holds a batch (a save, a symlink switched, a
+        directory made, moved or removed: the events backend's clock moves), or the safety
+        rescan: only those can change where a path leads. A worker's record wakes the monitor
+        too, a dozen times in a reload, and resolving every directory each time (a realpath and
+        an lstat per component, for a hundred directories of a Django site) was most of the
+        watcher's work in a reload."""
+        found = self._resolved.get(directory)
+        if found is None:
+            found = self._resolved[directory] = (os.path.realpath(directory), frozenset(symlink_parents(directory)))
+        return found
+
     def _relevant(self, directory: str, name: str) -> int:
         names, every, wakes = self._relevance
         if directory in every or (directory, name) in names:
             return inotify.HOLDS
-        return inotify.WAKES if directory in wakes else inotify.IGNORED
+        return inotify.WAKES if directory in wakes and self._wakes_on(name) else inotify.IGNORED
 
     def _start_events(self) -> None:
         dirs = self._dirs_to_watch()

@@ -41,6 +41,7 @@ class Watcher:
         modules_loaded_at_ns: int | None = None,
         check: Callable[[Sequence[str]], CheckResult] | None = None,
         wake_dirs: Iterable[str] = (),
+        wakes_on: Callable[[str], bool] = lambda name: True,
         name: str = "wsgi_reload-watcher",
         on_batch: Callable[[Sequence[Change]], object] | None = None,
         on_tick: Callable[[], object] | None = None,
@@ -50,7 +51,7 @@ class Watcher:
         self.scanner = Scanner(settings, watch_modules=watch_modules, sources=sources,
                                modules_loaded_at_ns=modules_loaded_at_ns)
         self.gate = ReloadGate(settings, action, server=server, check=check, rescan=self.scanner.scan)
-        self.monitor = Monitor(self.scanner, on_batch or self.gate, wake_dirs=wake_dirs, name=name,
+        self.monitor = Monitor(self.scanner, on_batch or self.gate, wake_dirs=wake_dirs, wakes_on=wakes_on, name=name,
                                on_tick=on_tick or self.gate.retry_pending,
                                tick_pending=self.gate.has_pending, settles=on_batch is not None)
         if on_batch is None:

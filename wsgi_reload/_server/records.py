@@ -128,8 +128,10 @@ class WorkerRecords:
             names = []
         seen = set()
         for name in sorted(names):
-            stem, _, ext = name.partition(".")
-            if ext != "json" or not stem.isdigit() or not self.accept(int(stem)):
+            if not is_record_name(name):
+                continue
+            pid = int(name.partition(".")[0])
+            if not self.accept(pid):
                 continue
             seen.add(name)
             read = self._read(name)
@@ -138,21 +140,21 @@ class WorkerRecords:
             key, record = read
             generation = record.get("generation")
             if record.get("held") is True:
-                held[int(stem)] = Held(generation if isinstance(generation, int) else None,
-                                       record.get("app_loaded") is True,
-                                       frozenset(p for p in record["files"] if isinstance(p, str)))
+                held[pid] = Held(generation if isinstance(generation, int) else None,
+                                 record.get("app_loaded") is True,
+                                 frozenset(p for p in record["files"] if isinstance(p, str)))
                 continue
             merged.append((name, key, record))
-            live.add(int(stem))
-            loaded[int(stem)] = record.get("app_loaded")
+            live.add(pid)
+            loaded[pid] = record.get("app_loaded")
             generations.add(generation)
-            generation_of[int(stem)] = generation if isinstance(generation, int) else None
+            generation_of[pid] = generation if isinstance(generation, int) else None
             patterns.update(record.get("patterns", ()))
             unchecked.update(p for p in record.get("unchecked", ()) if isinstance(p, str))
             if record.get("app_loaded") is False:
-                self.app_failed.add(int(stem))
+                self.app_failed.add(pid)
                 if isinstance(record.get("failure"), str):
-                    failures[int(stem)] = record["failure"]
+                    failures[pid] = record["failure"]
         for gone in self._cache.keys() - seen:
             del self._cache[gone]
         self.live = live
@@ -219,6 +221,12 @@ class WorkerRecords:
             return None
         self._cache[name] = (key, record)
         return key, record
+
+
+def is_record_name(name: str) -> bool:
+    """Whether ``name`` in a runtime directory is a process's record (``<pid>.json``)."""
+    stem, _, ext = name.partition(".")
+    return ext == "json" and stem.isdigit()
 
 
 def record_path(directory: str, pid: int) -> str:

@@ -39,7 +39,7 @@ from .._hot.transport import PatchPublisher
 from . import runtime
 from .generations import Generation, project_roots, recover, store_of
 from .launch import GUNICORN_LOG_FORMAT, LOCK_FD, LOCK_NAME, PENDING_LOG
-from .records import WorkerRecords
+from .records import WorkerRecords, is_record_name
 from .signals import Target, TargetError, alive, exited
 from .strategies import (
     STRATEGIES,
@@ -143,7 +143,8 @@ class _ServerWatch:
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.generation_files, records, lambda: self.config_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
-                               check=self.check, wake_dirs=[self.runtime_dir], name="wsgi_reload-watch-process",
+                               check=self.check, wake_dirs=[self.runtime_dir], wakes_on=is_record_name,
+                               name="wsgi_reload-watch-process",
                                on_tick=self.tick)
 
     def verified_source(self, path: str) -> bytes | None:
