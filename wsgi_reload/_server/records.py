@@ -174,8 +174,8 @@ class WorkerRecords:
         self.refresh()
         key = tuple((name, stat) for name, stat, _ in self._live_records)
         if key != self._merged_key:
-            # Only when a record was replaced: a few thousand paths each, and scans and the
-            # swap's waits call this often while nothing changed.
+            # Only when a record was replaced: a few thousand paths each, and the scanner calls
+            # this at every wake of the monitor, a dozen times a reload, mostly with none replaced.
             named: dict[str, int | None] = {}
             for _, _, record in self._live_records:
                 loaded_at = record["loaded_at_ns"]
