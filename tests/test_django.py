@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -642,6 +644,44 @@ def test_runserver_answers_a_request_still_arriving_when_a_restart_begins(site: 
         assert answer.endswith(page("hello").encode())
         assert idle.recv(1) == b""  # closed by the server, not left to the drain's time limit
     wait_for_body(port, page("restarted"))
+
+
+def test_runserver_answers_clients_that_send_a_moment_after_they_connect(site: Path,
+                                                                          runserver: tuple[Server, int]) -> None:
+    """A client's request comes a moment after its connect returns, and the old process accepts
+    the connection at once: a restart that begins in between must answer it, not close it for a
+    preconnect. Clients here wait 0.1 s between connect and request, through three restarts."""
+    server, port = runserver
+    starts = server.count(r"Watching for file changes")
+    stop = threading.Event()
+    answers: list[bytes] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", port), timeout=LIVENESS) as conn:
+                time.sleep(0.1)
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                answer = b""
+                with contextlib.suppress(OSError):
+                    while chunk := conn.recv(65536):
+                        answer += chunk
+                answers.append(answer)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    try:
+        for n in range(1, 4):
+            greeting_view(site, f"restart-{n}")
+            wait_for_body(port, page(f"restart-{n}"), timeout=LIVENESS)
+            server.wait_for_log(r"Watching for file changes", count=starts + n)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(LIVENESS)
+    assert len(answers) > 20
+    assert [a[:60] for a in answers if not a.startswith(b"HTTP/1.1 200 ")] == []
 
 
 def test_runserver_resets_templates_without_a_restart(site: Path, runserver: tuple[Server, int]) -> None:

@@ -220,12 +220,14 @@ def _adopt_listener() -> None:
 class _Connection:
     """One accepted connection: whether a request on it has begun to arrive and is not answered yet."""
 
-    __slots__ = ("socket", "busy", "dropped")
+    __slots__ = ("socket", "busy", "dropped", "quiet_since")
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
         self.busy = False
         self.dropped = False
+        self.quiet_since = time.monotonic()
+        """Its accept, or the end of its last answer: since then nothing was asked on it."""
 
     def has_unread_bytes(self) -> bool:
         try:
@@ -259,15 +261,19 @@ class _Connections(threading.Condition):
 
     def drain(self, seconds: float) -> None:
         """Wait, at most ``seconds``, until every accepted connection is closed. A connection on
-        which no request is arriving (a browser's preconnect, a kept-alive one between requests)
-        is shut down, as any HTTP/1.1 server closes an idle connection; one whose request has
-        begun is answered first."""
+        which no request has come for :data:`QUIET_SECONDS` (a browser's preconnect, a kept-alive
+        one between requests) is shut down, as any HTTP/1.1 server closes an idle connection;
+        one whose request has begun is answered first. A connection accepted just before is
+        given that long: a client sends its request a moment after its connect returns, and a
+        busy client thread can take milliseconds to, while the old process had accepted it at
+        once (closing it then failed a request in a test under load)."""
         self.closing = True
         deadline = time.monotonic() + seconds
         with self:
             while self.open and time.monotonic() < deadline:
                 for entry in list(self.open.values()):
-                    if not entry.busy and not entry.dropped and not entry.has_unread_bytes():
+                    if not entry.busy and not entry.dropped and time.monotonic() - entry.quiet_since >= QUIET_SECONDS \
+                            and not entry.has_unread_bytes():
                         entry.dropped = True
                         with contextlib.suppress(OSError):
                             entry.socket.shutdown(socket.SHUT_RDWR)  # its handler reads the end and returns
@@ -327,6 +333,7 @@ def _count_connections(basehttp: Any) -> None:
             entry = _connections.open.get(id(self.request_handler.connection))
             if entry is not None:
                 entry.busy = False
+                entry.quiet_since = time.monotonic()
             if _connections.closing:
                 self.request_handler.close_connection = True  # no keep-alive into a stopping process
 
@@ -337,6 +344,10 @@ _connections = _Connections()
 
 DRAIN_SECONDS = 30.0
 """A restart waits this long at most for the connections in flight."""
+
+QUIET_SECONDS = 0.25
+"""A connection on which no request has come for this long is closed at a restart; one accepted
+or answered more recently may still be sending its request."""
 
 _servers: list[Any] = []
 """The server of this process, adopting the reloader process's socket."""
