@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -26,13 +26,17 @@ assert os.geteuid() == {NOBODY}
 """
 
 
-def run_as_nobody(code: str, *, background: bool = False) -> subprocess.Popen[str] | subprocess.CompletedProcess[str]:
+def run_as_nobody(code: str, *, background: bool = False,
+                  imports: Sequence[str] = ()) -> subprocess.Popen[str] | subprocess.CompletedProcess[str]:
     """Run ``code`` in a Python child that first calls ``os.setuid`` to nobody.
 
     Only modules the interpreter has loaded at start are sure to import: nobody may not be
     able to read the standard library of root's Python (``os`` is always there).
+
+    :param imports: standard modules to import before the ``setuid``, for ``code`` to use.
     """
-    argv = [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)]
+    before = "".join(f"import {name}\n" for name in imports)
+    argv = [sys.executable, "-c", before + _PRELUDE + textwrap.dedent(code)]
     if background:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -41,6 +41,39 @@ def test_the_runtime_directory_is_closed_to_other_users(monkeypatch: pytest.Monk
         assert not os.path.exists(path)
 
 
+def test_another_user_cannot_reach_the_watchers_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher's socket, where the workers' keepers connect, is in the private runtime
+    directory: another user can neither connect to it (and so neither read the lines it hands
+    out nor hold a connection) nor put a socket of theirs in its place."""
+    from wsgi_reload._server.launch import CHANNEL_NAME
+    from wsgi_reload._server.watcher_process import _KeeperChannel
+
+    with shared_tmp() as tmp:
+        monkeypatch.setenv("TMPDIR", tmp)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.setattr("tempfile.tempdir", None)
+        path = runtime.create()
+        channel = _KeeperChannel(path)
+        channel.listen()
+        done = run_as_nobody(f"""
+            def connect():
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect({os.path.join(path, CHANNEL_NAME)!r})
+            def plant():
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.bind({os.path.join(path, "x.sock")!r})
+            for attempt in (connect, plant):
+                try:
+                    attempt()
+                except PermissionError:
+                    print("refused")
+        """, imports=["socket"])
+        assert done.stdout.split() == ["refused"] * 2  # type: ignore[union-attr]
+        channel.tend()
+        assert channel.keepers == []
+        runtime.remove(path)
+
+
 def test_a_planted_name_is_never_used_or_written_through(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a user who guessed the derived name (nobody can) gets no use of it: a directory of
     theirs, or a symlink to a file of root's, is refused and nothing is written."""

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from .._check import spawn
 from .._core.settings import Settings
 from . import runtime
 
-# The watcher's own logger: the lines a worker logs for it (forward_pending_lines) read as its.
+# The watcher's own logger: the lines a worker logs for it (see _follow) read as its.
 log = logging.getLogger("wsgi_reload.watcher_process")
 
 LOCK_NAME = "watcher.lock"
@@ -91,60 +92,125 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
         os.close(lock)  # the watcher's copy of the descriptor keeps the lock
 
 
-HEAL_SECONDS = 1.0
-"""How often each worker makes sure its server's watcher process runs."""
+CHANNEL_NAME = "watcher.sock"
+"""The watcher's Unix socket in the runtime directory, where every worker's keeper stays connected."""
+
+RETRY_SECONDS = 1.0
+"""The longest a keeper waits before it looks again for a watcher that is starting, or for a
+runtime directory that is not there."""
+
+KEEPER_THREAD = "wsgi_reload"
+"""The keeper thread's name in the operating system (``ps -L``, ``top -H``)."""
 
 _keeper: threading.Thread | None = None
 
 
 def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
                          republish: Callable[[], object] | None = None) -> None:
-    """In a worker: from now on, every :data:`HEAL_SECONDS`, start the server's watcher process
-    again if it has gone (``start`` is :func:`ensure_watcher` with this server's arguments), and
-    call ``republish`` (which writes this worker's record again if it is missing) once the
-    runtime directory is back after a removal. A ``kill -9`` of the watcher, an out-of-memory
-    kill or a temp-file cleaner must not end reloading silently."""
+    """In a worker: from now on, start the server's watcher process again whenever it stops
+    (``start`` is :func:`ensure_watcher` with this server's arguments), log the lines the
+    watcher hands over, and call ``republish`` (which writes this worker's record again if it is
+    missing) when the watcher says it made the runtime directory again. A ``kill -9`` of the
+    watcher, an out-of-memory kill or a temp-file cleaner must not end reloading silently.
+
+    A thread (a greenlet under gevent) stays connected to the watcher's socket and sleeps in
+    the kernel until the watcher writes to it or ends (the connection's end of file): an idle
+    server costs nothing here, and a watcher that stopped is started again at once.
+    """
     global _keeper
     if _keeper is not None and _keeper.is_alive() and getattr(_keeper, "pid", None) == os.getpid():
         return
 
     def run() -> None:
+        _name_this_thread(KEEPER_THREAD)
+        wait = 0.05
         while True:
-            time.sleep(HEAL_SECONDS)
-            if not runtime.is_private_dir(runtime_dir):
-                continue  # removed: the watcher makes it again (or the server is stopping)
             try:
-                forward_pending_lines(runtime_dir)
-                if republish is not None:
-                    republish()
-                if start():
-                    log.warning("wsgi_reload: this server's watcher process had stopped; worker %d started a new "
-                                "one", os.getpid())
+                channel = _connect(runtime_dir)
+                if channel is None:
+                    # A watcher starting (it listens once its interpreter is up), none (started
+                    # here), or no runtime directory: the watcher makes it again, or the server
+                    # is stopping. A watcher that cannot listen said so; it is looked for each second.
+                    if runtime.is_private_dir(runtime_dir):
+                        if start():
+                            log.warning("wsgi_reload: this server's watcher process had stopped; worker %d "
+                                        "started a new one", os.getpid())
+                        elif republish is not None:
+                            republish()
+                    time.sleep(wait)
+                    wait = min(wait * 2, RETRY_SECONDS)
+                    continue
+                wait = 0.05
+                with channel:
+                    _follow(channel, republish)
             except Exception:
-                log.exception("wsgi_reload: starting the watcher process again failed")
+                log.exception("wsgi_reload: keeping the watcher process running failed")
+                time.sleep(RETRY_SECONDS)
 
     _keeper = threading.Thread(target=run, name="wsgi_reload-keeper", daemon=True)
     _keeper.pid = os.getpid()  # type: ignore[attr-defined]
     _keeper.start()
 
 
-PENDING_LOG = "log.pending"
-"""Lines the watcher could not write to the server's log, for a worker to log for it."""
+def _name_this_thread(name: str) -> None:
+    """Name this thread for the operating system, unless it is the process's main one (a
+    greenlet under gevent runs on it)."""
+    native = threading.get_native_id()
+    if native != os.getpid():
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{native}/comm", "w") as comm:
+                comm.write(name[:15])
 
 
-def forward_pending_lines(runtime_dir: str) -> None:
-    """In a worker: log, through the server's logger, the lines the watcher could not write
-    (see :class:`_ServerLogHandler`); the one worker that takes the file first logs them."""
-    path = os.path.join(runtime_dir, PENDING_LOG)
-    taken = f"{path}.{os.getpid()}"
+def channel_address(runtime_dir: str, directory_fd: int | None = None) -> str:
+    """The watcher socket's address: its path, or, when that is too long for a Unix socket
+    address (108 bytes), the same file reached through ``directory_fd``, a descriptor on the
+    runtime directory, in ``/proc/self/fd``."""
+    path = os.path.join(runtime_dir, CHANNEL_NAME)
+    if len(os.fsencode(path)) < 100 or directory_fd is None:
+        return path
+    return f"/proc/self/fd/{directory_fd}/{CHANNEL_NAME}"
+
+
+def _connect(runtime_dir: str) -> socket.socket | None:
+    """A connection to the server's watcher, or None when none listens."""
     try:
-        os.rename(path, taken)  # atomic: no line is logged twice, none lost to a later append
+        directory = os.open(runtime_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return
-    data = runtime.read_bytes(runtime_dir, os.path.basename(taken), limit=1024 * 1024) or b""
-    with contextlib.suppress(OSError):
-        os.unlink(taken)
-    for raw in data.decode("utf-8", "replace").splitlines():
-        with contextlib.suppress(ValueError, TypeError):
-            level, message = json.loads(raw)
-            log.log(int(level), "%s", message)
+        return None
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        channel.connect(channel_address(runtime_dir, directory))
+    except OSError:
+        channel.close()
+        return None
+    finally:
+        os.close(directory)
+    return channel
+
+
+def _follow(channel: socket.socket, republish: Callable[[], object] | None) -> None:
+    """Carry out what the watcher writes, one JSON object a line, until it ends: ``{"log":
+    [level, message]}`` (a line to log through the server's logger, which the watcher can no
+    longer reach) and ``{"republish": true}`` (the runtime directory was made again)."""
+    pending = b""
+    while True:
+        try:
+            data = channel.recv(65536)
+        except OSError:
+            data = b""  # reset: a watcher that ended before it accepted this connection
+        if not data:
+            return  # the watcher ended, or let this keeper go: connect again
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            entry = message.get("log")
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int):
+                log.log(entry[0], "%s", entry[1])
+            if message.get("republish") is True and republish is not None:
+                republish()

@@ -16,6 +16,7 @@ standard error it was given, which is the server's log.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,7 +40,7 @@ from .._core.watcher import Watcher
 from .._hot.transport import PatchPublisher
 from . import runtime
 from .generations import Generation, project_roots, recover, store_of
-from .launch import GUNICORN_LOG_FORMAT, LOCK_FD, LOCK_NAME, PENDING_LOG
+from .launch import CHANNEL_NAME, GUNICORN_LOG_FORMAT, LOCK_FD, LOCK_NAME, channel_address
 from .records import WorkerRecords, is_record_name
 from .signals import Target, TargetError, alive, exited
 from .strategies import (
@@ -87,9 +89,10 @@ milliseconds of a TTIN) before it imports the code itself."""
 class _ServerWatch:
     """The watcher of one server, fed by its workers' records."""
 
-    def __init__(self, config: dict[str, Any], target: Target) -> None:
+    def __init__(self, config: dict[str, Any], target: Target, channel: _KeeperChannel) -> None:
         self.config = config
         self.target = target
+        self.channel = channel
         self.runtime_dir: str = config["runtime_dir"]
         self.settings = Settings.load({}, **config["settings"])
         self.signum = signal.Signals["SIG" + config["signal"]]
@@ -365,12 +368,18 @@ class _ServerWatch:
             self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
             with contextlib.suppress(OSError):
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                self.channel.listen()  # its socket went with it too
+            except OSError as exc:
+                log.error("wsgi_reload: the workers cannot reach this watcher (%s)", exc)
+            self.channel.republish()
             self.unchecked.extend(Change(path, "modified") for path in lost)
 
     def tick(self) -> None:
         """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
         at start, a pending reload."""
         self.heal()
+        self.channel.tend()  # a new worker's keeper connects as it boots, and its record wakes us
         if self.current is None:
             # Started before any worker loaded: the first one publishes what it imported.
             current = self.store.current_id()
@@ -472,17 +481,121 @@ class _ServerWatch:
         runtime.remove(self.runtime_dir)
 
 
+class _KeeperChannel:
+    """The watcher's end of its one channel to the workers: a Unix socket in the runtime
+    directory (``launch.CHANNEL_NAME``) to which every worker's keeper stays connected
+    (:func:`wsgi_reload._server.launch.keep_watcher_running`). The keepers learn that the
+    watcher ended from their connection's end of file, and this end writes them one JSON object
+    a line: a log line for one of them to log, or to all, that the runtime directory was made
+    again. Nothing here blocks: a keeper whose buffer is full is let go (it connects again), and
+    connections are accepted whenever something is sent, and on the watcher's 2 s turns."""
+
+    BACKLOG_BYTES = 64 * 1024
+    """How much of the log lines kept while no keeper is connected (the oldest go first): they
+    go to the next keeper in one write, which must fit in its empty socket buffer."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.keepers: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.unsent: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+
+    def listen(self) -> None:
+        """Listen at the channel's path, in place of any socket there (a watcher's that ended,
+        or the path in a runtime directory made again); OSError when it cannot."""
+        directory = os.open(self.runtime_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(CHANNEL_NAME, dir_fd=directory)
+            listener.bind(channel_address(self.runtime_dir, directory))
+            listener.listen(socket.SOMAXCONN)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.close(directory)
+        with self._lock:
+            if self.listener is not None:
+                self.listener.close()
+            self.listener = listener
+
+    def tend(self) -> None:
+        """Accept the keepers waiting to connect, and let go of those that have gone."""
+        with self._lock:
+            self._accept()
+            for keeper in list(self.keepers):
+                try:
+                    gone = keeper.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    self._drop(keeper)
+
+    def log_line(self, level: int, message: str) -> None:
+        """Have one keeper log ``message`` through its server's logger (the first to connect,
+        when none is connected now)."""
+        line = json.dumps({"log": [level, message]}).encode() + b"\n"
+        with self._lock:
+            self._accept()
+            if not any(self._send(keeper, line) for keeper in list(self.keepers)):
+                self.unsent.append(line)
+                kept = sum(map(len, self.unsent))
+                while kept > self.BACKLOG_BYTES:
+                    kept -= len(self.unsent.popleft())
+
+    def republish(self) -> None:
+        """Have every keeper write its worker's record again (the runtime directory was made again)."""
+        with self._lock:
+            self._accept()
+            for keeper in list(self.keepers):
+                self._send(keeper, b'{"republish": true}\n')
+
+    def _accept(self) -> None:
+        while self.listener is not None:
+            try:
+                keeper, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            keeper.setblocking(False)
+            self.keepers.append(keeper)
+            if self.unsent and self._send(keeper, b"".join(self.unsent)):
+                self.unsent.clear()
+
+    def _send(self, keeper: socket.socket, line: bytes) -> bool:
+        try:
+            sent = keeper.send(line)
+        except OSError:
+            sent = 0
+        if sent == len(line):
+            return True
+        self._drop(keeper)  # gone, or not reading: a part of a line would garble the rest
+        return False
+
+    def _drop(self, keeper: socket.socket) -> None:
+        keeper.close()
+        with contextlib.suppress(ValueError):
+            self.keepers.remove(keeper)
+
+
 class _ServerLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Standard error, which is the server's log, until the server replaces it under us: a uWSGI
     master with a logger (``--req-logger``, ``--logger``, ``--log-master``) hands its workers a
     socket to it, and makes a new one on each reload, so the watcher's copy then leads nowhere.
-    From then on each line goes into the runtime directory, and the workers' keepers log it
-    through the server's own logger (:func:`forward_pending_lines`)."""
+    From then on each line goes to a worker's keeper, which logs it through the server's own
+    logger (:class:`_KeeperChannel`)."""
 
-    def __init__(self, runtime_dir: str, master_pid: int) -> None:
+    def __init__(self, runtime_dir: str, master_pid: int, channel: _KeeperChannel) -> None:
         super().__init__(sys.stderr)
         self.runtime_dir = runtime_dir
         self.master_pid = master_pid
+        self.channel = channel
 
     def _stale(self) -> bool:
         try:
@@ -497,21 +610,16 @@ class _ServerLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().emit(record)
             return
         try:
-            line = json.dumps([record.levelno, record.getMessage()]) + "\n"
-            fd = os.open(os.path.join(self.runtime_dir, PENDING_LOG),
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-        except OSError:
+            self.channel.log_line(record.levelno, record.getMessage())
+        except Exception:
             self.handleError(record)
 
 
 def main() -> None:
     """Entry point of the watcher process."""
     config: dict[str, Any] = json.loads(sys.stdin.read())
-    handler: logging.Handler = _ServerLogHandler(config["runtime_dir"], config["master_pid"])
+    channel = _KeeperChannel(config["runtime_dir"])
+    handler: logging.Handler = _ServerLogHandler(config["runtime_dir"], config["master_pid"], channel)
     unopened = None
     if config.get("log_file"):
         try:
@@ -536,10 +644,15 @@ def main() -> None:
         os._exit(0)  # the spawning worker reaps this first process at once; the watcher is nobody's zombie
     runtime.hold_against_cleaners(config["runtime_dir"])
     try:
+        channel.listen()
+    except OSError as exc:
+        log.error("wsgi_reload: the workers cannot reach this watcher (%s), so they look for it once a second "
+                  "and a watcher that stops is started again only then", exc)
+    try:
         target = Target(config["master_pid"], f"the {config['server']} master (pid {config['master_pid']})",
                         may_be_init=True)
     except TargetError as exc:
         log.error("wsgi_reload: not watching: %s", exc)
         return
     with contextlib.suppress(KeyboardInterrupt):
-        _ServerWatch(config, target).run()
+        _ServerWatch(config, target, channel).run()

@@ -1,0 +1,209 @@
+"""Each worker's keeper and the watcher's end of their channel (``_server/launch.py``,
+``_KeeperChannel`` in ``_server/watcher_process.py``): real Unix sockets in a real private
+runtime directory, and real servers left idle.
+
+The watcher being killed and started again, and the runtime directory removed, under load,
+are in tests/test_faults.py, tests/test_generations.py and tests/test_django.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import free_port, gunicorn, make_app, running, uwsgi, worker_pids
+
+from wsgi_reload._server import launch
+from wsgi_reload._server.watcher_process import _KeeperChannel
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Iterator[str]:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    yield str(path)
+
+
+class Keeper:
+    """A keeper's side, as a worker runs it (``launch._connect`` and ``launch._follow``), on a thread."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.republished = 0
+        self.ended = threading.Event()
+        channel = launch._connect(runtime_dir)
+        assert channel is not None, "no watcher listens"
+        self.channel = channel
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        with self.channel:
+            launch._follow(self.channel, self.republish)
+        self.ended.set()
+
+    def republish(self) -> None:
+        self.republished += 1
+
+
+class Lines(logging.Handler):
+    """What the keepers log for the watcher, with the thread that logged each line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[int | None, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.thread, record.getMessage()))
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    logger = logging.getLogger("wsgi_reload.watcher_process")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def eventually(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "not within the liveness timeout"
+        time.sleep(0.01)
+
+
+def test_a_line_is_logged_by_one_keeper_and_a_republish_reaches_every_one(runtime_dir: str, lines: Lines) -> None:
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    keepers = [Keeper(runtime_dir), Keeper(runtime_dir)]
+    channel.tend()
+    eventually(lambda: len(channel.keepers) == 2)
+    channel.log_line(logging.WARNING, "wsgi_reload: reload done")
+    eventually(lambda: lines.lines)
+    channel.republish()
+    eventually(lambda: all(keeper.republished == 1 for keeper in keepers))
+    assert [line for _, line in lines.lines] == ["wsgi_reload: reload done"]
+
+
+def test_lines_from_before_any_keeper_connected_go_to_the_first_one(runtime_dir: str, lines: Lines) -> None:
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    for n in range(3):
+        channel.log_line(logging.INFO, f"line {n}")
+    Keeper(runtime_dir)
+    channel.tend()
+    eventually(lambda: len(lines.lines) == 3)
+    assert [line for _, line in lines.lines] == ["line 0", "line 1", "line 2"]
+
+
+def test_a_keeper_that_stops_reading_never_blocks_the_watcher(runtime_dir: str, lines: Lines) -> None:
+    """A worker stuck in C code with the GIL, or stopped: its socket's buffer fills. The watcher
+    lets that keeper go and hands the lines to one that reads; nothing it does waits."""
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.connect(os.path.join(runtime_dir, launch.CHANNEL_NAME))
+    channel.tend()
+    done = threading.Event()
+
+    def flood() -> None:
+        for n in range(20_000):
+            channel.log_line(logging.INFO, f"line {n} " + "x" * 100)
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(30), "the watcher blocked on a keeper that does not read"
+    assert channel.keepers == []  # let go
+    reader = Keeper(runtime_dir)
+    channel.tend()
+    eventually(lambda: lines.lines and lines.lines[-1][1].startswith("line 19999 "))
+    numbers = [int(line.split()[1]) for _, line in lines.lines]
+    assert numbers == list(range(20_000 - len(numbers), 20_000)) and len(numbers) > 100  # the newest, in order
+    assert not reader.ended.is_set()
+    stuck.close()
+
+
+def test_a_keeper_sees_the_watcher_end_even_before_it_was_accepted(runtime_dir: str) -> None:
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    accepted, waiting = Keeper(runtime_dir), None
+    channel.tend()
+    waiting = Keeper(runtime_dir)  # in the listen queue: the watcher ends before its next turn
+    for keeper in channel.keepers:
+        keeper.close()
+    assert channel.listener is not None
+    channel.listener.close()
+    assert accepted.ended.wait(10) and waiting.ended.wait(10)
+    assert launch._connect(runtime_dir) is None  # the socket file stays, and refuses
+
+
+def test_a_runtime_directory_too_deep_for_a_socket_path_still_works(tmp_path: Path) -> None:
+    """Unix socket addresses hold about 108 bytes; a deep $TMPDIR must not cut the workers off."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    assert len(str(deep / launch.CHANNEL_NAME)) > 108
+    channel = _KeeperChannel(str(deep))
+    channel.listen()
+    keeper = Keeper(str(deep))
+    channel.tend()
+    eventually(lambda: len(channel.keepers) == 1)
+    channel.republish()
+    eventually(lambda: keeper.republished == 1)
+
+
+def test_only_lines_of_the_protocol_are_acted_on(runtime_dir: str, lines: Lines) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(runtime_dir, launch.CHANNEL_NAME))
+    listener.listen()
+    keeper = Keeper(runtime_dir)
+    conn, _ = listener.accept()
+    conn.sendall(b"not json\n[1, 2]\n" + json.dumps({"log": ["WARNING", "x"]}).encode() + b"\n"
+                 + json.dumps({"republish": 1}).encode() + b"\n" + json.dumps({"log": [30, "said"]}).encode()
+                 + b"\n")
+    eventually(lambda: lines.lines)
+    conn.close()
+    assert keeper.ended.wait(10)
+    assert [line for _, line in lines.lines] == ["said"] and keeper.republished == 0
+    listener.close()
+
+
+def keeper_wakes(pid: int) -> int | None:
+    """The context switches of the worker's keeper thread so far (None: it has none)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                if comm.read().strip() != launch.KEEPER_THREAD:
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue
+        return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+    return None
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
+def test_an_idle_servers_keepers_sleep_until_the_watcher_ends(tmp_path: Path, kind: str) -> None:
+    """Started as the README says, left idle: each worker's keeper thread sleeps in the kernel
+    until the watcher writes to it or ends: not one wake in 3 s, so an idle server costs
+    nothing for it."""
+    app = make_app(tmp_path)
+    port = free_port()
+    server = gunicorn(app, port, ["-w", "2"]) if kind == "gunicorn" else uwsgi(app, port)
+    with running(server, "v1"):
+        time.sleep(1)  # past the start-up's own traffic on the channel
+        workers = sorted(worker_pids(server))
+        before = {pid: keeper_wakes(pid) for pid in workers}
+        assert None not in before.values(), f"a worker without a keeper thread: {before}"
+        time.sleep(3)
+        assert {pid: keeper_wakes(pid) for pid in workers} == before
