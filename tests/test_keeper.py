@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +47,7 @@ class Keeper:
 
     def run(self) -> None:
         with self.channel:
-            launch._follow(self.channel, self.republish)
+            launch._follow(self.channel, self.republish, threading.Event())
         self.ended.set()
 
     def republish(self) -> None:
@@ -207,3 +209,31 @@ def test_an_idle_servers_keepers_sleep_until_the_watcher_ends(tmp_path: Path, ki
         assert None not in before.values(), f"a worker without a keeper thread: {before}"
         time.sleep(3)
         assert {pid: keeper_wakes(pid) for pid in workers} == before
+
+
+def test_a_worker_waiting_for_news_sleeps_until_the_watcher_says_the_generations_changed(runtime_dir: str) -> None:
+    """A worker holding for its verdict (``await_verdict`` with ``launch.wait_for_news``) is woken
+    by the watcher's word over the keeper's connection, and does not wake before it."""
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from wsgi_reload._server import launch
+launch.keep_watcher_running({runtime_dir!r}, start=lambda: False)
+while not launch._connected:
+    time.sleep(0.01)
+print("connected", flush=True)
+began = time.monotonic()
+launch.wait_for_news(60)
+print(time.monotonic() - began, flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "connected"
+        time.sleep(1)
+        channel.generations_changed()
+        waited = float(worker.stdout.readline())
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
+    assert 1 <= waited < 30  # not before the word came, and not at the end of its 60 s either

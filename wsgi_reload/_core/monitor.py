@@ -270,6 +270,12 @@ class Monitor:
         """Scan now instead of at the next tick."""
         self._wake.set()
 
+    @property
+    def hears_wakes(self) -> bool:
+        """Whether ``wakes_on`` is asked about each event in the ``wake_dirs`` as it happens (the
+        inotify backend); otherwise only a scan finds what changed there."""
+        return self._events is not None and self._events.clock is not None
+
     def __enter__(self) -> Monitor:
         return self.start()
 

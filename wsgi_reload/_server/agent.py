@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .._core.files import describe_error
 from . import genimport
 from .generations import RETRY_SECONDS, await_verdict, store_of, wait_for_newer
-from .launch import keep_watcher_running
+from .launch import keep_watcher_running, wait_for_news
 from .records import RecordWriter, WorkerRecords
 from .signals import alive
 
@@ -125,6 +125,7 @@ class WorkerAgent:
         if finder is None or not finder.trial:
             return True  # verified code: a newer generation published since makes it no less so
         generation = finder.generation
+        self.keep_watcher_running()  # its keeper hears the verdict for it (connected before the record says it holds)
         # Said in the record, with the files it took: the watcher can take a real worker's
         # import for the verdict, rather than import the app a second time in its check.
         try:
@@ -137,7 +138,8 @@ class WorkerAgent:
             loaded = False
         with contextlib.suppress(OSError):
             self.record.publish(held=loaded)
-        if await_verdict(store_of(self.directory), generation, timeout, heartbeat=heartbeat, alive=alive):
+        if await_verdict(store_of(self.directory), generation, timeout, heartbeat=heartbeat, alive=alive,
+                         wait=wait_for_news):
             finder.trial = False  # verified now
             return True
         self.remove_record()
@@ -196,7 +198,7 @@ class WorkerAgent:
             # for its verdict only; the worker that replaces this one loads whatever then runs.
             log.debug("wsgi_reload: worker %d cannot load generation %s, which was not verified (%s)", os.getpid(),
                       generation, describe_error(exc))
-            await_verdict(store, generation, RETRY_SECONDS, heartbeat=heartbeat)
+            await_verdict(store, generation, RETRY_SECONDS, heartbeat=heartbeat, wait=wait_for_news)
             return
         log.log(logging.DEBUG if quiet else logging.ERROR,
                 "wsgi_reload: worker %d cannot load the app from verified code (generation %s: %s); the other "

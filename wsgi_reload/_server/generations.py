@@ -391,14 +391,21 @@ def wait_for_newer(store: Store, newer_than: int | None, timeout: float | None,
     return None
 
 
+def _poll(seconds: float) -> None:
+    time.sleep(min(seconds, 0.005))
+
+
 def await_verdict(store: Store, generation: int | None, timeout: float, *,
-                  heartbeat: Callable[[], object] | None = None, alive: Callable[[], bool] = lambda: True) -> bool:
+                  heartbeat: Callable[[], object] | None = None, alive: Callable[[], bool] = lambda: True,
+                  wait: Callable[[float], object] = _poll) -> bool:
     """In a worker that imported ``generation``: True once it is the current generation (it
     passed the check; at once if it already is). False if it stops being the trial without
     becoming current (refused, or the watcher that offered it stopped), if ``timeout`` runs
     out, or once ``alive()`` says the worker is stopping: it must not serve that code.
 
     :param heartbeat: called meanwhile (a gunicorn worker must tell its master it is alive).
+    :param wait: sleeps until the store may have changed, at most the seconds it is given
+        (:func:`wsgi_reload._server.launch.wait_for_news`); by default a 5 ms poll.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -411,7 +418,7 @@ def await_verdict(store: Store, generation: int | None, timeout: float, *,
         if heartbeat is not None:
             with contextlib.suppress(Exception):
                 heartbeat()
-        time.sleep(0.005)
+        wait(0.25)
 
 
 def is_project_file(path: str) -> bool:

@@ -103,6 +103,24 @@ KEEPER_THREAD = "wsgi_reload"
 """The keeper thread's name in the operating system (``ps -L``, ``top -H``)."""
 
 _keeper: threading.Thread | None = None
+_connected = False
+"""Whether this worker's keeper is connected to the watcher now."""
+_news: threading.Event | None = None
+"""Set by the keeper when the watcher says the generations changed. Made with the keeper, in
+the worker: under gevent, once the worker has patched ``threading``, so that waiting on it
+lets the keeper's greenlet run."""
+
+
+def wait_for_news(seconds: float) -> None:
+    """In a worker: sleep until the watcher says the store's generations changed (one was
+    published, or a trial withdrawn), or ``seconds`` pass; 5 ms while this worker's keeper is
+    not connected to it. A worker holding for a verdict so hears it at once, not at a poll."""
+    news = _news
+    if _connected and news is not None:
+        news.wait(seconds)
+        news.clear()
+    else:
+        time.sleep(min(seconds, 0.005))
 
 
 def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
@@ -117,11 +135,13 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
     the kernel until the watcher writes to it or ends (the connection's end of file): an idle
     server costs nothing here, and a watcher that stopped is started again at once.
     """
-    global _keeper
+    global _keeper, _news
     if _keeper is not None and _keeper.is_alive() and getattr(_keeper, "pid", None) == os.getpid():
         return
+    news = _news = threading.Event()
 
     def run() -> None:
+        global _connected
         _name_this_thread(KEEPER_THREAD)
         wait = 0.05
         while True:
@@ -141,8 +161,13 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
                     wait = min(wait * 2, RETRY_SECONDS)
                     continue
                 wait = 0.05
-                with channel:
-                    _follow(channel, republish)
+                _connected = True
+                try:
+                    with channel:
+                        _follow(channel, republish, news)
+                finally:
+                    _connected = False
+                    news.set()  # whoever waits for news asks the store again
             except Exception:
                 log.exception("wsgi_reload: keeping the watcher process running failed")
                 time.sleep(RETRY_SECONDS)
@@ -189,10 +214,11 @@ def _connect(runtime_dir: str) -> socket.socket | None:
     return channel
 
 
-def _follow(channel: socket.socket, republish: Callable[[], object] | None) -> None:
+def _follow(channel: socket.socket, republish: Callable[[], object] | None, news: threading.Event) -> None:
     """Carry out what the watcher writes, one JSON object a line, until it ends: ``{"log":
     [level, message]}`` (a line to log through the server's logger, which the watcher can no
-    longer reach) and ``{"republish": true}`` (the runtime directory was made again)."""
+    longer reach), ``{"republish": true}`` (the runtime directory was made again) and
+    ``{"generations": true}`` (see :func:`wait_for_news`)."""
     pending = b""
     while True:
         try:
@@ -214,3 +240,5 @@ def _follow(channel: socket.socket, republish: Callable[[], object] | None) -> N
                 log.log(entry[0], "%s", entry[1])
             if message.get("republish") is True and republish is not None:
                 republish()
+            if message.get("generations") is True:
+                news.set()

@@ -134,6 +134,8 @@ class _ServerWatch:
         self.announced = False
         self.patcher = PatchPublisher(self.runtime_dir, config["cwd"], self.verified_source) \
             if config.get("patch") else None
+        self.record_written = threading.Event()
+        """Set as a worker's record is written (:meth:`record_event`)."""
         self.patch_failed: str | None = None
         """Why a worker could not take the last patch (its report, read by another thread)."""
         records: Source = self.records
@@ -146,9 +148,17 @@ class _ServerWatch:
         self.watcher = Watcher(self.settings, self.reload, server=server,
                                sources=[self.generation_files, records, lambda: self.config_files],
                                modules_loaded_at_ns=config["loaded_at_ns"],
-                               check=self.check, wake_dirs=[self.runtime_dir], wakes_on=is_record_name,
+                               check=self.check, wake_dirs=[self.runtime_dir], wakes_on=self.record_event,
                                name="wsgi_reload-watch-process",
                                on_tick=self.tick)
+
+    def record_event(self, name: str) -> bool:
+        """Whether a file event in the runtime directory wakes the monitor: a worker's record
+        does (and wakes :meth:`proven_by_a_new_worker` too); the watcher's own files do not."""
+        if not is_record_name(name):
+            return False
+        self.record_written.set()
+        return True
 
     def verified_source(self, path: str) -> bytes | None:
         """A file's bytes as the workers run them: from the newest verified generation."""
@@ -212,7 +222,11 @@ class _ServerWatch:
             return compiled  # its line and message at once, as the check would
         before = set(self.records.live)
         none_since: float | None = None
+        # Woken by each record written, where the monitor hears them as they happen; the master's
+        # children (a new worker forked, or none) are looked at on each turn.
+        pause = 0.1 if self.watcher.monitor.hears_wakes else 0.005
         while (now := time.monotonic()) < started + settings.check_timeout:
+            self.record_written.clear()
             self.records.refresh()
             for held in self.records.held.values():
                 if held.generation == generation.id:
@@ -230,7 +244,7 @@ class _ServerWatch:
                 none_since = now
             elif now - none_since > NO_WORKER_SECONDS:
                 return None
-            time.sleep(0.005)
+            self.record_written.wait(pause)
         return None
 
     def begin_swap(self, paths: Sequence[str], candidate: Generation) -> bool:
@@ -264,6 +278,7 @@ class _ServerWatch:
         if left and isinstance(swap, SignalledSwap) and swap.trial and swap.trial == self.store.current_id():
             return
         self.store.withdraw()
+        self.channel.generations_changed()
         if isinstance(swap, SignalledSwap):
             try:
                 swap.abandon()
@@ -277,6 +292,7 @@ class _ServerWatch:
         keep = {g for g in self.records.generations if g is not None}
         self.store.publish(self.candidate, keep=keep)
         self.current = self.candidate
+        self.channel.generations_changed()
 
     def reload(self, batch: Sequence[Change]) -> None:
         # A reload replaces the workers with the newest generation: none is left behind it to look
@@ -550,10 +566,18 @@ class _KeeperChannel:
 
     def republish(self) -> None:
         """Have every keeper write its worker's record again (the runtime directory was made again)."""
+        self._to_every_keeper(b'{"republish": true}\n')
+
+    def generations_changed(self) -> None:
+        """Tell every worker that a generation was published or a trial withdrawn: one holding
+        for its verdict reads the store at once (:func:`wsgi_reload._server.launch.wait_for_news`)."""
+        self._to_every_keeper(b'{"generations": true}\n')
+
+    def _to_every_keeper(self, line: bytes) -> None:
         with self._lock:
             self._accept()
             for keeper in list(self.keepers):
-                self._send(keeper, b'{"republish": true}\n')
+                self._send(keeper, line)
 
     def _accept(self) -> None:
         while self.listener is not None:
