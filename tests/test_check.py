@@ -686,6 +686,15 @@ def test_files_written_in_the_runtime_directory_wake_the_monitor_but_do_not_hold
     assert not [r for r in caplog.records if "still changing" in r.getMessage()]
 
 
+def test_a_polling_monitor_does_not_say_it_hears_wakes(tmp_path: Path) -> None:
+    """Polling finds a record only at its next scan: the watcher's wait for a held worker then
+    looks every 5 ms by itself (``hears_wakes`` False)."""
+    monitor = Monitor(Scanner(Settings(backend="poll", interval=0.1), watch_modules=False), lambda b: None,
+                      wake_dirs=[str(tmp_path)])
+    with monitor:
+        assert not monitor.hears_wakes
+
+
 def test_only_a_record_in_the_runtime_directory_wakes_the_monitor_and_it_resolves_nothing_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a reload the watcher writes its own files in the runtime directory a dozen times (the
@@ -716,9 +725,11 @@ def test_only_a_record_in_the_runtime_directory_wakes_the_monitor_and_it_resolve
     runtime.mkdir()
     batches: list[list[Change]] = []
     settings = Settings(extra_files=(str(target),), backend="events", settle=0.05)
+    heard: list[str] = []
     monitor = Monitor(CountingScanner(settings, watch_modules=False), lambda b: batches.append(list(b)),
-                      wake_dirs=[str(runtime)], wakes_on=is_record_name)
+                      wake_dirs=[str(runtime)], wakes_on=lambda name: heard.append(name) or is_record_name(name))
     with monitor:
+        assert monitor.hears_wakes  # the watcher's wait for a held worker relies on it
         time.sleep(0.5)  # the first turn looks once by itself
         scanned, resolving = len(scans), len(resolved)
         for n in range(20):
@@ -732,6 +743,7 @@ def test_only_a_record_in_the_runtime_directory_wakes_the_monitor_and_it_resolve
             time.sleep(0.02)
         time.sleep(0.3)
         assert len(scans) > scanned and len(resolved) == resolving
+        assert "4242.json" in heard  # as it happened, the name asked about
         target.write_text("1")
         while not batches and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -266,6 +266,7 @@ class _ServerWatch:
             swap.begin(candidate.id)
         except ActionFailed as exc:
             self.store.withdraw(candidate.id)
+            self.channel.generations_changed()  # a worker the master forked meanwhile may hold for it
             log.debug("wsgi_reload: no new worker beside the check: %s", exc)
             return False
         return True
