@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import free_port, gunicorn, make_app, running, uwsgi, worker_pids
+from servers import free_port, gunicorn, make_app, running, the_watcher, uwsgi, worker_pids
 
 from wsgi_reload._server import launch
 from wsgi_reload._server.watcher_process import _KeeperChannel
@@ -179,36 +179,43 @@ def test_only_lines_of_the_protocol_are_acted_on(runtime_dir: str, lines: Lines)
     listener.close()
 
 
-def keeper_wakes(pid: int) -> int | None:
-    """The context switches of the worker's keeper thread so far (None: it has none)."""
+def switches(pid: int, thread: str | None = None) -> int | None:
+    """The context switches so far of the process's threads named ``thread`` (all of them when
+    None); None when it has no such thread."""
+    total = None
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as comm:
-                if comm.read().strip() != launch.KEEPER_THREAD:
+                if thread is not None and comm.read().strip() != thread:
                     continue
             with open(f"/proc/{pid}/task/{tid}/status") as status:
                 fields = dict(line.split(":", 1) for line in status if ":" in line)
         except OSError:
             continue
-        return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
-    return None
+        total = (total or 0) + int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+    return total
 
 
 @pytest.mark.parametrize("kind", ["gunicorn", "uwsgi"])
-def test_an_idle_servers_keepers_sleep_until_the_watcher_ends(tmp_path: Path, kind: str) -> None:
+def test_an_idle_server_costs_nothing_for_reloading(tmp_path: Path, kind: str) -> None:
     """Started as the README says, left idle: each worker's keeper thread sleeps in the kernel
-    until the watcher writes to it or ends: not one wake in 3 s, so an idle server costs
-    nothing for it."""
+    until the watcher writes to it or ends, and the watcher process until a file event or its
+    master's exit: not one wake of either in 3 s."""
     app = make_app(tmp_path)
     port = free_port()
     server = gunicorn(app, port, ["-w", "2"]) if kind == "gunicorn" else uwsgi(app, port)
     with running(server, "v1"):
-        time.sleep(1)  # past the start-up's own traffic on the channel
+        time.sleep(2.5)  # past the start-up's own traffic on the channel, and its first turns
         workers = sorted(worker_pids(server))
-        before = {pid: keeper_wakes(pid) for pid in workers}
+        watcher = the_watcher(app)
+
+        def wakes() -> dict[int, int | None]:
+            return {**{pid: switches(pid, launch.KEEPER_THREAD) for pid in workers}, watcher: switches(watcher)}
+
+        before = wakes()
         assert None not in before.values(), f"a worker without a keeper thread: {before}"
         time.sleep(3)
-        assert {pid: keeper_wakes(pid) for pid in workers} == before
+        assert wakes() == before
 
 
 def test_a_worker_waiting_for_news_sleeps_until_the_watcher_says_the_generations_changed(runtime_dir: str) -> None:

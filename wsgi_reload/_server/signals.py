@@ -78,16 +78,29 @@ class Target:
             return not readable
         return start_time(self.pid) == self.started and process_state(self.pid) not in (None, "Z")
 
-    def wait_exit(self, timeout: float | None = None) -> bool:
-        """Block until the process exits or ``timeout`` passes; True when it exited."""
+    def wait_exit(self, timeout: float | None = None, wake_fd: int | None = None) -> bool:
+        """Block until the process exits or ``timeout`` passes; True when it exited.
+
+        :param wake_fd: the read end of a pipe: something written to it ends the wait early
+            (False), and is read.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._pidfd is not None:
-            readable, _, _ = select.select([self._pidfd], [], [], timeout)
-            return bool(readable)
+            readable, _, _ = select.select([self._pidfd, *([] if wake_fd is None else [wake_fd])], [], [], timeout)
+            if self._pidfd in readable:
+                return True
+            _drain(wake_fd, readable)
+            return False
         while self.alive():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(0.2)
+            if wake_fd is not None:
+                readable, _, _ = select.select([wake_fd], [], [], 0.2)
+                if readable:
+                    _drain(wake_fd, readable)
+                    return False
+            else:
+                time.sleep(0.2)
         return True
 
     def close(self) -> None:
@@ -95,6 +108,12 @@ class Target:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
+
+
+def _drain(fd: int | None, readable: list[int]) -> None:
+    if fd is not None and fd in readable:
+        with contextlib.suppress(OSError):
+            os.read(fd, 4096)
 
 
 def from_pidfile(path: str) -> Target:

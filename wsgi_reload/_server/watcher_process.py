@@ -136,6 +136,9 @@ class _ServerWatch:
             if config.get("patch") else None
         self.record_written = threading.Event()
         """Set as a worker's record is written (:meth:`record_event`)."""
+        self._turned, self._turn = os.pipe()
+        os.set_blocking(self._turn, False)
+        """Written at the end of each turn of the watcher thread: the main loop (:meth:`run`) looks again."""
         self.patch_failed: str | None = None
         """Why a worker could not take the last patch (its report, read by another thread)."""
         records: Source = self.records
@@ -427,6 +430,8 @@ class _ServerWatch:
             except ActionFailed as exc:
                 log.warning("wsgi_reload: %s", exc)
         self.announce_workers()
+        with contextlib.suppress(OSError):  # full: the main loop has yet to look anyway
+            os.write(self._turn, b"\0")
 
     def reload_workers_behind(self, newest: int) -> None:
         """Workers serving a generation older than the newest verified one, with no replacement
@@ -479,13 +484,22 @@ class _ServerWatch:
         self.records.refresh()
         self.watcher.start(workers_pending=not self.records.live)
         seen_workers_at: float | None = None
-        counting = False
-        while not self.target.wait_exit(timeout=0.25 if counting else 2.0):
+        timeout: float | None = 2.0
+        next_turn = 0.0
+        while not self.target.wait_exit(timeout, wake_fd=self._turned):
             # The master's workers counted after a swap are looked at 4 times a second (until
-            # they match: a few seconds); a reload wanted or under way, every 2 s.
-            counting = self.strategy.wants_tick()
-            if self.waiting_for_code() or counting:
-                self.watcher.monitor.wake()
+            # they match: a few seconds), and workers waiting for loadable code every 2 s: the
+            # watcher thread is woken for a turn. Otherwise nothing wakes this loop but the
+            # master's exit, a turn of the watcher thread (which is what changes the above) and,
+            # with no worker, a look every 2 s whether to retire: an idle server costs nothing here.
+            now = time.monotonic()
+            period = 0.25 if self.strategy.wants_tick() else 2.0 if self.waiting_for_code() else None
+            if period is not None and now >= next_turn:
+                next_turn = now + period
+                self.watcher.monitor.wake()  # its turn writes to the pipe: looked at again then
+            timeout = None if period is None else max(0.0, next_turn - now)
+            if not self.records.live:
+                timeout = 2.0 if timeout is None else min(timeout, 2.0)
             if self.records.live:
                 seen_workers_at = time.monotonic()
             elif seen_workers_at is not None and time.monotonic() - seen_workers_at > RETIRE_AFTER_SECONDS \
