@@ -244,3 +244,39 @@ print(time.monotonic() - began, flush=True)
     finally:
         worker.kill()
     assert 1 <= waited < 30  # not before the word came, and not at the end of its 60 s either
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "start-time"])
+def test_the_watchers_wait_for_its_master_ends_at_a_word_on_its_pipe_or_at_the_exit(pidfd: bool) -> None:
+    """The watcher's main loop waits on its master with no timeout when idle: a write to its
+    pipe (a turn of the watcher thread) must end that wait, and so must the master's exit."""
+    from wsgi_reload._server.signals import Target
+
+    master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    target = Target(master.pid)
+    if not pidfd:
+        target.close()  # as where there are no pidfds: the start time is checked instead
+    readable, writable = os.pipe()
+    try:
+        done = threading.Event()
+        results: list[bool] = []
+
+        def wait() -> None:
+            results.append(target.wait_exit(None, wake_fd=readable))
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        time.sleep(0.3)
+        assert not done.is_set()
+        os.write(writable, b"\0")
+        assert done.wait(10) and results == [False]
+        os.set_blocking(readable, False)
+        with pytest.raises(BlockingIOError):
+            os.read(readable, 1)  # the word was read: the next wait does not end at once for it
+        master.kill()
+        master.wait()
+        assert target.wait_exit(None, wake_fd=readable) is True
+    finally:
+        master.kill()
+        os.close(readable)
+        os.close(writable)

@@ -94,13 +94,10 @@ class Target:
         while self.alive():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            if wake_fd is not None:
-                readable, _, _ = select.select([wake_fd], [], [], 0.2)
-                if readable:
-                    _drain(wake_fd, readable)
-                    return False
-            else:
-                time.sleep(0.2)
+            readable, _, _ = select.select([] if wake_fd is None else [wake_fd], [], [], 0.2)
+            if readable:
+                _drain(wake_fd, readable)
+                return False
         return True
 
     def close(self) -> None:
