@@ -517,9 +517,10 @@ class _KeeperChannel:
     directory (``launch.CHANNEL_NAME``) to which every worker's keeper stays connected
     (:func:`wsgi_reload._server.launch.keep_watcher_running`). The keepers learn that the
     watcher ended from their connection's end of file, and this end writes them one JSON object
-    a line: a log line for one of them to log, or to all, that the runtime directory was made
-    again. Nothing here blocks: a keeper whose buffer is full is let go (it connects again), and
-    connections are accepted whenever something is sent, and on the watcher's 2 s turns."""
+    a line: a log line for one of them to log; to all, that the runtime directory was made
+    again, or that the generations changed. Nothing here blocks: a keeper whose buffer is full
+    is let go (it connects again), and connections are accepted whenever something is sent and
+    on each turn of the watcher thread."""
 
     BACKLOG_BYTES = 64 * 1024
     """How much of the log lines kept while no keeper is connected (the oldest go first): they
@@ -598,9 +599,7 @@ class _KeeperChannel:
         while self.listener is not None:
             try:
                 keeper, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # none waiting (BlockingIOError), or the listener closed
                 return
             keeper.setblocking(False)
             self.keepers.append(keeper)
@@ -630,9 +629,8 @@ class _ServerLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     From then on each line goes to a worker's keeper, which logs it through the server's own
     logger (:class:`_KeeperChannel`)."""
 
-    def __init__(self, runtime_dir: str, master_pid: int, channel: _KeeperChannel) -> None:
+    def __init__(self, master_pid: int, channel: _KeeperChannel) -> None:
         super().__init__(sys.stderr)
-        self.runtime_dir = runtime_dir
         self.master_pid = master_pid
         self.channel = channel
 
@@ -658,7 +656,7 @@ def main() -> None:
     """Entry point of the watcher process."""
     config: dict[str, Any] = json.loads(sys.stdin.read())
     channel = _KeeperChannel(config["runtime_dir"])
-    handler: logging.Handler = _ServerLogHandler(config["runtime_dir"], config["master_pid"], channel)
+    handler: logging.Handler = _ServerLogHandler(config["master_pid"], channel)
     unopened = None
     if config.get("log_file"):
         try:
