@@ -201,13 +201,18 @@ PAUSE_AFTER_ACCEPT = r"""
 #include <unistd.h>
 
 /* Widens the instant between accept() and the start of a request in uWSGI: once the file
-   named by PAUSE_FILE exists, say which pid accepted a connection, then pause a second. */
+   named by PAUSE_FILE exists, say which pid accepted a TCP connection, then pause a second.
+   (Only TCP: the watcher process inherits the preload too, and accepts its Unix socket's
+   connections from the workers' keepers.) */
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
     static int (*real)(int, struct sockaddr *, socklen_t *, int);
     if (!real) real = dlsym(RTLD_NEXT, "accept4");
     int client = real(fd, addr, len, flags);
     const char *pause_file = getenv("PAUSE_FILE");
-    if (client >= 0 && pause_file && access(pause_file, F_OK) == 0) {
+    struct sockaddr_storage local;
+    socklen_t local_len = sizeof local;
+    if (client >= 0 && pause_file && access(pause_file, F_OK) == 0
+            && getsockname(fd, (struct sockaddr *)&local, &local_len) == 0 && local.ss_family == AF_INET) {
         FILE *f = fopen(pause_file, "w");
         if (f) { fprintf(f, "%d", getpid()); fclose(f); }
         usleep(1000000);
