@@ -55,6 +55,11 @@ class Settings:
     mode: str = "restart"
     """gunicorn: ``restart`` (graceful reload) or ``patch`` (swap function bodies in the workers when
     only bodies changed, else reload)."""
+    spare: bool = True
+    """Django under gunicorn with no gunicorn config: keep one worker more, which has imported
+    Django and waits to load the next save, so that a save is served in a fraction of the time
+    (it costs a worker's memory). ``False`` (``WSGI_RELOAD_SPARE=0``) boots each new worker from
+    scratch instead."""
     ready_path: str | None = None
     """A path (``/healthz``) the check, and each new gunicorn worker before it counts as loaded, GETs
     from the app in-process; a status other than 2xx or 3xx, or an exception, refuses the reload."""
@@ -114,6 +119,8 @@ def missing_extra_files(settings: Settings, base: str | None = None) -> list[str
 _FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 _LIST_FIELDS = ("extra_files", "include", "exclude")
 _FLOAT_FIELDS = ("interval", "check_timeout", "settle")
+_BOOL_FIELDS = {"spare"}
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _CHOICES = {"backend": BACKENDS, "check": CHECK_MODES, "mode": MODES}
 _APP_PATTERN = re.compile(r"^([A-Za-z_][\w.]*|\S.*\.(py|wsgi))(:[A-Za-z_][\w.]*(\(.*\))?)?$")
 
@@ -132,6 +139,8 @@ def _parse_env(name: str, raw: str) -> Any:
             return raw  # reported by _problem as not a number
     if name in ("app", "ready_path"):
         return raw.strip() or None
+    if name in _BOOL_FIELDS:
+        return _BOOL_WORDS.get(raw.strip().lower(), raw)  # a word that is none of them is reported
     return raw.strip()
 
 
@@ -153,6 +162,8 @@ def _problem(name: str, value: Any) -> str | None:
         if not low <= value <= high:
             return f"is out of range: give seconds from {low:g} to {high:g}"
         return None
+    if name in _BOOL_FIELDS:
+        return None if isinstance(value, bool) else "is not valid: give True or False (1 or 0 in the environment)"
     if name in _CHOICES:
         choices = _CHOICES[name]
         return None if value in choices else "is not valid: use one of " + ", ".join(choices)

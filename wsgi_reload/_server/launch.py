@@ -37,7 +37,7 @@ UWSGI_LOG_FORMAT = "%(message)s"
 def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, server: str, settings: Settings,
                    loaded_at_ns: int, log_format: str = GUNICORN_LOG_FORMAT, replace: str = "signal",
                    nudge_signal: str | None = None, config_files: Sequence[str] = (), patch: bool = False,
-                   workers: int | None = None, log_file: str | None = None) -> bool:
+                   workers: int | None = None, log_file: str | None = None, spare: bool = False) -> bool:
     """Start this server's watcher process unless one runs; True when this call started it.
 
     :param replace: how a reload replaces the workers: ``"signal"`` sends the master
@@ -49,6 +49,8 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
     :param patch: try to patch a change into the running workers first
         (:mod:`wsgi_reload._hot.transport`; the workers apply it before their next request).
     :param workers: how many workers the server runs, for the one "workers up" line.
+    :param spare: keep a spare worker waiting for the next save (:mod:`wsgi_reload._server.spare`;
+        gunicorn's swap, for Django with no gunicorn config).
     :param log_file: the server's log file; standard error (inherited) when None.
 
     The caller takes the server's watcher lock before it spawns, and the watcher inherits the
@@ -77,6 +79,7 @@ def ensure_watcher(runtime_dir: str, *, master_pid: int, signal_name: str, serve
             "config_files": [os.path.abspath(p) for p in config_files],
             "patch": patch,
             "workers": workers,
+            "spare": spare,
             "log_file": log_file,
         }
         package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,16 +114,23 @@ the worker: under gevent, once the worker has patched ``threading``, so that wai
 lets the keeper's greenlet run."""
 
 
-def wait_for_news(seconds: float) -> None:
+def wake() -> None:
+    """End a :func:`wait_for_news` under way now (from a signal handler in the same worker)."""
+    if _news is not None:
+        _news.set()
+
+
+def wait_for_news(seconds: float, unconnected: float = 0.005) -> None:
     """In a worker: sleep until the watcher says the store's generations changed (one was
-    published, or a trial withdrawn), or ``seconds`` pass; 5 ms while this worker's keeper is
-    not connected to it. A worker holding for a verdict so hears it at once, not at a poll."""
+    published, or a trial withdrawn), or ``seconds`` pass; ``unconnected`` seconds at most
+    while this worker's keeper is not connected to it. A worker holding for a verdict so hears
+    it at once, not at a poll."""
     news = _news
     if _connected and news is not None:
         news.wait(seconds)
         news.clear()
     else:
-        time.sleep(min(seconds, 0.005))
+        time.sleep(min(seconds, unconnected))
 
 
 def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
