@@ -476,10 +476,17 @@ WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (
 """gunicorn's and uWSGI's log lines for a worker started (a check process is the master's child too)."""
 
 
+def spares() -> set[int]:
+    """The pids that hold a spare's claim in some runtime directory (``wsgi_reload._server.spare``)."""
+    return {int(pid) for base in _runtime_bases() for claim in base.glob("wsgi-reload-*/spare.*")
+            if (pid := claim.name.split(".", 1)[1]).isdigit()}
+
+
 def worker_pids(server: Server) -> set[int]:
-    """The live workers, as host pids: the master's children that its log says it started as
-    workers. Under ``unshare`` the master is the unshare process's child and logs the pids of its
-    own namespace (the last ``NSpid``)."""
+    """The live workers that serve, as host pids: the master's children that its log says it
+    started as workers, less a spare waiting for the next save (Django under gunicorn). Under
+    ``unshare`` the master is the unshare process's child and logs the pids of its own
+    namespace (the last ``NSpid``)."""
     assert server.proc is not None
     booted = {int(next(filter(None, m))) for m in re.findall(WORKER_PIDS, server.log())}
     table = processes()
@@ -497,7 +504,7 @@ def worker_pids(server: Server) -> set[int]:
             continue
         if int(nspid) in booted:
             live.add(pid)
-    return live
+    return live - spares()
 
 
 def settled_workers(server: Server, count: int) -> set[int]:

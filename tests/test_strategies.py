@@ -248,7 +248,7 @@ def test_swap_replaces_new_workers_that_all_loaded_an_older_generation() -> None
     server.generation = 2
     memory = DictMemory()
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0, "trial": 0})
+                 "recount": 0, "trial": 0, "spared": 0})
     assert SignalledSwap(MASTER, server, server, 1.0, wanted=lambda: 2, memory=memory)() == 2
     assert not set(old) & set(server.workers) and len(server.workers) == 2
     assert {server.generation_of[pid] for pid in server.workers} == {2}
@@ -369,7 +369,7 @@ def test_a_resumed_swap_tells_whether_a_ttin_it_had_announced_arrived() -> None:
     before = sorted(server.workers)
     server.send(MASTER, signal.SIGTTIN)  # delivered; the record still says it is about to be sent
     memory.save({"retiring": sorted(old), "count": 2, "added": 1, "retired": 0, "adding": before, "leaving": [],
-                 "recount": 0, "trial": 0})
+                 "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert [name for _, name in server.sent].count("SIGTTIN") == 2
@@ -401,7 +401,7 @@ def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(mon
     server.send(MASTER, signal.SIGTTIN)
     server.send(MASTER, signal.SIGTTOU)  # delivered; the record says none was sent
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0, "trial": 0})
+                 "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert len(server.workers) == 1 and second.wants_tick()
@@ -568,7 +568,7 @@ def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:
     memory = DictMemory()
     server.send(MASTER, signal.SIGTTIN)  # the only TTIN that arrived; the record says two
     memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
-                 "recount": 0, "trial": 0})
+                 "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 3.0, memory=memory)
     with pytest.raises(ActionFailed):  # a resumed swap looks once
         second()

@@ -96,6 +96,33 @@ class Workers(Protocol):
     def refresh(self) -> None: ...
 
 
+class SpareSlot(Protocol):
+    """Where the watcher asks for a spare worker and finds it (:class:`wsgi_reload._server.spare.Spare`)."""
+
+    def want(self) -> None:
+        """Leave the token the next booting worker takes (before the TTIN that starts it)."""
+
+    def withdraw(self) -> None:
+        """No spare wanted: a waiting one exits unserved, and is told so at once."""
+
+    def claimant(self) -> int | None:
+        """The live worker waiting as the spare, if any."""
+
+    def wanted(self) -> bool:
+        """The token is there, not yet taken."""
+
+
+SPARE = -1
+"""The swap's ``trial`` while its first new worker waits as the spare for the next save's trial."""
+
+SPARE_CLAIM_SECONDS = 10.0
+"""How long a spare may take to boot as far as Django's import (it is on the cores the workers serve from)."""
+
+SPARE_ATTEMPTS = 3
+"""Spares in a row gone before a save used them, after which none is asked for outside a swap
+until the next reload (whose own spare is asked for all the same)."""
+
+
 class Memory(Protocol):
     """Where a strategy keeps the state of a replacement under way, so that a new watcher (the
     last one was killed mid-swap) resumes it instead of starting over with twice the workers."""
@@ -169,7 +196,7 @@ class Strategy:
 
     def under_way(self) -> bool:
         """A replacement was started and not finished (by this watcher or a killed one)."""
-        return bool(getattr(self, self._STATE[0]))
+        return bool(getattr(self, self._STATE[0])) and getattr(self, "trial", 0) != SPARE
 
 
 class ProcessSignals:
@@ -240,7 +267,7 @@ class SignalledSwap(Strategy):
     under way) is swapped out as well, so that the swap ends with every worker on it.
     """
 
-    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount", "trial")
+    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount", "trial", "spared")
 
     def __init__(self, master_pid: int, signals: Signals, records: Workers, load_timeout: float,
                  wanted: Callable[[], int | None] = lambda: None, memory: Memory | None = None) -> None:
@@ -267,8 +294,21 @@ class SignalledSwap(Strategy):
         record too, for the watcher after the next one, and not changed by later swaps."""
         self.trial = 0
         """The generation under check that this swap was begun for (:meth:`begin`): its first new
-        worker holds with that code until the verdict. 0: none (begun after a pass)."""
+        worker holds with that code until the verdict. 0: none (begun after a pass); :data:`SPARE`:
+        that worker waits as the spare for the next save's trial."""
+        self.spared = 0
+        """1 once this swap has asked for the next swap's spare (see :meth:`_ask_during_the_swap`)."""
         self._count_until = time.monotonic() + COUNT_SECONDS
+        self.spare: SpareSlot | None = None
+        """Keep a spare worker waiting for the next save (Django with no gunicorn config), or None."""
+        self._spare_due_until = time.monotonic() + COUNT_SECONDS
+        """Until when a spare is asked for once every worker serves (0: none is due)."""
+        self._spare_asked_at = 0.0
+        self._spare_failures = 0
+        self.may_boot: Callable[[], bool] = lambda: True
+        """Whether a new worker may boot now: it reads from the disk what the watcher cannot
+        check first (Django's settings, with no gunicorn config), so not while a save of the code
+        is refused or not yet checked (a boot that fails halts gunicorn)."""
         self._surplus_expected = 0
         """Workers :meth:`abandon` left one too many each (said at debug level when retired)."""
         self._seen: frozenset[int] | None = None
@@ -291,7 +331,14 @@ class SignalledSwap(Strategy):
         under check (the store's trial, generation ``trial``, never 0) and holds before serving
         until the verdict, so that its import overlaps the check instead of following it. After
         a pass, calling the swap carries it on; after a refusal, :meth:`abandon` undoes it. Does
-        nothing while a swap begun after a pass is under way."""
+        nothing while a swap begun after a pass is under way.
+
+        A spare waiting for this (:data:`SPARE`) is that worker: it imports the trial from where it
+        waits, and no TTIN is sent. One that is gone is given up, and a worker is started as above."""
+        if self.trial == SPARE and not self._spare_on_its_way():
+            self._give_up_the_spare("the spare worker is gone")
+        if self.trial == SPARE:
+            self._spare_failures = 0
         if self.trial:
             # An earlier check's trial, superseded (the code changed while it ran): its held worker
             # exits, and the master's replacement holds on this one. Nothing else changes.
@@ -316,12 +363,15 @@ class SignalledSwap(Strategy):
         none would serve meanwhile)."""
         if not self.trial:
             return
+        if self.spare is not None:
+            self.spare.withdraw()
         self._surplus_expected = self.added
         if not self.recount:
             self.recount = self.count
         self._count_until = time.monotonic() + COUNT_SECONDS
         self.retiring, self.added, self.retired, self.trial = set(), 0, 0, 0
         self._remember()
+        self._spare_due_until = time.monotonic() + COUNT_SECONDS
 
     def _start(self) -> None:
         """The workers serving now (as of the last read of the records) are the ones to replace.
@@ -340,6 +390,8 @@ class SignalledSwap(Strategy):
     def __call__(self) -> int:
         """Swap the workers; returns how many new ones serve. :class:`ActionFailed` while they
         have not loaded (the old ones serve on); calling again resumes the same swap."""
+        if self.trial == SPARE:
+            self._give_up_the_spare()  # no trial was begun for this reload: it starts afresh
         self.records.refresh()
         self.leaving &= self.records.live
         if not self.retiring:
@@ -411,17 +463,108 @@ class SignalledSwap(Strategy):
         # worker the master stopped (the master repeats it every turn of its loop).
         for pid in self.retiring & (self.signals.children(self.master_pid) or frozenset()):
             self._stop(pid)
+        self._ask_during_the_swap()
         self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.records.live}
         if not self.recount:
             self.recount = self.count
         self._count_until = time.monotonic() + COUNT_SECONDS
         self.resumed = False
         count, self.retiring, self.added, self.retired = self.count, set(), 0, 0
-        self._remember()  # only what is leaving: nothing is under way
+        if self.spared:
+            # The next swap begins now, with the spare as its first new worker (see begin()).
+            # (It keeps this swap's count: a worker booting now, a --max-requests restart, is
+            # not among the serving ones, and is retired at the next swap as one on an older
+            # generation.)
+            self.spared, self._spare_failures = 0, 0
+            self.records.refresh()
+            self.retiring = self.records.serving - self.leaving
+            self.added, self.trial = 1, SPARE
+        self._remember()  # only what is leaving, or the spare's swap: nothing is under way
         return count
 
+    def _ask_during_the_swap(self) -> None:
+        """Every new worker of this swap serves and the old ones retire: have gunicorn start the
+        next swap's spare now, and wait until it has stopped, Django imported, before this swap
+        ends. New workers read
+        some files from the disk that no check covers (Django's settings); this one reads them
+        while this swap's own new workers do, right after a check passed them, and not after a
+        "reload done" that a next save may follow at once (a worker that fails to boot halts
+        gunicorn)."""
+        if self.spare is None or self.spared or not self.may_boot():
+            return
+        try:
+            self.spare.want()
+        except OSError as exc:
+            log.debug("wsgi_reload: no spare: %s", exc)
+            return
+        self.spared = 1
+        self._remember()
+        self._send(signal.SIGTTIN)
+        self._spare_asked_at = time.monotonic()
+        deadline = self._spare_asked_at + SPARE_CLAIM_SECONDS
+        while self.spare.wanted() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def wants_tick(self) -> bool:
-        return bool(self.recount)
+        if self.recount:
+            return True
+        if self.spare is None:
+            return False
+        if self.trial == SPARE:
+            return self.spare.wanted()  # until a booting worker has taken the token
+        return not self.retiring and not self.trial and self._spare_due()
+
+    def _spare_due(self) -> bool:
+        return self._spare_failures < SPARE_ATTEMPTS and time.monotonic() < self._spare_due_until
+
+    def _spare_on_its_way(self) -> bool:
+        """A worker waits as the spare, or one is booting that will take the token."""
+        return self.spare is not None and (self.spare.claimant() is not None or (
+            self.spare.wanted() and time.monotonic() - self._spare_asked_at < SPARE_CLAIM_SECONDS))
+
+    def _give_up_the_spare(self, why: str = "") -> None:
+        """Undo the swap begun for the spare, as for a refused trial: gunicorn replaced it (or
+        replaces it once it exits) with a worker that loads the running code, one too many, which
+        :meth:`tick` retires once every worker serves."""
+        if why:
+            self._spare_failures += 1
+            log.debug("wsgi_reload: %s; undoing the swap begun for it", why)
+            if self._spare_failures == SPARE_ATTEMPTS:
+                log.warning("wsgi_reload: the last %d spare workers were gone before a save used them; no spare "
+                            "until the next reload: its new workers boot from scratch", SPARE_ATTEMPTS)
+        self.abandon()
+
+    def _tend_the_spare(self) -> None:
+        if not self._spare_on_its_way():
+            self._give_up_the_spare("the spare worker is gone" if not self.spare or not self.spare.wanted()
+                                    else f"no booting worker took the spare's token within {SPARE_CLAIM_SECONDS:g} s")
+
+    def _ask_for_a_spare(self) -> None:
+        """Outside a swap (at the server's start, or after a spare was given up): begin the next
+        swap now, with its first new worker booted as far as Django and waiting as the spare
+        (:mod:`wsgi_reload._server.spare`)."""
+        assert self.spare is not None
+        if not self.may_boot():
+            return
+        kids = self.signals.children(self.master_pid)
+        self.records.refresh()
+        if not kids or kids - self.records.serving - self.leaving:
+            # A worker is booting: it could take the token, and the swap begun now would not
+            # count it among the server's workers. Asked again on a later turn.
+            return
+        self._spare_due_until = 0.0
+        self._start()
+        self.trial = SPARE
+        try:
+            self.spare.want()
+        except OSError as exc:
+            log.debug("wsgi_reload: no spare: %s", exc)
+            self.retiring, self.added, self.retired, self.trial = set(), 0, 0, 0
+            self._remember()
+            return
+        self._spare_asked_at = time.monotonic()
+        self._remember()
+        self._add_workers(upto=1)
 
     def tick(self) -> None:
         """After a swap: once its old workers are gone and the master's children have been steady
@@ -430,7 +573,19 @@ class SignalledSwap(Strategy):
         fewer, a TTOU a killed watcher had sent and the next one sent again. Too many: TTOU, and
         the oldest (which the master retires) is stopped as above, in case that TTOU is lost too;
         too few: TTIN. Then the children are counted again, until they match."""
-        if not self.recount or self.retiring:
+        if self.spare is not None:
+            if self.trial == SPARE:
+                self._tend_the_spare()
+            elif not self.retiring and not self.trial and self._spare_due():
+                self._ask_for_a_spare()
+        spare = None
+        if self.trial == SPARE and self.spare is not None:
+            spare = self.spare.claimant()
+            if spare is None:
+                return  # it is booting: not yet told apart from a worker too many
+        elif self.retiring:
+            return
+        if not self.recount:
             return
         now = time.monotonic()
         if now > self._count_until:
@@ -443,6 +598,7 @@ class SignalledSwap(Strategy):
         kids = self.signals.children(self.master_pid)
         if kids is None:
             return
+        kids -= {spare}  # the spare waits, with no record; it is counted once it serves
         if self.leaving - kids:
             self.leaving &= kids  # gone: a later worker may reuse the pid
             self._remember()
@@ -467,6 +623,11 @@ class SignalledSwap(Strategy):
             if kids - self.records.serving:
                 # gunicorn retires the oldest, which would keep a worker that cannot serve (or
                 # has not yet loaded) over one that does: wait until every worker serves.
+                return
+            if spare is not None and self.signals.oldest_first(kids | {spare})[0] == spare:
+                # gunicorn would retire the spare, the oldest (the others were restarted since,
+                # by --max-requests): let it go instead; the surplus is counted again without it.
+                self._give_up_the_spare()
                 return
             surplus = self.signals.oldest_first(kids)[:len(kids) - self.recount]
             # Expected after a refused trial; otherwise the master missed a TTOU, worth a line.

@@ -43,7 +43,9 @@ from .generations import Generation, project_roots, recover, store_of
 from .launch import CHANNEL_NAME, GUNICORN_LOG_FORMAT, LOCK_FD, LOCK_NAME, channel_address
 from .records import WorkerRecords, is_record_name
 from .signals import Target, TargetError, alive, exited
+from .spare import Spare
 from .strategies import (
+    SPARE,
     STRATEGIES,
     ProcessSignals,
     SignalledSwap,
@@ -105,6 +107,9 @@ class _ServerWatch:
             target.pid, ProcessSignals(target), self.records, self.settings.check_timeout,
             lambda: None if self.current is None else self.current.id, _RecordMemory(self.runtime_dir))
         self.strategy.workers = config.get("workers")
+        if isinstance(self.strategy, SignalledSwap) and config.get("spare"):
+            self.strategy.spare = Spare(self.runtime_dir, notify=channel.generations_changed)
+            self.strategy.may_boot = self.may_boot
         if isinstance(self.strategy, SignalReload):
             self.strategy.signum, self.strategy.nudge = self.signum, self.nudge
         how = {"swap": "new workers by TTIN, the old retired by TTOU once those load",
@@ -163,6 +168,11 @@ class _ServerWatch:
         self.record_written.set()
         return True
 
+    def may_boot(self) -> bool:
+        """Whether the code on the disk is what passed the last check: no save refused or waiting."""
+        gate = self.watcher.gate
+        return gate.broken is None and not gate.has_pending()
+
     def verified_source(self, path: str) -> bytes | None:
         """A file's bytes as the workers run them: from the newest verified generation."""
         current = self.current
@@ -183,7 +193,9 @@ class _ServerWatch:
         self.candidate = candidate
         began = self.begin_swap(paths, candidate)
         if not began and self.store.trial_id() is not None:
-            self.end_trial()  # an earlier check's trial (the code changed while it ran) that this one does not take on
+            # An earlier check's trial (the code changed while it ran) that this one does not take
+            # on. (A spare waiting for one waits on: see SignalledSwap.may_boot.)
+            self.end_trial()
         result = None
         changed = sorted({*paths, *candidate.changed})
         loaded = set(self.records.files)
@@ -272,6 +284,7 @@ class _ServerWatch:
             self.channel.generations_changed()  # a worker the master forked meanwhile may hold for it
             log.debug("wsgi_reload: no new worker beside the check: %s", exc)
             return False
+        self.channel.generations_changed()  # the spare, if one waits, imports it now
         return True
 
     def end_trial(self, left: bool = False) -> None:
@@ -279,15 +292,15 @@ class _ServerWatch:
         withdraw it, so its held workers exit unserved, and undo the swap begun for it. A trial
         that passed (it is the current generation) is a swap to carry on instead."""
         swap = self.strategy
-        if left and isinstance(swap, SignalledSwap) and swap.trial and swap.trial == self.store.current_id():
-            return
+        if left and isinstance(swap, SignalledSwap) and swap.trial in (SPARE, self.store.current_id()):
+            return  # a passed trial's swap is carried on; a spare waits on (see SignalledSwap.may_boot)
         self.store.withdraw()
-        self.channel.generations_changed()
         if isinstance(swap, SignalledSwap):
             try:
                 swap.abandon()
             except ActionFailed as exc:
                 log.warning("wsgi_reload: %s", exc)
+        self.channel.generations_changed()  # after the spare's claim is withdrawn too
 
     def publish(self) -> None:
         """Make the checked candidate what every process that loads the app imports from now on."""

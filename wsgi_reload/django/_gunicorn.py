@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -26,9 +28,9 @@ from .._check.check import checking
 from .._check.probe import ask_ready
 from .._core.logs import forward_to
 from .._core.settings import Settings, SettingsError
-from .._server import runtime
+from .._server import runtime, spare
 from .._server.generations import adopt
-from .._server.launch import ensure_watcher
+from .._server.launch import ensure_watcher, keep_watcher_running, wait_for_news, wake
 from ._site import django_watch_patterns, load_urlconf, reload_settings
 
 log = logging.getLogger("wsgi_reload.django")
@@ -77,17 +79,33 @@ def adopt_booting_worker() -> None:
     _log_to_gunicorn()  # before the models load: a worker whose models fail never gets to ready()
     from .. import gunicorn as adapter
 
+    state: dict[str, Settings] = {}
+    # The check imports what gunicorn itself imports, whatever WSGI_APPLICATION says.
+    server_app = None if arbiter.cfg.paste else getattr(arbiter.app, "app_uri", None)
     try:
         directory = runtime.for_server(arbiter.pid)
+    except (OSError, runtime.RuntimeDirError) as exc:
+        log.error("wsgi_reload: reloading is off: %s", exc)
+        return
+
+    def start_watcher() -> bool:
+        """Make sure the server's watcher runs; True if this worker started it."""
+        if "settings" not in state:
+            state["settings"] = reload_settings(server_app)  # a worker whose app failed before the URLconf
+        settings = state["settings"]
+        return ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
+                              replace="swap", settings=settings, loaded_at_ns=_STARTED_NS, spare=settings.spare)
+
+    loaded_at = _STARTED_NS
+    if spare.claim(directory):
+        _wait_as_the_spare(directory, worker, start_watcher)
+        loaded_at = time.time_ns()  # the project's modules load from here on
+    try:
         # From here on (models, URLconf, views) the worker imports the newest verified generation.
         adopt(directory, cover="start gunicorn with -c python:wsgi_reload.gunicorn to load them checked", trial=True)
     except (OSError, runtime.RuntimeDirError) as exc:
         log.error("wsgi_reload: reloading is off: %s", exc)
         return
-    state: dict[str, Settings] = {}
-
-    # The check imports what gunicorn itself imports, whatever WSGI_APPLICATION says.
-    server_app = None if arbiter.cfg.paste else getattr(arbiter.app, "app_uri", None)
 
     def before_publish() -> list[str] | None:
         try:
@@ -107,14 +125,7 @@ def adopt_booting_worker() -> None:
             raise
         return django_watch_patterns()
 
-    def start_watcher() -> bool:
-        """Make sure the server's watcher runs; True if this worker started it."""
-        if "settings" not in state:
-            state["settings"] = reload_settings(server_app)  # a worker whose app failed before the URLconf
-        return ensure_watcher(directory, master_pid=arbiter.pid, signal_name="TTIN", server="gunicorn",
-                              replace="swap", settings=state["settings"], loaded_at_ns=_STARTED_NS)
-
-    adapter.adopt_worker(worker, directory, _STARTED_NS, start_watcher=start_watcher, before_publish=before_publish,
+    adapter.adopt_worker(worker, directory, loaded_at, start_watcher=start_watcher, before_publish=before_publish,
                          loaded="; it has the views loaded")
     _adopted = True
     earlier = _project_apps_before_us()
@@ -122,6 +133,47 @@ def adopt_booting_worker() -> None:
         log.warning("wsgi_reload: %s come%s before \"wsgi_reload.django\" in INSTALLED_APPS, so a save that breaks "
                     "%s while new workers start would stop gunicorn; list \"wsgi_reload.django\" first",
                     ", ".join(earlier), "s" if len(earlier) == 1 else "", "it" if len(earlier) == 1 else "them")
+
+
+def _wait_as_the_spare(directory: str, worker: Any, start_watcher: Callable[[], bool]) -> None:
+    """This worker took the spare's token (:mod:`wsgi_reload._server.spare`): wait here, with
+    Django imported and none of the project's apps, for the next save's trial, and then carry
+    on booting with it; or exit unserved (exit code 0: gunicorn starts another worker)."""
+    try:
+        keep_watcher_running(directory, start_watcher)
+    except Exception as exc:  # the settings do not load: the boot goes on and says why
+        log.debug("wsgi_reload: no spare: %s", exc)
+        spare.withdraw(directory)
+        return
+    log.info("wsgi_reload: worker %d waits as the spare, Django imported, to load the next save", os.getpid())
+    # gunicorn kills a worker that has not told it it is alive for its whole timeout (0: never).
+    period = worker.cfg.timeout / 3 if worker.cfg.timeout else 3600.0
+    # A graceful stop (TERM) ends the wait at once: the worker's own handler notes it, and the
+    # keeper's event wakes this thread. Not where gevent or eventlet run the signal handlers in
+    # their hub: there the wait looks at the worker every second.
+    previous = signal.getsignal(signal.SIGTERM)
+    plain = type(worker).__module__ in ("gunicorn.workers.sync", "gunicorn.workers.gthread")
+    if plain and callable(previous):
+        handler = previous
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            handler(signum, frame)
+            wake()
+
+        signal.signal(signal.SIGTERM, stop)
+    else:
+        period = min(period, 1.0)
+    try:
+        # (With the watcher not reachable, a look every 0.25 s: the wait may be long.)
+        go_on = spare.wait_for_trial(directory, period=period, wait=lambda seconds: wait_for_news(seconds, 0.25),
+                                     heartbeat=worker.notify, alive=lambda: bool(worker.alive))
+    finally:
+        if plain and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+    if not go_on:
+        log.debug("wsgi_reload: worker %d, the spare, exits unserved (withdrawn, stopped, or a file it read from "
+                  "the disk changed)", os.getpid())
+        raise SystemExit(0)
 
 
 def _project_apps_before_us() -> list[str]:
