@@ -251,6 +251,9 @@ def test_settings_come_from_the_environment_and_keywords_win() -> None:
     assert settings.interval == 0.5
     assert settings.extra_files == ("a.txt", "templates/**/*.html")
     assert settings.check == "off"
+    assert settings.spare is True
+    for word, value in (("0", False), ("off", False), ("False", False), ("1", True), (" yes ", True)):
+        assert Settings.load({"WSGI_RELOAD_SPARE": word}).spare is value
 
 
 def test_every_bad_setting_is_named_at_once_on_one_line() -> None:
@@ -280,6 +283,8 @@ def test_every_bad_setting_is_named_at_once_on_one_line() -> None:
     ({}, {"app": "not an app"}, "app='not an app' is not valid"),
     ({"WSGI_RELOAD_READY_PATH": "healthz"}, {}, "WSGI_RELOAD_READY_PATH='healthz' is not valid: give a URL path"),
     ({}, {"ready_path": "/a b"}, "ready_path='/a b' is not valid"),
+    ({"WSGI_RELOAD_SPARE": "maybe"}, {}, "WSGI_RELOAD_SPARE='maybe' is not valid: give True or False"),
+    ({}, {"spare": "no"}, "spare='no' is not valid: give True or False"),
 ])
 def test_bad_settings_fail_with_one_clear_line(
     environ: dict[str, str], kwargs: dict[str, object], message: str
