@@ -247,7 +247,10 @@ class Timeline(threading.Thread):
         done = None if passed is None else self._line(r"wsgi_reload: reload done", passed)
         if seen is None or passed is None or done is None:
             return None
-        new = [(written, started) for started, written in self.workers.values() if started >= seen - 0.01]
+        # The first process to write its record after the change: a new worker started beside the
+        # check, or a spare started before the save (Django with no gunicorn config), which writes
+        # none while it waits: its start then comes before the save, a negative moment.
+        new = [(written, started) for started, written in self.workers.values() if written >= seen - 0.01]
         if not new:
             return None
         written, started = min(new)
