@@ -246,6 +246,31 @@ print(time.monotonic() - began, flush=True)
     assert 1 <= waited < 30  # not before the word came, and not at the end of its 60 s either
 
 
+def test_the_keeper_republishes_for_the_worker_a_spare_became(runtime_dir: str) -> None:
+    """A spare starts its keeper with nothing to write again; the worker it becomes names its
+    record's writer to the same keeper: a watcher that made the runtime directory again gets the
+    record written again (else its next swap would not count that worker)."""
+    channel = _KeeperChannel(runtime_dir)
+    channel.listen()
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from wsgi_reload._server import launch
+launch.keep_watcher_running({runtime_dir!r}, start=lambda: False)  # as the spare
+launch.keep_watcher_running({runtime_dir!r}, start=lambda: False, republish=lambda: print("republished", flush=True))
+while not launch._connected:
+    time.sleep(0.01)
+print("connected", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "connected"
+        channel.republish()
+        assert worker.stdout.readline().strip() == "republished"
+    finally:
+        worker.kill()
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "start-time"])
 def test_the_watchers_wait_for_its_master_ends_at_a_word_on_its_pipe_or_at_the_exit(pidfd: bool) -> None:
     """The watcher's main loop waits on its master with no timeout when idle: a write to its

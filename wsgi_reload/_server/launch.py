@@ -112,6 +112,15 @@ _news: threading.Event | None = None
 """Set by the keeper when the watcher says the generations changed. Made with the keeper, in
 the worker: under gevent, once the worker has patched ``threading``, so that waiting on it
 lets the keeper's greenlet run."""
+_republish: Callable[[], object] | None = None
+"""What the keeper calls when the watcher made the runtime directory again; the last caller of
+:func:`keep_watcher_running` that names one sets it (a spare's keeper goes on for the worker
+the spare becomes)."""
+
+
+def _republish_now() -> None:
+    if _republish is not None:
+        _republish()
 
 
 def wake() -> None:
@@ -145,7 +154,9 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
     the kernel until the watcher writes to it or ends (the connection's end of file): an idle
     server costs nothing here, and a watcher that stopped is started again at once.
     """
-    global _keeper, _news
+    global _keeper, _news, _republish
+    if republish is not None or _keeper is None or getattr(_keeper, "pid", None) != os.getpid():
+        _republish = republish
     if _keeper is not None and _keeper.is_alive() and getattr(_keeper, "pid", None) == os.getpid():
         return
     news = _news = threading.Event()
@@ -165,8 +176,8 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
                         if start():
                             log.warning("wsgi_reload: this server's watcher process had stopped; worker %d "
                                         "started a new one", os.getpid())
-                        elif republish is not None:
-                            republish()
+                        else:
+                            _republish_now()
                     time.sleep(wait)
                     wait = min(wait * 2, RETRY_SECONDS)
                     continue
@@ -174,7 +185,7 @@ def keep_watcher_running(runtime_dir: str, start: Callable[[], bool],
                 _connected = True
                 try:
                     with channel:
-                        _follow(channel, republish, news)
+                        _follow(channel, _republish_now, news)
                 finally:
                     _connected = False
                     news.set()  # whoever waits for news asks the store again
