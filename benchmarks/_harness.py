@@ -247,10 +247,12 @@ class Timeline(threading.Thread):
         done = None if passed is None else self._line(r"wsgi_reload: reload done", passed)
         if seen is None or passed is None or done is None:
             return None
-        # The first process to write its record after the change: a new worker started beside the
-        # check, or a spare started before the save (Django with no gunicorn config), which writes
-        # none while it waits: its start then comes before the save, a negative moment.
-        new = [(written, started) for started, written in self.workers.values() if written >= seen - 0.01]
+        # The first new worker: started after the change was seen, or, a spare started before the
+        # save (Django with no gunicorn config, which writes no record while it waits), the first
+        # to write its record after it; its start is then a negative moment. (A line the watcher
+        # logs through a worker, as under uWSGI's logger, can be read after that worker wrote.)
+        new = [(written, started) for started, written in self.workers.values()
+               if started >= seen - 0.01 or written >= seen - 0.01]
         if not new:
             return None
         written, started = min(new)

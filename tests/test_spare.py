@@ -225,13 +225,18 @@ def test_a_spare_waiting_costs_nothing_and_stops_at_once(site: Path) -> None:
 
 
 def test_the_runtime_directory_removed_while_a_spare_waits(site: Path) -> None:
-    """A temp-file cleaner removes the runtime directory, the spare's claim with it: the spare
-    exits unserved, nothing fails, the next save is served, and a new spare waits."""
+    """A temp-file cleaner removes the runtime directory, the spare's claim with it, after a save
+    that a spare loaded: the spare waiting exits unserved, the next save is served by every
+    worker (the one that was the spare wrote its record again, else the swap would leave it
+    serving: see tests/test_keeper.py), and a new spare waits."""
     port = free_port()
     with running(start(site, port), page("hello")) as server, Load(port, threads=4) as load:
-        waiting = the_spare(server, site)
-        directory = runtime_dir_of(site)
+        first = the_spare(server, site)
+        greeting_view(site, "before")
+        wait_for_body(port, page("before"), timeout=LIVENESS)
+        waiting = the_spare(server, site, other_than=first)
         time.sleep(0.5)
+        directory = runtime_dir_of(site)
         # rm -rf, in one step (a removal that the watcher's own writes race would leave a part)
         gone = directory.with_name(directory.name + ".gone")
         os.rename(directory, gone)
@@ -240,7 +245,7 @@ def test_the_runtime_directory_removed_while_a_spare_waits(site: Path) -> None:
         assert waiting not in master_children(server)
         greeting_view(site, "restored")
         wait_for_body(port, page("restored"), timeout=LIVENESS)
-        steady(server, site, page("restored"))
+        steady(server, site, page("restored"))  # (the worker that was the spare, if not retired as one too many, too)
         _, failures, _ = load.snapshot()
     assert failures == []
 

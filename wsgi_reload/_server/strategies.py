@@ -485,11 +485,10 @@ class SignalledSwap(Strategy):
     def _ask_during_the_swap(self) -> None:
         """Every new worker of this swap serves and the old ones retire: have gunicorn start the
         next swap's spare now, and wait until it has stopped, Django imported, before this swap
-        ends. New workers read
-        some files from the disk that no check covers (Django's settings); this one reads them
-        while this swap's own new workers do, right after a check passed them, and not after a
-        "reload done" that a next save may follow at once (a worker that fails to boot halts
-        gunicorn)."""
+        ends. A new worker reads some files from the disk that no check covers (Django's
+        settings): this one reads them while this swap's own new workers do, right after a check
+        passed them, not after a "reload done" that the next save may follow at once (a worker
+        that fails to boot halts gunicorn)."""
         if self.spare is None or self.spared or not self.may_boot():
             return
         try:
