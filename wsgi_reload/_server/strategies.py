@@ -491,10 +491,7 @@ class SignalledSwap(Strategy):
         that fails to boot halts gunicorn)."""
         if self.spare is None or self.spared or not self.may_boot():
             return
-        try:
-            self.spare.want()
-        except OSError as exc:
-            log.debug("wsgi_reload: no spare: %s", exc)
+        if not self._leave_the_token():
             return
         self.spared = 1
         self._remember()
@@ -533,10 +530,27 @@ class SignalledSwap(Strategy):
                             "until the next reload: its new workers boot from scratch", SPARE_ATTEMPTS)
         self.abandon()
 
-    def _tend_the_spare(self) -> None:
-        if not self._spare_on_its_way():
-            self._give_up_the_spare("the spare worker is gone" if not self.spare or not self.spare.wanted()
-                                    else f"no booting worker took the spare's token within {SPARE_CLAIM_SECONDS:g} s")
+    def _leave_the_token(self) -> bool:
+        """The token for the next booting worker; False (said at debug level) where it cannot be left."""
+        assert self.spare is not None
+        try:
+            self.spare.want()
+        except OSError as exc:
+            log.debug("wsgi_reload: no spare: %s", exc)
+            return False
+        return True
+
+    def _tend_the_spare(self) -> int | None:
+        """The spare waiting, if one does; one that is gone (or never took the token) is given up."""
+        assert self.spare is not None
+        claimant = self.spare.claimant()
+        if claimant is not None:
+            return claimant
+        if not self.spare.wanted():
+            self._give_up_the_spare("the spare worker is gone")
+        elif time.monotonic() - self._spare_asked_at >= SPARE_CLAIM_SECONDS:
+            self._give_up_the_spare(f"no booting worker took the spare's token within {SPARE_CLAIM_SECONDS:g} s")
+        return None  # (or it is booting: not yet told apart from a worker too many)
 
     def _ask_for_a_spare(self) -> None:
         """Outside a swap (at the server's start, or after a spare was given up): begin the next
@@ -554,10 +568,7 @@ class SignalledSwap(Strategy):
         self._spare_due_until = 0.0
         self._start()
         self.trial = SPARE
-        try:
-            self.spare.want()
-        except OSError as exc:
-            log.debug("wsgi_reload: no spare: %s", exc)
+        if not self._leave_the_token():
             self.retiring, self.added, self.retired, self.trial = set(), 0, 0, 0
             self._remember()
             return
@@ -572,18 +583,17 @@ class SignalledSwap(Strategy):
         fewer, a TTOU a killed watcher had sent and the next one sent again. Too many: TTOU, and
         the oldest (which the master retires) is stopped as above, in case that TTOU is lost too;
         too few: TTIN. Then the children are counted again, until they match."""
-        if self.spare is not None:
-            if self.trial == SPARE:
-                self._tend_the_spare()
-            elif not self.retiring and not self.trial and self._spare_due():
-                self._ask_for_a_spare()
         spare = None
-        if self.trial == SPARE and self.spare is not None:
-            spare = self.spare.claimant()
+        if self.spare is not None and self.trial == SPARE:
+            spare = self._tend_the_spare()
             if spare is None:
-                return  # it is booting: not yet told apart from a worker too many
+                return
         elif self.retiring:
             return
+        elif self.spare is not None and not self.trial and self._spare_due():
+            self._ask_for_a_spare()
+            if self.trial == SPARE:
+                return  # it boots: counted from a later turn, once it has taken the token
         if not self.recount:
             return
         now = time.monotonic()
