@@ -477,9 +477,17 @@ WORKER_PIDS = r"Booting worker with pid: (\d+)|spawned uWSGI worker \d+ \(pid: (
 
 
 def spares() -> set[int]:
-    """The pids that hold a spare's claim in some runtime directory (``wsgi_reload._server.spare``)."""
-    return {int(pid) for base in _runtime_bases() for claim in base.glob("wsgi-reload-*/spare.*")
-            if (pid := claim.name.split(".", 1)[1]).isdigit()}
+    """The pids that hold a spare's claim in some runtime directory (``wsgi_reload._server.spare``).
+    Another test's server can remove its directory while this one lists it."""
+    pids = set()
+    for candidate in (c for base in _runtime_bases() for c in base.glob("wsgi-reload-*")):
+        try:
+            names = os.listdir(candidate)
+        except OSError:
+            continue
+        pids.update(int(pid) for name in names
+                    if name.startswith("spare.") and (pid := name.split(".", 1)[1]).isdigit())
+    return pids
 
 
 def worker_pids(server: Server) -> set[int]:

@@ -29,6 +29,7 @@ from servers import (
     running,
     runtime_dir_of,
     server_env,
+    spares,
     wait_for_body,
     worker_pids,
     write,
@@ -63,9 +64,9 @@ def the_spare(server: Server, site: Path, other_than: int | None = None) -> int:
     """Wait until a worker waits as the spare (its claim in the runtime directory, a child of the
     master, and its log line); its pid."""
     deadline = time.monotonic() + LIVENESS
-    directory = runtime_dir_of(site)
+    runtime_dir_of(site)  # the server's watcher has made its directory
     while True:
-        claims = [int(p.name.split(".", 1)[1]) for p in directory.glob("spare.*") if p.name.split(".", 1)[1].isdigit()]
+        claims = sorted(spares())  # a claim of another test's server is not the master's child
         said = {int(pid) for pid in re.findall(WAITS, server.log())}
         live = [pid for pid in claims if pid in said and pid in master_children(server) and pid != other_than]
         if live:
