@@ -25,6 +25,7 @@ from servers import (
     running,
     runtime_dir_of,
     server_env,
+    settled_workers,
     the_watcher,
     wait_for_body,
     worker_pids,
@@ -549,3 +550,44 @@ def test_a_ttou_the_master_never_handled_leaves_no_old_worker_serving(tmp_path: 
         while len(worker_pids(server)) != 2:
             assert time.monotonic() < deadline, f"the master runs {len(worker_pids(server))} workers"
             time.sleep(0.2)
+
+
+HOLD_THE_SECOND_WORKER = '''
+import os, time
+with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+    worker = b"gunicorn" in f.read()  # not the watcher's check process
+try:
+    os.close(os.open(os.path.join({dir!r}, "first"), os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    while worker and os.path.exists(os.path.join({dir!r}, "hold")):
+        time.sleep(0.05)
+'''
+
+
+def test_a_save_while_a_worker_still_boots_keeps_every_worker(tmp_path: Path) -> None:
+    """The server's second worker is still loading the app (held at its import) when a save is
+    checked and swapped: the swap counts it among the server's workers, and once it has booted
+    (on the older generation: it exits, and its replacement loads the new one) the master runs
+    two workers again, all serving the new code. Counted from those serving alone, the swap
+    would end with one worker."""
+    app = make_app(tmp_path)
+    (tmp_path / "hold").touch()
+    write(app / "greeting.py", greeting("v1", setup=HOLD_THE_SECOND_WORKER.format(dir=str(tmp_path))
+                                        .replace("\n", "\n    ")))
+    port = free_port()
+    with running(gunicorn(app, port, ["-w", "2"]), None) as server:
+        wait_for_body(port, "v1")
+        time.sleep(1)  # the watcher has read the first worker's record
+        assert server.count("workers up") == 0, "the second worker was not held"
+        write(app / "greeting.py", greeting("v2"))
+        server.wait_for_log("reload done")
+        (tmp_path / "hold").unlink()
+        with Load(port, threads=4) as load:
+            settled = settled_workers(server, 2)
+            time.sleep(3)  # a swap that counted one worker retires the second after STEADY_SECONDS
+            assert worker_pids(server) == settled, server.log()[-3000:]
+            load.reset_bodies()
+            time.sleep(1)
+            _, failures, bodies = load.snapshot()
+        assert failures == []
+        assert bodies == {"v2"}

@@ -247,7 +247,7 @@ def test_swap_replaces_new_workers_that_all_loaded_an_older_generation() -> None
     server.send(MASTER, signal.SIGTTIN)
     server.generation = 2
     memory = DictMemory()
-    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+    memory.save({"retiring": sorted(old), "count": 2, "ran": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
                  "recount": 0, "trial": 0, "spared": 0})
     assert SignalledSwap(MASTER, server, server, 1.0, wanted=lambda: 2, memory=memory)() == 2
     assert not set(old) & set(server.workers) and len(server.workers) == 2
@@ -368,8 +368,8 @@ def test_a_resumed_swap_tells_whether_a_ttin_it_had_announced_arrived() -> None:
     server.send(MASTER, signal.SIGTTIN)
     before = sorted(server.workers)
     server.send(MASTER, signal.SIGTTIN)  # delivered; the record still says it is about to be sent
-    memory.save({"retiring": sorted(old), "count": 2, "added": 1, "retired": 0, "adding": before, "leaving": [],
-                 "recount": 0, "trial": 0, "spared": 0})
+    memory.save({"retiring": sorted(old), "count": 2, "ran": 2, "added": 1, "retired": 0, "adding": before,
+                 "leaving": [], "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
     assert [name for _, name in server.sent].count("SIGTTIN") == 2
@@ -400,7 +400,7 @@ def test_after_a_resumed_swap_a_worker_lost_to_a_repeated_ttou_is_added_back(mon
     server.send(MASTER, signal.SIGTTIN)
     server.send(MASTER, signal.SIGTTIN)
     server.send(MASTER, signal.SIGTTOU)  # delivered; the record says none was sent
-    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+    memory.save({"retiring": sorted(old), "count": 2, "ran": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
                  "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 1.0, memory=memory)
     assert second() == 2
@@ -439,6 +439,21 @@ def tick_until_settled(swap_: SignalledSwap, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, "the swap did not settle"
         swap_.tick()
         time.sleep(0.02)
+
+
+def test_a_swap_counts_a_worker_still_booting_among_the_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save lands while the second worker still loads (the server's start, a --max-requests
+    restart): the swap replaces the one serving, and the master keeps its two workers once the
+    booting one serves rather than retiring it as one too many."""
+    monkeypatch.setattr(strategies, "STEADY_SECONDS", 0.05)
+    server = FakeArbiter(2)
+    booting = server.workers[1]
+    del server.records[booting]  # forked, no record yet
+    swap_ = SignalledSwap(MASTER, server, server, 1.0, memory=DictMemory())
+    assert swap_() == 1
+    server.say(booting, True)
+    tick_until_settled(swap_)
+    assert len(server.workers) == 2 and booting in server.workers
 
 
 def test_a_ttou_the_master_missed_leaves_no_old_worker_serving(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -567,7 +582,7 @@ def test_a_swap_makes_up_for_a_ttin_that_never_reached_the_master() -> None:
     old = set(server.workers)
     memory = DictMemory()
     server.send(MASTER, signal.SIGTTIN)  # the only TTIN that arrived; the record says two
-    memory.save({"retiring": sorted(old), "count": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
+    memory.save({"retiring": sorted(old), "count": 2, "ran": 2, "added": 2, "retired": 0, "adding": [], "leaving": [],
                  "recount": 0, "trial": 0, "spared": 0})
     second = SignalledSwap(MASTER, server, server, 3.0, memory=memory)
     with pytest.raises(ActionFailed):  # a resumed swap looks once

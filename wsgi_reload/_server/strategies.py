@@ -267,7 +267,7 @@ class SignalledSwap(Strategy):
     under way) is swapped out as well, so that the swap ends with every worker on it.
     """
 
-    _STATE = ("retiring", "count", "added", "retired", "adding", "leaving", "recount", "trial", "spared")
+    _STATE = ("retiring", "count", "ran", "added", "retired", "adding", "leaving", "recount", "trial", "spared")
 
     def __init__(self, master_pid: int, signals: Signals, records: Workers, load_timeout: float,
                  wanted: Callable[[], int | None] = lambda: None, memory: Memory | None = None) -> None:
@@ -278,7 +278,11 @@ class SignalledSwap(Strategy):
         self.wanted = wanted
         self.retiring: set[int] = set()
         self.count = 0
-        """How many workers the server runs, which the swap keeps."""
+        """How many workers serve: as many new ones must serve before the swap ends."""
+        self.ran = 0
+        """How many workers the master ran as the swap began, booting ones included (at the
+        server's start, or a ``--max-requests`` restart): the number it keeps. Those serving
+        alone would have :meth:`tick` retire the booting one as a worker too many."""
         self.added = 0
         self.retired = 0
         """TTOUs sent so far (a swap resumed mid-retirement must not send them again)."""
@@ -367,7 +371,7 @@ class SignalledSwap(Strategy):
             self.spare.withdraw()
         self._surplus_expected = self.added
         if not self.recount:
-            self.recount = self.count
+            self.recount = self.ran
         self._count_until = time.monotonic() + COUNT_SECONDS
         self.retiring, self.added, self.retired, self.trial = set(), 0, 0, 0
         self._remember()
@@ -384,6 +388,10 @@ class SignalledSwap(Strategy):
         if self.recount and len(loaded_now) > self.recount:
             self._retire(self.signals.oldest_first(frozenset(loaded_now))[:len(loaded_now) - self.recount])
             loaded_now -= self.leaving
+        # A booting worker is not replaced (it loads the newest generation, or exits to be
+        # replaced by one that does, see WorkerAgent.superseded), but it is one of the server's.
+        kids = self.signals.children(self.master_pid) or frozenset()
+        self.ran = len(loaded_now | (kids - self.leaving))
         self.retiring, self.count, self.added, self.retired = set(loaded_now), len(loaded_now), 0, 0
         self._remember()
 
@@ -466,7 +474,7 @@ class SignalledSwap(Strategy):
         self._ask_during_the_swap()
         self.leaving = {pid for pid in self.leaving | self.retiring if pid in self.records.live}
         if not self.recount:
-            self.recount = self.count
+            self.recount = self.ran
         self._count_until = time.monotonic() + COUNT_SECONDS
         self.resumed = False
         count, self.retiring, self.added, self.retired = self.count, set(), 0, 0
