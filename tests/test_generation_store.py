@@ -89,6 +89,35 @@ def test_a_file_deleted_after_the_check_still_imports_and_a_new_one_comes_from_t
     assert result == {"text": "v1", "newer": "new file"}
 
 
+def test_checked_bytes_a_cleaner_removed_come_from_the_disk_only_if_unchanged(tmp_path: Path) -> None:
+    """A cleaner (tmpreaper) removed the store's objects and compiled code: a module whose file is
+    still the checked bytes imports from the disk; one whose file changed since fails to import,
+    saying why, rather than run bytes no check saw."""
+    root = project(tmp_path)
+    store = Store(str(tmp_path / "store"))
+    store.publish(store.build([str(root)]))
+    for sub in ("objects", "code"):
+        for entry in (tmp_path / "store" / sub).iterdir():
+            entry.unlink()
+    (root / "top.py").write_text("undefined_name\n")  # unchecked, and its checked bytes are gone
+    result = run(f"""
+        import json, sys
+        sys.path.insert(0, {str(root)!r})
+        from wsgi_reload._server.generations import Store
+        store = Store({str(tmp_path / 'store')!r})
+        store.install(store.load(store.current_id()))
+        import pkg.mod
+        try:
+            import top
+            error = None
+        except OSError as exc:
+            error = str(exc)
+        print(json.dumps({{"text": pkg.mod.text(), "error": error}}))
+    """, tmp_path)
+    assert result["text"] == "v1"
+    assert str(result["error"]).startswith(f"the checked bytes of {root / 'top.py'} are gone from the runtime")
+
+
 def test_a_rebuild_reads_only_what_changed(tmp_path: Path) -> None:
     root = project(tmp_path)
     store = Store(str(tmp_path / "store"))

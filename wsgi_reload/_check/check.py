@@ -106,7 +106,7 @@ def compile_files(paths: Iterable[str], generation: Checked | None = None) -> Ch
             continue
         try:
             if generation is not None and digest is not None:
-                source = genimport.read_object(generation.store, digest)
+                source = genimport.read_object(generation.store, digest, path)
             else:
                 with open(path, "rb") as f:
                     source = f.read()

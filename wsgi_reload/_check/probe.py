@@ -241,7 +241,7 @@ def _generation_bytes(path: str) -> bytes | None:
     if finder is None:
         return None
     digest = finder.files.get(os.path.abspath(path))
-    return None if digest is None else bytes(module.read_object(finder.store, digest))
+    return None if digest is None else bytes(module.read_object(finder.store, digest, os.path.abspath(path)))
 
 
 def import_changed_modules(paths: list[str]) -> None:

@@ -54,8 +54,18 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
-def read_object(store: str, digest: str) -> bytes:
-    return _read(os.path.join(store, OBJECTS, digest))
+def read_object(store: str, digest: str, path: str) -> bytes:
+    """The checked bytes of ``path``: from the store or, where a cleaner removed them there (the
+    watcher restores them), from the disk if they are still the very same bytes there."""
+    try:
+        return _read(os.path.join(store, OBJECTS, digest))
+    except FileNotFoundError:
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise FileNotFoundError(f"the checked bytes of {path} are gone from the runtime directory (a temp-file "
+                                    "cleaner?) and the file has changed since; the watcher restores them") from None
+        return data
 
 
 class GenerationFinder(importlib.abc.MetaPathFinder):
@@ -141,7 +151,7 @@ class GenerationLoader(importlib.machinery.SourceFileLoader):
 
     def get_data(self, path: str) -> bytes:
         if path == self.path:
-            return read_object(self.store, self.digest)
+            return read_object(self.store, self.digest, self.path)
         return super().get_data(path)  # a package's data files come from the disk
 
     def path_stats(self, path: str) -> Mapping[str, Any]:
@@ -187,7 +197,7 @@ class _GenerationLines:
     def lines(self) -> list[str]:
         if self._lines is None:
             try:
-                text = importlib.util.decode_source(read_object(self.store, self.digest))
+                text = importlib.util.decode_source(read_object(self.store, self.digest, self.path))
             except (OSError, SyntaxError, UnicodeDecodeError):
                 text = ""
             self._lines = text.splitlines(keepends=True)

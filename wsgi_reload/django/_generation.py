@@ -57,4 +57,4 @@ def _generation_bytes(path: str) -> bytes | None:
     digest = None if finder is None else finder.files.get(os.path.abspath(path))
     if finder is None or digest is None:
         return None
-    return genimport.read_object(finder.store, digest)
+    return genimport.read_object(finder.store, digest, os.path.abspath(path))
