@@ -32,11 +32,13 @@ from servers import (
     refused_under_load,
     remove_the_runtime_directory_under_load,
     running,
+    runtime_dir_of,
     server_env,
     settled_workers,
     uwsgi,
     wait_for_body,
     wait_for_prefix,
+    worker_pids,
     write,
 )
 from test_gunicorn import MODES
@@ -314,6 +316,37 @@ def test_the_runtime_directory_removed_under_load(tmp_path: Path, kind: str) -> 
             return run
 
         remove_the_runtime_directory_under_load(server, app, [save("v2"), save("v3")])
+
+
+@pytest.mark.parametrize("kind", ["sync", "uwsgi-prefork"])
+def test_the_runtime_directory_emptied_in_part_under_load(tmp_path: Path, kind: str) -> None:
+    """A cleaner that deletes old files but leaves a directory that is not empty (tmpreaper,
+    ``find -type f -delete``) takes the watcher's lock and socket, the workers' records and the
+    store's checked bytes. Nothing fails meanwhile (a worker that had not imported lazy_part
+    imports it all the same), the watcher says so in one line and makes the directory whole
+    (every worker's record is back), and the next save is served by every worker."""
+    app = lazy_app(tmp_path)
+    port = free_port()
+    with running(serve(kind, app, port), "v1") as server:
+        assert get(port, "/lazy")[1].startswith("lazy-1@")  # one worker has imported lazy_part
+        directory = runtime_dir_of(app)
+        for entry in list(directory.rglob("*")):
+            if not entry.is_dir():
+                entry.unlink(missing_ok=True)
+        with Load(port, threads=4, path="/lazy") as load:
+            server.wait_for_log(r"the runtime directory .* was emptied in part \(.*watcher\.lock.*\)")
+            deadline = time.monotonic() + 20
+            while not worker_pids(server) <= {int(p.stem) for p in directory.glob("[0-9]*.json")}:
+                assert time.monotonic() < deadline, "the workers never wrote their records again"
+                time.sleep(0.1)
+            write(app / "lazy_part.py", 'def text():\n    return "lazy-2"\n')
+            wait_for_prefix(port, "/lazy", "lazy-2")
+            time.sleep(1)
+            _, failures, _ = load.snapshot()
+        assert failures == []
+        every_worker_answers(port, "/lazy", "lazy-2")
+        assert server.count("emptied in part") == 1
+        assert server.count("this watcher retires") == 0
 
 
 def test_a_glob_of_the_whole_file_system_never_hangs_gunicorn(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .._core.files import expand, library_dirs
 from . import genimport, runtime
@@ -217,6 +217,11 @@ class Store:
     def current_id(self) -> int | None:
         return self._read_id("current")
 
+    def holds(self, generation: Generation) -> bool:
+        """Whether ``generation`` is still named the current one here, and its record is here (two
+        lookups, for every turn of the watcher: a cleaner may have removed them)."""
+        return all(os.path.lexists(os.path.join(self.directory, name)) for name in ("current", f"{generation.id}.json"))
+
     def trial_id(self) -> int | None:
         """The generation under check that new workers load early, if newer than the current one."""
         trial = self._read_id("trial")
@@ -351,23 +356,32 @@ def adopt(runtime_dir: str, cover: str = "", *, trial: bool = False) -> tuple[St
 _paused: set[str] = set()
 
 
-def recover(runtime_dir: str, store: Store, current: Generation | None) -> list[str] | None:
-    """None while the server's runtime directory is there. If it was removed, make it again,
-    restore the running generation into it and say so in one line; returns the files that
-    changed since that generation was checked (to check now). If the path was taken by
+def recover(runtime_dir: str, store: Store, current: Generation | None, kept: Sequence[str] = ()) -> list[str] | None:
+    """None while the server's runtime directory is whole: there, with the names in ``kept`` (what
+    the watcher keeps in it) and the running generation. If it was removed, or emptied in part (a
+    cleaner that deletes old files, as tmpreaper does, leaves a directory that is not empty), make
+    it again, restore the running generation into it and say so in one line; returns the files
+    that changed since that generation was checked (to check now). If the path was taken by
     something else, says once that reloading is paused, and returns None."""
     try:
-        if not runtime.restore(runtime_dir):
-            return None
+        made = runtime.restore(runtime_dir)
     except runtime.RuntimeDirError as exc:
         if runtime_dir not in _paused:
             _paused.add(runtime_dir)
             log.error("wsgi_reload: reloading is paused: %s", exc)
         return None
+    if made:
+        what = "was removed (a temp-file cleaner?); it is made again"
+    else:
+        gone = [name for name in kept if not os.path.lexists(os.path.join(runtime_dir, name))]
+        if current is not None and not store.holds(current):
+            gone.append("the running generation")
+        if not gone:
+            return None
+        what = f"was emptied in part ({', '.join(gone)} gone: a temp-file cleaner?); it is made whole again"
     runtime.hold_against_cleaners(runtime_dir)
     lost = [] if current is None else store.restore(current)
-    log.warning("wsgi_reload: the runtime directory %s was removed (a temp-file cleaner?); it is made again and "
-                "the running code restored%s", runtime_dir,
+    log.warning("wsgi_reload: the runtime directory %s %s and the running code restored%s", runtime_dir, what,
                 f"; {len(lost)} file{'' if len(lost) == 1 else 's'} changed since that code was checked, so "
                 f"{'it is' if len(lost) == 1 else 'they are'} checked now" if lost else "")
     return lost

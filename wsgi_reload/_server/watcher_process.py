@@ -394,19 +394,26 @@ class _ServerWatch:
                  "" if len(loaded) == 1 else "s", len(self.watcher.scanner.watched_files()))
 
     def heal(self) -> None:
-        """Make a removed runtime directory again and restore the running generation into it; the
-        files that changed since are checked as a batch of their own."""
-        lost = recover(self.runtime_dir, self.store, self.current)
-        if lost is not None:
-            self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)  # the old lock file went with it
+        """Make a removed (or partly emptied) runtime directory whole again and restore the
+        running generation into it; the files that changed since are checked as a batch of their
+        own."""
+        lost = recover(self.runtime_dir, self.store, self.current, kept=(LOCK_NAME, CHANNEL_NAME))
+        if lost is None:
+            return
+        if not os.path.lexists(os.path.join(self.runtime_dir, LOCK_NAME)):
+            # Its lock file is gone: a worker's keeper would start a second watcher on a new one.
+            if self.lock is not None:
+                os.close(self.lock)
+            self.lock = runtime.open_lock(self.runtime_dir, LOCK_NAME)
             with contextlib.suppress(OSError):
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.lexists(os.path.join(self.runtime_dir, CHANNEL_NAME)):
             try:
-                self.channel.listen()  # its socket went with it too
+                self.channel.listen()  # the keepers connected stay; new workers connect here
             except OSError as exc:
                 log.error("wsgi_reload: the workers cannot reach this watcher (%s)", exc)
-            self.channel.republish()
-            self.unchecked.extend(Change(path, "modified") for path in lost)
+        self.channel.republish()  # their records may be gone too
+        self.unchecked.extend(Change(path, "modified") for path in lost)
 
     def tick(self) -> None:
         """Housekeeping in the watcher thread: a removed runtime directory, workers whose app failed
