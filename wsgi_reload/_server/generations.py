@@ -217,10 +217,11 @@ class Store:
     def current_id(self) -> int | None:
         return self._read_id("current")
 
-    def holds(self, generation: Generation) -> bool:
-        """Whether ``generation`` is still named the current one here, and its record is here (two
-        lookups, for every turn of the watcher: a cleaner may have removed them)."""
-        return all(os.path.lexists(os.path.join(self.directory, name)) for name in ("current", f"{generation.id}.json"))
+    def names_a_current(self) -> bool:
+        """Whether a current generation is named here and its record is here (a cleaner may have
+        removed either; cheap enough for every turn of the watcher)."""
+        current = self.current_id()
+        return current is not None and os.path.lexists(os.path.join(self.directory, f"{current}.json"))
 
     def trial_id(self) -> int | None:
         """The generation under check that new workers load early, if newer than the current one."""
@@ -355,6 +356,10 @@ def adopt(runtime_dir: str, cover: str = "", *, trial: bool = False) -> tuple[St
 
 _paused: set[str] = set()
 
+EMPTYING_GRACE = 0.25
+"""How long a runtime directory found emptied in part is left alone before it is made whole: a
+removal under way (an ``rm -rf``) finishes first, rather than race the files written back."""
+
 
 def recover(runtime_dir: str, store: Store, current: Generation | None, kept: Sequence[str] = ()) -> list[str] | None:
     """None while the server's runtime directory is whole: there, with the names in ``kept`` (what
@@ -363,22 +368,26 @@ def recover(runtime_dir: str, store: Store, current: Generation | None, kept: Se
     it again, restore the running generation into it and say so in one line; returns the files
     that changed since that generation was checked (to check now). If the path was taken by
     something else, says once that reloading is paused, and returns None."""
-    try:
-        made = runtime.restore(runtime_dir)
-    except runtime.RuntimeDirError as exc:
-        if runtime_dir not in _paused:
-            _paused.add(runtime_dir)
-            log.error("wsgi_reload: reloading is paused: %s", exc)
-        return None
-    if made:
-        what = "was removed (a temp-file cleaner?); it is made again"
-    else:
+    gone: list[str] = []
+    for attempt in range(2):
+        try:
+            made = runtime.restore(runtime_dir)
+        except runtime.RuntimeDirError as exc:
+            if runtime_dir not in _paused:
+                _paused.add(runtime_dir)
+                log.error("wsgi_reload: reloading is paused: %s", exc)
+            return None
+        if made:
+            break
         gone = [name for name in kept if not os.path.lexists(os.path.join(runtime_dir, name))]
-        if current is not None and not store.holds(current):
+        if current is not None and not store.names_a_current():
             gone.append("the running generation")
         if not gone:
             return None
-        what = f"was emptied in part ({', '.join(gone)} gone: a temp-file cleaner?); it is made whole again"
+        if attempt == 0:
+            time.sleep(EMPTYING_GRACE)
+    what = ("was removed (a temp-file cleaner?); it is made again" if made else
+            f"was emptied in part ({', '.join(gone)} gone: a temp-file cleaner?); it is made whole again")
     runtime.hold_against_cleaners(runtime_dir)
     lost = [] if current is None else store.restore(current)
     log.warning("wsgi_reload: the runtime directory %s %s and the running code restored%s", runtime_dir, what,
