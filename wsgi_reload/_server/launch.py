@@ -221,7 +221,7 @@ def channel_address(runtime_dir: str, directory_fd: int | None = None) -> str:
 def _connect(runtime_dir: str) -> socket.socket | None:
     """A connection to the server's watcher, or None when none listens."""
     try:
-        directory = os.open(runtime_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        directory = runtime.open_dir(runtime_dir)
     except OSError:
         return None
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -120,6 +120,11 @@ def restore(path: str) -> bool:
     return True
 
 
+def open_dir(path: str) -> int:
+    """A descriptor on the directory ``path`` itself, never through a symlink (OSError otherwise)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 _held: dict[str, int] = {}
 
 
@@ -128,7 +133,7 @@ def hold_against_cleaners(path: str) -> bool:
     was made anew): age-based cleaners such as systemd-tmpfiles skip a directory locked that way
     (see CPython issue 81831). False where it cannot be had."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_dir(path)
     except OSError:
         return False
     try:

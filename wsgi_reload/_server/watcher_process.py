@@ -556,7 +556,7 @@ class _KeeperChannel:
     def listen(self) -> None:
         """Listen at the channel's path, in place of any socket there (a watcher's that ended,
         or the path in a runtime directory made again); OSError when it cannot."""
-        directory = os.open(self.runtime_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        directory = runtime.open_dir(self.runtime_dir)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
