@@ -147,7 +147,11 @@ class Store:
     def restore(self, generation: Generation) -> list[str]:
         """Write ``generation``'s contents again after the store was removed: a file whose stat
         signature is still the recorded one, and whose bytes still have the recorded digest, is
-        read back from the disk. Returns the files that changed since (they need a check)."""
+        read back from the disk. Returns the files that changed since (they need a check).
+
+        The generation is named current again either way: a process that found none would take
+        the disk for a first start's code (:func:`adopt`), unchecked. One that imports a file
+        whose checked bytes are lost fails, saying why (:func:`genimport.read_object`)."""
         for sub in ("", genimport.OBJECTS, genimport.CODE):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.directory, sub), 0o700)
@@ -164,8 +168,7 @@ class Store:
                 runtime.write_atomic(os.path.join(self.directory, genimport.OBJECTS), digest, data)
             except OSError:
                 lost.append(path)
-        if not lost:
-            self.publish(generation)
+        self.publish(generation)
         return lost
 
     def _next_id(self, base: Generation | None) -> int:
@@ -356,11 +359,6 @@ def adopt(runtime_dir: str, cover: str = "", *, trial: bool = False) -> tuple[St
 
 _paused: set[str] = set()
 
-_unpublished: dict[str, int] = {}
-"""For each runtime directory, a running generation restored there with files changed since it
-was checked: it is not named current again (those files are checked first, and what passes is
-the next current), which is no sign of a cleaner while it runs."""
-
 EMPTYING_GRACE = 0.25
 """How long a runtime directory found emptied in part is left alone before it is made whole: a
 removal under way (an ``rm -rf``) finishes first, rather than race the files written back."""
@@ -385,7 +383,7 @@ def recover(runtime_dir: str, store: Store, current: Generation | None, kept: Se
         if made:
             break
         gone = [name for name in kept if not os.path.lexists(os.path.join(runtime_dir, name))]
-        if current is not None and _unpublished.get(runtime_dir) != current.id and not store.names_a_current():
+        if current is not None and not store.names_a_current():
             gone.append("the running generation")
         if not gone:
             return None
@@ -395,8 +393,6 @@ def recover(runtime_dir: str, store: Store, current: Generation | None, kept: Se
             f"was emptied in part ({', '.join(gone)} gone: a temp-file cleaner?); it is made whole again")
     runtime.hold_against_cleaners(runtime_dir)
     lost = [] if current is None else store.restore(current)
-    if current is not None and lost:
-        _unpublished[runtime_dir] = current.id
     log.warning("wsgi_reload: the runtime directory %s %s and the running code restored%s", runtime_dir, what,
                 f"; {len(lost)} file{'' if len(lost) == 1 else 's'} changed since that code was checked, so "
                 f"{'it is' if len(lost) == 1 else 'they are'} checked now" if lost else "")
